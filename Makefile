@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m vlrl.demo --out runs/demo
+	$(BIN)/python -m vlrl.demo out=runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -1,0 +1,158 @@
+"""`vlrl <command>`: each command parses a typed config and calls one function.
+
+Config-driven commands (`sft`, `eval`, ...) take `--config FILE.yaml` plus overrides written either as
+`key=value` (dotted for nested keys) or as `--key value`; a repeated `--key` makes a list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from vlrl.config import ConfigError, load_config
+
+
+def _flags_to_overrides(rest: list[str], list_keys: tuple[str, ...] = ()) -> list[str]:
+    """['--model', 'M', '--data', 'a', '--data', 'b', 'lr=1e-3'] -> ['model=M', 'data=[a, b]', 'lr=1e-3']."""
+    pairs: dict[str, list[str]] = {}
+    plain: list[str] = []
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if tok.startswith("--"):
+            key = tok[2:].replace("-", "_")
+            if "=" in key:
+                key, val = key.split("=", 1)
+                i += 1
+            elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+                val, i = rest[i + 1], i + 2
+            else:
+                val, i = "true", i + 1
+            pairs.setdefault(key, []).append(val)
+        else:
+            plain.append(tok)
+            i += 1
+    out = []
+    for key, vals in pairs.items():
+        if len(vals) > 1 or key in list_keys:
+            out.append(f"{key}=[{', '.join(json.dumps(v) for v in vals)}]")
+        else:
+            out.append(f"{key}={json.dumps(vals[0]) if _needs_quotes(vals[0]) else vals[0]}")
+    return out + plain
+
+
+def _needs_quotes(v: str) -> bool:
+    return any(c in v for c in ":#{}[],&*!|>'\"%@`") or v.strip() != v
+
+
+def _run_config_command(cls: type, fn: Callable[[Any], Any], rest: list[str], list_keys: tuple[str, ...] = ()) -> Any:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    known, rest = parser.parse_known_args(rest)
+    cfg = load_config(cls, known.config, _flags_to_overrides(rest, list_keys))
+    return fn(cfg)
+
+
+def cmd_sft(rest: list[str]) -> None:
+    from vlrl.train.sft import SFTConfig, run_sft
+
+    final = _run_config_command(SFTConfig, run_sft, rest, list_keys=("data", "val_data"))
+    print(f"final checkpoint: {final}")
+
+
+def cmd_eval(rest: list[str]) -> None:
+    from vlrl.eval.evaluate import EvalConfig, run_eval
+    from vlrl.eval.report import print_result
+
+    summary = _run_config_command(EvalConfig, run_eval, rest, list_keys=("data",))
+    print_result(summary)
+
+
+def cmd_init_model(rest: list[str]) -> None:
+    from vlrl.models.build import ARCHS, SIZES, count_parameters, init_model
+    from vlrl.models.loading import load_model
+
+    p = argparse.ArgumentParser(prog="vlrl init-model", description="Build a random tiny/small Qwen-family VLM.")
+    p.add_argument("--arch", choices=ARCHS, default="qwen2-vl")
+    p.add_argument("--size", choices=SIZES, default="tiny")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(rest)
+    out = init_model(a.arch, a.size, a.out, seed=a.seed)
+    print(f"{a.arch}/{a.size}: {count_parameters(load_model(out)) / 1e6:.2f} M parameters -> {out}")
+
+
+def cmd_data(rest: list[str]) -> None:
+    from vlrl.data.synth import TASKS, synth_main
+
+    p = argparse.ArgumentParser(prog="vlrl data")
+    sub = p.add_subparsers(dest="action", required=True)
+    s = sub.add_parser("synth", help="write a synthetic task as VLM-R1 jsonl + PNG")
+    s.add_argument("--task", choices=sorted(TASKS), required=True)
+    s.add_argument("--n", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--split", default="train")
+    s.add_argument("--out", required=True)
+    a = p.parse_args(rest)
+    if a.action == "synth":
+        synth_main(a.task, a.n, a.seed, a.out, split=a.split)
+
+
+def cmd_infer(rest: list[str]) -> None:
+    from vlrl.eval.infer import infer
+
+    p = argparse.ArgumentParser(prog="vlrl infer", description="Print the model's answer to one question.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", action="append", default=[])
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--thinking", action="store_true", help="use the thinking prompt template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    a = p.parse_args(rest)
+    print(infer(a.model, a.image, a.prompt, thinking=a.thinking, max_new_tokens=a.max_new_tokens,
+                temperature=a.temperature))
+
+
+def cmd_score(rest: list[str]) -> None:
+    from vlrl.rewards.score import score_file
+
+    p = argparse.ArgumentParser(prog="vlrl score", description="Score completions with vlrl's rewards.")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--reward", action="append", default=None, help="reward name (repeatable; default accuracy)")
+    a = p.parse_args(rest)
+    score_file(a.data, a.out, rewards=tuple(a.reward or ("accuracy",)))
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "init-model": cmd_init_model,
+    "data": cmd_data,
+    "sft": cmd_sft,
+    "eval": cmd_eval,
+    "infer": cmd_infer,
+    "score": cmd_score,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: vlrl <command> [args]\ncommands: " + ", ".join(COMMANDS))
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Build the built-in models: a local tokenizer, a Qwen-style chat template, an image processor and a
+randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL, saved in Hugging Face format.
+
+`transformers.AutoModelForImageTextToText.from_pretrained(DIR)` loads the result, and so does
+`vlrl.models.load_model_and_processor(DIR)`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from vlrl.models.processor import ImageOnlyProcessor
+from vlrl.models.tokenizer import TAG_TOKENS, train_tokenizer
+
+ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+SIZES = ("tiny", "small")
+
+
+@dataclass(frozen=True)
+class Size:
+    """Widths of one built-in size. Text head_dim = hidden / heads; mrope_section sums to head_dim / 2."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vision_width: int
+    vision_depth: int
+    vision_heads: int
+    vocab: int
+
+
+# tiny: the model of ../shared/calibration.md (3.85 M parameters; learns counting on 2 cores in minutes).
+# small: ~31 M (text 512 x 8 layers, vision 256 x 6), the benchmark size of the speed issue.
+SIZE_TABLE = {
+    "tiny": Size(256, 4, 4, 2, 512, 128, 4, 4, 1536),
+    "small": Size(512, 8, 8, 4, 1536, 256, 6, 4, 4096),
+}
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Qwen's [16, 24, 24] for head_dim 128, scaled: (t, h, w) sections summing to head_dim / 2."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _text_config(s: Size, qwen3: bool = False) -> dict[str, Any]:
+    head_dim = s.hidden // s.heads
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
+    if qwen3:
+        rope["mrope_interleaved"] = True
+    cfg: dict[str, Any] = dict(
+        vocab_size=s.vocab,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        max_position_embeddings=4096,
+        rope_parameters=rope,
+        tie_word_embeddings=True,
+    )
+    if qwen3:
+        cfg["head_dim"] = head_dim
+    return cfg
+
+
+def _vision_config(arch: str, s: Size) -> dict[str, Any]:
+    if arch == "qwen2-vl":
+        return dict(depth=s.vision_depth, embed_dim=s.vision_width, hidden_size=s.hidden, num_heads=s.vision_heads,
+                    mlp_ratio=2, patch_size=14, spatial_merge_size=2)
+    if arch == "qwen2.5-vl":
+        full = [i for i in range(s.vision_depth) if i % 2 == 1]  # window attention elsewhere, as Qwen2.5-VL
+        return dict(depth=s.vision_depth, hidden_size=s.vision_width, intermediate_size=2 * s.vision_width,
+                    num_heads=s.vision_heads, out_hidden_size=s.hidden, patch_size=14, spatial_merge_size=2,
+                    window_size=112, fullatt_block_indexes=full)
+    return dict(depth=s.vision_depth, hidden_size=s.vision_width, intermediate_size=2 * s.vision_width,
+                num_heads=s.vision_heads, out_hidden_size=s.hidden, patch_size=16, spatial_merge_size=2,
+                num_position_embeddings=256, deepstack_visual_indexes=[1, 2])
+
+
+def model_config(arch: str, size: str, token_ids: dict[str, int]) -> PretrainedConfig:
+    """The HF config of a built-in model; `token_ids` maps image/video/vision_start/vision_end/eos/pad."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+    if size not in SIZE_TABLE:
+        raise ValueError(f"unknown size {size!r}; valid: {', '.join(SIZE_TABLE)}")
+    s = SIZE_TABLE[size]
+    text = _text_config(s, qwen3=arch == "qwen3-vl")
+    text.update(bos_token_id=None, eos_token_id=token_ids["eos"], pad_token_id=token_ids["pad"])
+    common = dict(
+        text_config=text,
+        vision_config=_vision_config(arch, s),
+        image_token_id=token_ids["image"],
+        video_token_id=token_ids["video"],
+        vision_start_token_id=token_ids["vision_start"],
+        vision_end_token_id=token_ids["vision_end"],
+        tie_word_embeddings=True,
+    )
+    cls = {"qwen2-vl": Qwen2VLConfig, "qwen2.5-vl": Qwen2_5_VLConfig, "qwen3-vl": Qwen3VLConfig}[arch]
+    return cls(**common)
+
+
+def _model_class(arch: str) -> type[PreTrainedModel]:
+    return {
+        "qwen2-vl": Qwen2VLForConditionalGeneration,
+        "qwen2.5-vl": Qwen2_5_VLForConditionalGeneration,
+        "qwen3-vl": Qwen3VLForConditionalGeneration,
+    }[arch]
+
+
+def default_corpus(n_per_task: int = 400, seed: int = 0) -> list[str]:
+    """Questions and answers of the synthetic tasks, plus chat and reasoning tags: the tokenizer's corpus."""
+    from vlrl.data.synth import TASKS
+
+    rng = random.Random(seed)
+    texts = []
+    for task in TASKS.values():
+        for i in range(n_per_task):
+            _, question, answer, _ = task.generate(rng, i)
+            texts.append(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<answer>{answer}</answer>")
+    texts += [f"{t} " for t in TAG_TOKENS] + ["You are a helpful assistant.", "yes no true false"]
+    texts += [" ".join(str(i) for i in range(0, 1001)), "0123456789 .,;:!?()[]{}+-*/=%$"]
+    return texts
+
+
+def init_model(arch: str, size: str, out: str | Path, seed: int = 0, corpus: Iterable[str] | None = None,
+               image_pixels: int | None = None) -> Path:
+    """Write a tokenizer, chat template, image processor and random model to `out` (HF format).
+    `image_pixels` is the processor's max_pixels (default: a 4x4 grid of merged patches, 16 vision tokens)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = SIZE_TABLE[size].vocab if size in SIZE_TABLE else 0
+    tok = train_tokenizer(corpus if corpus is not None else default_corpus(seed=seed), vocab_size=vocab - 8)
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in [
+        ("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
+        ("vision_end", "<|vision_end|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>")]}
+    cfg = model_config(arch, size, ids)
+    if len(tok) > cfg.get_text_config().vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens, more than the model's vocabulary")
+    torch.manual_seed(seed)
+    model = _model_class(arch)(cfg)
+    model.generation_config.eos_token_id = ids["eos"]
+    model.generation_config.pad_token_id = ids["pad"]
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(out)
+    patch = 16 if arch == "qwen3-vl" else 14
+    image_pixels = image_pixels or (patch * 2 * 4) ** 2  # default: 16 vision tokens per image
+    image_proc = Qwen2VLImageProcessorPil(
+        min_pixels=(patch * 2) ** 2, max_pixels=image_pixels, patch_size=patch,
+    )
+    ImageOnlyProcessor(tok, image_proc).save_pretrained(out)
+    return out
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

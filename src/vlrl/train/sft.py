@@ -1,0 +1,186 @@
+"""Supervised fine-tuning: `align` (merger only) and `full` stages, assistant-only loss.
+
+One global batch of `batch_size` samples per optimizer step, split across ranks and into micro-batches
+(gradient accumulation); the loss is the sum of target-token cross-entropies divided by the global
+target-token count, so every world size and micro-batch size computes the same update.
+Re-running the same command resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vlrl.config import save_config
+from vlrl.models.inputs import IGNORE_INDEX, collate
+from vlrl.models.loading import load_model_and_processor
+from vlrl.models.processor import image_token_id
+from vlrl.train import checkpoint as ckpt
+from vlrl.train.batches import encode_for_sft, global_batch, load_samples, shard
+from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
+from vlrl.train.logging import MetricsLogger
+from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
+
+
+@dataclass
+class SFTConfig:
+    model: str  # HF model folder to start from
+    data: list[str]  # dataset registry names or paths
+    out: str  # run directory
+    stage: str = "full"  # align | full
+    registry: str | None = None
+    template: str = "none"
+    system_prompt: str | None = None
+    skip_invalid: bool = False
+    max_steps: int = 100
+    max_seconds: float | None = None  # stop after this wall time (the equal-time control of the demo)
+    batch_size: int = 32  # global, per optimizer step
+    micro_batch_size: int = 8  # per rank per forward
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    freeze_vision: bool = False
+    seed: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    val_data: list[str] = field(default_factory=list)  # validation splits, evaluated every `eval_every` steps
+    val_limit: int = 200
+    eval_every: int = 0
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+
+
+def _micro_loss(model: Any, batch: dict[str, torch.Tensor], n_target_global: int) -> tuple[torch.Tensor, float]:
+    """Sum of target-token CE / global target count. Returns (loss to backprop, its value)."""
+    labels = batch.pop("labels")  # [b, L]
+    logits = model(**batch).logits[:, :-1]  # [b, L-1, V]
+    targets = labels[:, 1:]  # [b, L-1]
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = ce / n_target_global
+    return loss, float(loss.detach())
+
+
+def _resume(cfg: SFTConfig, run: Path) -> tuple[str, dict[str, Any] | None]:
+    last = ckpt.latest_checkpoint(run)
+    if last is None:
+        return cfg.model, None
+    return str(last), ckpt.load_state(last)
+
+
+def train_step(model: Any, processor: Any, samples: list, indices: list[int], cfg: SFTConfig, info: DistInfo,
+               params: list[torch.nn.Parameter]) -> dict[str, float]:
+    """Forward/backward over this rank's share of one global batch; gradients summed across ranks."""
+    mine = [samples[i] for i in shard(indices, info.rank, info.world_size)]
+    encoded = encode_for_sft(processor, mine)
+    n_local = sum(int((e.labels != IGNORE_INDEX).sum()) for e in encoded if e.labels is not None)
+    n_global = int(all_reduce_sum(torch.tensor(n_local, dtype=torch.long)).item())
+    pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
+    loss_sum = 0.0
+    for k in range(0, len(encoded), cfg.micro_batch_size):
+        batch = collate(encoded[k : k + cfg.micro_batch_size], pad, img, padding_side="right")
+        batch = {n: t.to(info.device) for n, t in batch.items()}
+        loss, value = _micro_loss(model, batch, max(1, n_global))
+        loss.backward()
+        loss_sum += value
+    all_reduce_grads(params)
+    total = all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64)).item()
+    return {"loss": total, "target_tokens": float(n_global)}
+
+
+def run_sft(cfg: SFTConfig) -> Path:
+    info = init_distributed()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.out)
+    start_from, state = _resume(cfg, run)
+    if info.is_main:
+        save_config(cfg, run / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    model, processor = load_model_and_processor(start_from)
+    model.to(info.device).train()
+    params = set_trainable(model, cfg.stage, freeze_vision=cfg.freeze_vision)
+    opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
+    sched = make_scheduler(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template,
+                           skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)
+    val = _load_val(cfg)
+    logger = MetricsLogger(run / "metrics.jsonl", enabled=info.is_main)
+    step, elapsed_before = 0, 0.0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        step, elapsed_before = state["step"], state.get("elapsed", 0.0)
+        logger.truncate_after(step)
+        if info.is_main:
+            print(f"resumed from {start_from} at step {step}")
+    t0 = time.perf_counter() - elapsed_before
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"sft/{cfg.stage}", disable=not info.is_main)
+    while step < cfg.max_steps and not _out_of_time(cfg, t0):
+        ts = time.perf_counter()
+        indices = global_batch(step, cfg.batch_size, len(samples), cfg.seed)
+        stats = train_step(model, processor, samples, indices, cfg, info, params)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        record = {"step": step, **stats, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
+                  "step_s": time.perf_counter() - ts, "elapsed_s": time.perf_counter() - t0}
+        if val and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            record.update(_validate(model, processor, val, info))
+        if step % cfg.log_every == 0 or step == cfg.max_steps or "val_accuracy" in record:
+            logger.log(record)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}")
+        if step % cfg.save_every == 0 or step == cfg.max_steps or _out_of_time(cfg, t0):
+            _save(run, step, model, processor, opt, sched, cfg, info, time.perf_counter() - t0)
+    bar.close()
+    if ckpt.latest_checkpoint(run) is None or not str(ckpt.latest_checkpoint(run)).endswith(f"step-{step}"):
+        _save(run, step, model, processor, opt, sched, cfg, info, time.perf_counter() - t0)
+    final = run / "checkpoints" / f"step-{step}"
+    barrier()
+    cleanup()
+    return final
+
+
+def _out_of_time(cfg: SFTConfig, t0: float) -> bool:
+    return cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
+
+
+def _save(run: Path, step: int, model: Any, processor: Any, opt: Any, sched: Any, cfg: SFTConfig, info: DistInfo,
+          elapsed: float) -> None:
+    barrier()
+    if info.is_main:
+        state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
+                 "step": step, "position": step * cfg.batch_size, "elapsed": elapsed}
+        ckpt.save_checkpoint(run, step, model, processor, state, keep=cfg.keep_checkpoints)
+    barrier()
+
+
+def _load_val(cfg: SFTConfig) -> list:
+    if not cfg.val_data:
+        return []
+    return load_samples(cfg.val_data, registry=cfg.registry, template=cfg.template, limit=cfg.val_limit,
+                        system_prompt=cfg.system_prompt)
+
+
+def _validate(model: Any, processor: Any, val: list, info: DistInfo) -> dict[str, float]:
+    from vlrl.eval.evaluate import evaluate_samples
+
+    model.eval()
+    result = evaluate_samples(model, processor, val, device=info.device) if info.is_main else None
+    model.train()
+    barrier()
+    if result is None:
+        return {}
+    return {"val_accuracy": result.accuracy, **{f"val_accuracy/{k}": v["accuracy"] for k, v in result.by_task.items()}}

@@ -1,0 +1,38 @@
+"""Shared fixtures: the built-in tiny model and small synthetic splits, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vlrl.models.build import init_model
+
+    return init_model("qwen2-vl", "tiny", tmp_path_factory.mktemp("models") / "tiny-qwen2-vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vlrl.data.synth import write_split
+
+    out = tmp_path_factory.mktemp("synth")
+    for task in ("counting", "chart", "compare", "grounding"):
+        write_split(task, 48, seed=1, out_dir=out, split="train")
+        write_split(task, 16, seed=2, out_dir=out, split="test")
+    return out
+
+
+def shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not found (../shared/data is beside the repo in CI)")
+    return path
