@@ -31,8 +31,18 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def shared_data(name: str) -> Path:
+def _shared(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.exists():
         pytest.skip(f"{path} not found (../shared/data is beside the repo in CI)")
     return path
+
+
+@pytest.fixture
+def mathv_dir() -> Path:
+    return _shared("mathv-testmini")
+
+
+@pytest.fixture
+def nlvr_dir() -> Path:
+    return _shared("nlvr-dev150")

@@ -1,0 +1,51 @@
+"""The `vlrl` command line, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def vlrl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "vlrl.cli", *args], capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_init_model_synth_sft_eval_infer(tmp_path: Path):
+    out = vlrl("init-model", "--arch", "qwen2.5-vl", "--size", "tiny", "--out", str(tmp_path / "m")).stdout
+    assert "qwen2.5-vl/tiny" in out and "M parameters" in out
+    vlrl("data", "synth", "--task", "counting", "--n", "24", "--seed", "3", "--out", str(tmp_path / "d"))
+    vlrl("data", "synth", "--task", "counting", "--n", "8", "--seed", "3", "--split", "test", "--out", str(tmp_path / "d"))
+    train = tmp_path / "d" / "counting" / "train.jsonl"
+    assert len(train.read_text().splitlines()) == 24
+    vlrl("sft", "--model", str(tmp_path / "m"), "--data", str(train), "--out", str(tmp_path / "run"),
+         "max_steps=2", "batch_size=4", "micro_batch_size=2", "save_every=2")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2"
+    assert (ckpt / "model.safetensors").exists()
+    res = vlrl("eval", "--model", str(ckpt), "--data", str(tmp_path / "d" / "counting" / "test.jsonl"),
+               "--out", str(tmp_path / "results.json"), "max_new_tokens=4").stdout
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["n"] == 8 and "counting" in summary["by_category"] and "accuracy" in res
+    image = next((tmp_path / "d" / "counting" / "images").glob("train-*.png"))
+    answer = vlrl("infer", "--model", str(ckpt), "--image", str(image), "--prompt", "How many shapes?",
+                  "--max-new-tokens", "4")
+    assert answer.stdout.endswith("\n") and len(answer.stdout.splitlines()) == 1  # one answer line
+
+
+def test_unknown_config_key_is_rejected_with_valid_keys(tmp_path: Path):
+    proc = vlrl("sft", "model=m", "data=[x]", f"out={tmp_path}", "learning_rate=1", check=False)
+    assert proc.returncode == 2
+    assert "unknown key(s) learning_rate" in proc.stderr and "lr" in proc.stderr
+
+
+def test_unknown_command_lists_commands():
+    proc = vlrl("bogus", check=False)
+    assert proc.returncode == 2 and "sft" in proc.stdout and "eval" in proc.stdout
