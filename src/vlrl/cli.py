@@ -52,7 +52,7 @@ def _run_config_command(cls: type, fn: Callable[[Any], Any], rest: list[str], li
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config")
     known, rest = parser.parse_known_args(rest)
-    cfg = load_config(cls, known.config, _flags_to_overrides(rest, list_keys))
+    cfg: Any = load_config(cls, known.config, _flags_to_overrides(rest, list_keys))
     return fn(cfg)
 
 
@@ -127,6 +127,12 @@ def cmd_score(rest: list[str]) -> None:
     score_file(a.data, a.out, rewards=tuple(a.reward or ("accuracy",)))
 
 
+def cmd_serve(rest: list[str]) -> None:
+    from vlrl.serve.server import main as serve_main
+
+    serve_main(rest)
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "init-model": cmd_init_model,
     "data": cmd_data,
@@ -134,6 +140,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "eval": cmd_eval,
     "infer": cmd_infer,
     "score": cmd_score,
+    "serve": cmd_serve,
 }
 
 

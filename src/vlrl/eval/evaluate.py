@@ -82,13 +82,13 @@ def evaluate_samples(model: Any, processor: Any, samples: Sequence[Sample], *, d
         outs = generate_texts(model, processor, [samples[i] for i in idx], sampling, device=device)
         texts.update({i: o[0] for i, o in zip(idx, outs)})
     model.train(was_training)
-    preds = []
+    preds: list[dict[str, Any]] = []
     for i, s in enumerate(samples):
         preds.append({"id": s.id, "task": s.task, "category": _category(s), "problem_type": s.problem_type,
                       "answer": s.answer, "completion": texts[i], "extracted": extract_answer(texts[i]),
                       "correct": score_prediction(s, texts[i])})
     n = len(preds)
-    accuracy = sum(p["correct"] for p in preds) / max(1, n)
+    accuracy = sum(float(p["correct"]) for p in preds) / max(1, n)
     return EvalResult(n=n, accuracy=accuracy, by_task=_group(preds, "task"), by_category=_group(preds, "category"),
                       predictions=preds, seconds=time.perf_counter() - t0)
 

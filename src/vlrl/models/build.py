@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from vlrl.models.processor import ImageOnlyProcessor
+from vlrl.models.processor import ImageOnlyProcessor, token_id
 from vlrl.models.tokenizer import TAG_TOKENS, train_tokenizer
 
 ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
@@ -108,7 +108,7 @@ def model_config(arch: str, size: str, token_ids: dict[str, int]) -> PretrainedC
     s = SIZE_TABLE[size]
     text = _text_config(s, qwen3=arch == "qwen3-vl")
     text.update(bos_token_id=None, eos_token_id=token_ids["eos"], pad_token_id=token_ids["pad"])
-    common = dict(
+    common: dict[str, Any] = dict(
         text_config=text,
         vision_config=_vision_config(arch, s),
         image_token_id=token_ids["image"],
@@ -152,7 +152,7 @@ def init_model(arch: str, size: str, out: str | Path, seed: int = 0, corpus: Ite
     out.mkdir(parents=True, exist_ok=True)
     vocab = SIZE_TABLE[size].vocab if size in SIZE_TABLE else 0
     tok = train_tokenizer(corpus if corpus is not None else default_corpus(seed=seed), vocab_size=vocab - 8)
-    ids = {k: tok.convert_tokens_to_ids(t) for k, t in [
+    ids = {k: token_id(tok, t) for k, t in [
         ("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
         ("vision_end", "<|vision_end|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>")]}
     cfg = model_config(arch, size, ids)

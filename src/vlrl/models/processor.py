@@ -60,7 +60,7 @@ class ImageOnlyProcessor:
         return self.tokenizer.batch_decode(*args, **kwargs)
 
     def decode(self, *args: Any, **kwargs: Any) -> str:
-        return self.tokenizer.decode(*args, **kwargs)
+        return str(self.tokenizer.decode(*args, **kwargs))
 
     def save_pretrained(self, out: str | Path) -> None:
         out = Path(out)
@@ -126,17 +126,25 @@ def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: 
     return proc
 
 
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of one token (transformers types the call as returning int | list[int])."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(tid, int):
+        raise ValueError(f"{token!r} is not a single token of this tokenizer")
+    return tid
+
+
 def image_token_id(processor: Any) -> int:
-    return int(processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    return token_id(processor.tokenizer, IMAGE_TOKEN)
 
 
 def vision_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids of the vision tokens a model must never sample (a random model does; calibration.md)."""
     from vlrl.models.tokenizer import VISION_TOKENS
 
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     unk = tokenizer.unk_token_id
-    return sorted({int(i) for i in ids if i is not None and i != unk})
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
+    return sorted(i for i in ids if isinstance(i, int) and i != unk)
 
 
 __all__ = ["ImageOnlyProcessor", "load_processor", "image_token_id", "vision_token_ids"]

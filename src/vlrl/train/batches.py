@@ -44,7 +44,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def global_batch(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     """Indices of the samples of global batch `step`: positions step*B ... (step+1)*B-1 of the endless
     concatenation of shuffled epochs. Depends only on (step, B, n, seed): resume needs no iterator state."""
-    out = []
+    out: list[int] = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(pos, n)
         if i == 0 or not out:

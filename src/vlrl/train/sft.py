@@ -106,7 +106,8 @@ def run_sft(cfg: SFTConfig) -> Path:
         save_config(cfg, run / "config.yaml")
     torch.manual_seed(cfg.seed)
     model, processor = load_model_and_processor(start_from)
-    model.to(info.device).train()
+    model.to(info.device)  # type: ignore[arg-type]
+    model.train()
     params = set_trainable(model, cfg.stage, freeze_vision=cfg.freeze_vision)
     opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
     sched = make_scheduler(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)

@@ -1,0 +1,213 @@
+"""Score a JSONL file of completions offline: the function behind ``vlrl score --data IN --out OUT``.
+
+Input: one JSON object per line (blank lines are skipped) with
+
+- ``completion`` (str), ``answer`` (str; a number or a list such as a box is accepted and turned into
+  its JSON text), ``problem_type`` (one of `vlrl.data.sample.PROBLEM_TYPES`);
+- optional metadata, at top level or inside a ``metadata`` object (top level wins): ``options``
+  (multiple choice: list in letter order or dict letter -> text), ``answers`` (further acceptable
+  answers for ocr / free_form), ``image_size`` [w, h], ``coord_space`` (pixel / resized / norm1000 /
+  norm1), ``min_pixels``, ``max_pixels``, ``factor`` (grounding), ``completion_length`` (tokens), ``task``;
+- optional ``id``.
+
+A malformed line raises `ScoreInputError` naming the file, the line number and the field.
+
+Output: each input object plus ``reward`` and ``extracted`` (the answer `extract_answer` finds, or null).
+``reward`` is the weighted sum of the rewards (with the default single ``accuracy`` of weight 1: its value),
+null if any of them could not score; with several rewards, ``rewards`` maps each to its own value.
+
+Returns (and with ``print_summary`` prints) ``{"n", "mean_reward", "n_none", "by_problem_type": {type:
+{"n", "mean_reward", "n_none"}}, "rewards", "seconds"}``, where ``mean_reward`` is the mean over the
+lines whose ``reward`` is not null (null if there is none), so it can be recomputed from the output.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vlrl.data.sample import PROBLEM_TYPES, Sample
+from vlrl.rewards.boxes import COORD_SPACES
+from vlrl.rewards.extract import DEFAULT_MODES, extract_answer
+from vlrl.rewards.registry import RewardSpec, combine
+from vlrl.rewards.runner import RewardRunner
+
+META_FIELDS = (
+    "options", "answers", "image_size", "coord_space", "min_pixels", "max_pixels", "factor", "completion_length", "task",
+)  # fmt: skip
+
+
+class ScoreInputError(ValueError):
+    """A malformed input line: the message names file, line and field."""
+
+
+def _fail(path: Path, lineno: int, message: str) -> ScoreInputError:
+    return ScoreInputError(f"{path}:{lineno}: {message}")
+
+
+def _answer_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float, list, dict)) and not isinstance(value, bool):
+        return json.dumps(value)
+    return None
+
+
+def _check_metadata(meta: dict[str, Any], problem_type: str, path: Path, lineno: int) -> None:
+    if "options" in meta and not isinstance(meta["options"], (list, dict)):
+        raise _fail(path, lineno, "field 'options' must be a list (letter order) or an object letter -> text")
+    if "answers" in meta and not isinstance(meta["answers"], list):
+        raise _fail(path, lineno, "field 'answers' must be a list of strings")
+    if problem_type != "grounding":
+        return
+    space = meta.get("coord_space", "pixel")
+    if space not in COORD_SPACES:
+        raise _fail(path, lineno, f"field 'coord_space' is {space!r}; valid: {', '.join(COORD_SPACES)}")
+    size = meta.get("image_size")
+    if size is not None or space != "pixel":
+        ok = isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+        if not ok:
+            raise _fail(
+                path,
+                lineno,
+                f"field 'image_size' must be [w, h] with positive integers (coord_space {space!r})",
+            )
+    for key in ("min_pixels", "max_pixels", "factor"):
+        if key in meta and not (isinstance(meta[key], int) and meta[key] > 0):
+            raise _fail(path, lineno, f"field {key!r} must be a positive integer")
+
+
+def _sample(record: Any, path: Path, lineno: int) -> tuple[Sample, str]:
+    if not isinstance(record, dict):
+        raise _fail(path, lineno, f"expected a JSON object, got {type(record).__name__}")
+    for key in ("completion", "answer", "problem_type"):
+        if key not in record:
+            raise _fail(path, lineno, f"missing field {key!r}")
+    completion = record["completion"]
+    if not isinstance(completion, str):
+        raise _fail(path, lineno, f"field 'completion' must be a string, got {type(completion).__name__}")
+    answer = _answer_text(record["answer"])
+    if answer is None:
+        raise _fail(
+            path, lineno, f"field 'answer' must be a string or number, got {type(record['answer']).__name__}"
+        )
+    problem_type = record["problem_type"]
+    if problem_type not in PROBLEM_TYPES:
+        raise _fail(
+            path, lineno, f"field 'problem_type' is {problem_type!r}; valid: {', '.join(PROBLEM_TYPES)}"
+        )
+    meta = record.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise _fail(path, lineno, "field 'metadata' must be an object")
+    meta = {**meta, **{k: record[k] for k in META_FIELDS if k in record}}
+    _check_metadata(meta, problem_type, path, lineno)
+    sample = Sample(
+        id=str(record.get("id", lineno)),
+        images=[],
+        messages=[],
+        answer=answer,
+        problem_type=problem_type,
+        metadata=meta,
+    )
+    return sample, completion
+
+
+def read_score_input(path: str | Path) -> tuple[list[dict[str, Any]], list[Sample], list[str]]:
+    """(records, samples, completions) of a score input file; raises `ScoreInputError` on a bad line."""
+    path = Path(path)
+    records: list[dict[str, Any]] = []
+    samples: list[Sample] = []
+    completions: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _fail(path, lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+            sample, completion = _sample(record, path, lineno)
+            records.append(record)
+            samples.append(sample)
+            completions.append(completion)
+    return records, samples, completions
+
+
+def _specs(
+    rewards: Sequence[str | RewardSpec], reward_kwargs: dict[str, dict[str, Any]] | None
+) -> list[RewardSpec]:
+    kwargs = reward_kwargs or {}
+    return [r if isinstance(r, RewardSpec) else RewardSpec(r, 1.0, dict(kwargs.get(r, {}))) for r in rewards]
+
+
+def _summary(problem_types: list[str], rewards: list[float | None]) -> dict[str, Any]:
+    def stats(values: list[float | None]) -> dict[str, Any]:
+        scored = [v for v in values if v is not None]
+        return {
+            "n": len(values),
+            "mean_reward": sum(scored) / len(scored) if scored else None,
+            "n_none": len(values) - len(scored),
+        }
+
+    by_type: dict[str, list[float | None]] = {}
+    for pt, value in zip(problem_types, rewards):
+        by_type.setdefault(pt, []).append(value)
+    return {**stats(rewards), "by_problem_type": {pt: stats(v) for pt, v in sorted(by_type.items())}}
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    def fmt(mean: float | None) -> str:
+        return "-" if mean is None else f"{mean:.4f}"
+
+    print(f"{'problem_type':<18}{'n':>8}{'mean_reward':>14}{'n_none':>8}")
+    for pt, s in summary["by_problem_type"].items():
+        print(f"{pt:<18}{s['n']:>8}{fmt(s['mean_reward']):>14}{s['n_none']:>8}")
+    print(f"{'all':<18}{summary['n']:>8}{fmt(summary['mean_reward']):>14}{summary['n_none']:>8}")
+
+
+def score_file(
+    in_path: str | Path,
+    out_path: str | Path,
+    *,
+    rewards: Sequence[str | RewardSpec] = ("accuracy",),
+    reward_kwargs: dict[str, dict[str, Any]] | None = None,
+    workers: int = 0,
+    timeout: float = 10.0,
+    runner: RewardRunner | None = None,
+    print_summary: bool = True,
+) -> dict[str, Any]:
+    """Score every line of `in_path`, write `out_path`, return the summary (see module doc).
+
+    `rewards` are registry names (configured by `reward_kwargs[name]`) or `RewardSpec`s; `workers` > 0
+    scores in a `RewardRunner` process pool with a `timeout` per call (ignored when `runner` is given).
+    """
+    start = time.perf_counter()
+    specs = _specs(rewards, reward_kwargs)
+    records, samples, completions = read_score_input(in_path)
+    owned = runner is None
+    active = runner if runner is not None else RewardRunner(workers=workers, timeout=timeout)
+    try:
+        total, per_reward, _ = combine(specs, completions, samples, runner=active)
+    finally:
+        if owned:
+            active.close()
+    modes = next((s.kwargs.get("modes", DEFAULT_MODES) for s in specs if s.name == "accuracy"), DEFAULT_MODES)
+    line_rewards: list[float | None] = []
+    with Path(out_path).open("w", encoding="utf-8") as out:
+        for i, record in enumerate(records):
+            values = {spec.key: per_reward[spec.key][i] for spec in specs}
+            value = None if any(v is None for v in values.values()) else total[i]
+            line_rewards.append(value)
+            row = {**record, "reward": value, "extracted": extract_answer(completions[i], modes)}
+            if len(specs) > 1:
+                row["rewards"] = values
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    summary = _summary([s.problem_type for s in samples], line_rewards)
+    summary["rewards"] = [spec.key for spec in specs]
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    if print_summary:
+        _print_summary(summary)
+    return summary
