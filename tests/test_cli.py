@@ -49,3 +49,14 @@ def test_unknown_config_key_is_rejected_with_valid_keys(tmp_path: Path):
 def test_unknown_command_lists_commands():
     proc = vlrl("bogus", check=False)
     assert proc.returncode == 2 and "sft" in proc.stdout and "eval" in proc.stdout
+
+
+def test_bad_data_gives_file_line_field_and_no_traceback(tmp_path: Path):
+    (tmp_path / "bad.jsonl").write_text(
+        '{"id": "1", "image": "missing.png", "conversations": [{"from": "human", "value": "<image>How many?"},'
+        ' {"from": "gpt", "value": "3"}]}\n')
+    proc = vlrl("eval", "--model", str(tmp_path / "nomodel"), "--data", str(tmp_path / "bad.jsonl"),
+                "--out", str(tmp_path / "r.json"), check=False)
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'bad.jsonl'}:1: field 'image': image file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr

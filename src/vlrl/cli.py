@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vlrl.config import ConfigError, load_config
+from vlrl.data.errors import DataError
 
 
 def _flags_to_overrides(rest: list[str], list_keys: tuple[str, ...] = ()) -> list[str]:
@@ -60,6 +61,13 @@ def cmd_sft(rest: list[str]) -> None:
     from vlrl.train.sft import SFTConfig, run_sft
 
     final = _run_config_command(SFTConfig, run_sft, rest, list_keys=("data", "val_data"))
+    print(f"final checkpoint: {final}")
+
+
+def cmd_rl(rest: list[str]) -> None:
+    from vlrl.train.rl import RLConfig, run_rl
+
+    final = _run_config_command(RLConfig, run_rl, rest, list_keys=("data", "val_data"))
     print(f"final checkpoint: {final}")
 
 
@@ -137,6 +145,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "init-model": cmd_init_model,
     "data": cmd_data,
     "sft": cmd_sft,
+    "rl": cmd_rl,
     "eval": cmd_eval,
     "infer": cmd_infer,
     "score": cmd_score,
@@ -157,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[argv[0]](argv[1:])
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -111,9 +111,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     save_config(cfg, out.with_name(out.stem + ".config.yaml"))
-    model, processor = load_model_and_processor(cfg.model)
     samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template, skip_invalid=cfg.skip_invalid,
-                           limit=cfg.limit, system_prompt=cfg.system_prompt)
+                           limit=cfg.limit, system_prompt=cfg.system_prompt)  # bad data fails before the model loads
+    model, processor = load_model_and_processor(cfg.model)
     result = evaluate_samples(model, processor, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, progress=True)
     return write_results(result, out, {"model": cfg.model, "data": cfg.data})
