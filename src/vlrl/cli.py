@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vlrl.config import ConfigError, load_config
@@ -104,9 +105,50 @@ def cmd_data(rest: list[str]) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--split", default="train")
     s.add_argument("--out", required=True)
+    v = sub.add_parser("validate", help="token budget and image check of every record against a model's processor")
+    v.add_argument("spec")
+    v.add_argument("--model", required=True)
+    v.add_argument("--prompt-budget", type=int, default=2048)
+    v.add_argument("--report", help="write per-record reports as jsonl")
+    st = sub.add_parser("stats", help="counts by task, problem type and answer type")
+    st.add_argument("spec")
+    c = sub.add_parser("convert", help="write any readable dataset as VLM-R1 jsonl or parquet")
+    c.add_argument("spec")
+    c.add_argument("--out", required=True, help="OUT.jsonl or OUT.parquet")
+    for q in (v, st, c):
+        q.add_argument("--registry")
+        q.add_argument("--skip-invalid", action="store_true")
     a = p.parse_args(rest)
     if a.action == "synth":
         synth_main(a.task, a.n, a.seed, a.out, split=a.split)
+    else:
+        _data_audit(a)
+
+
+def _data_audit(a: argparse.Namespace) -> None:
+    from vlrl.curate.audit import convert, dataset_stats, validate_samples
+    from vlrl.data.registry import load_dataset
+
+    ds = load_dataset(a.spec, registry=a.registry, skip_invalid=a.skip_invalid)
+    if ds.n_skipped:
+        print(f"skipped {ds.n_skipped} invalid record(s):", *ds.errors[:20], sep="\n  ")
+    if a.action == "stats":
+        print(json.dumps(dataset_stats(ds.samples), indent=2))
+    elif a.action == "convert":
+        print(f"{len(ds)} records -> {convert(ds.samples, a.out)}")
+    else:
+        from dataclasses import asdict
+
+        from vlrl.models.processor import load_processor
+
+        reports, summary = validate_samples(ds.samples, load_processor(a.model), a.prompt_budget)
+        for r in reports:
+            if r.over_budget or r.token_mismatch:
+                what = "over budget" if r.over_budget else "image tokens do not match"
+                print(f"{r.source or r.id}: {what}: {r.total_tokens} tokens ({r.vision_tokens} vision + {r.text_tokens} text)")
+        if a.report:
+            Path(a.report).write_text("".join(json.dumps(asdict(r)) + "\n" for r in reports))
+        print(json.dumps({**summary, "n_skipped": ds.n_skipped}, indent=2))
 
 
 def cmd_infer(rest: list[str]) -> None:

@@ -18,13 +18,14 @@ from vlrl.models.inputs import Encoded, encode_prompt, encode_sft, sft_response
 
 def load_samples(specs: Sequence[str], *, registry: str | None = None, template: str = "none",
                  skip_invalid: bool = False, limit: int | None = None, system_prompt: str | None = None) -> list[Sample]:
-    """Read every dataset in `specs` (registry names or paths) and apply the prompt template."""
+    """Read every dataset in `specs` (registry names or paths) and apply the prompt template: the one the
+    registry names for that dataset, else `template`. SFT, RL, curation and eval all load through here."""
     samples: list[Sample] = []
     for spec in specs:
         ds = load_dataset(spec, registry=registry, skip_invalid=skip_invalid, limit=limit)
         if ds.n_skipped:
             print(f"{spec}: skipped {ds.n_skipped} invalid record(s)")
-        samples += [templated(s, template, system_prompt) for s in ds.samples]
+        samples += [templated(s, ds.template or template, system_prompt) for s in ds.samples]
     if not samples:
         raise ValueError(f"no samples in {', '.join(specs)}")
     return samples

@@ -1,0 +1,1 @@
+"""Curation: audit datasets against a model's processor, convert formats, filter by rollout pass rate."""
