@@ -45,3 +45,4 @@ __all__ = [
     "score_file",
     "vlmr1_detection_score",
 ]
+from vlrl.rewards import judge as _judge  # noqa: E402,F401  (registers judge, judge_process, judge_accuracy)
