@@ -1,20 +1,69 @@
-"""Typed records of the rollout stage."""
+"""Typed records of the rollout stage: how to sample (`SamplingParams`), what comes back (`Group` of
+`Completion`s)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
+
+from vlrl.data.sample import Sample
+from vlrl.models.inputs import Encoded
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How completions are drawn. temperature 0 = greedy."""
+    """How completions are drawn. temperature 0 = greedy. top_k 0 and top_p 1.0 = no truncation."""
 
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    n: int = 1  # completions per prompt (G)
+    n: int = 1  # completions per prompt (G); `RolloutEngine.generate` takes G as its own argument
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+@dataclass
+class Completion:
+    """One sampled completion of a prompt.
+
+    token_ids [T] (long): the sampled tokens; they end with the stop token (EOS) unless `truncated`.
+    text: the tokens decoded with special tokens skipped (the stop token is not in the text).
+    logprobs [T] (float32): log-probability of each sampled token under the distribution it was drawn from,
+        i.e. log_softmax of the *processed* logits (vision tokens suppressed, then temperature, top-k, top-p).
+    truncated: no stop token within `max_new_tokens` (DAPO's "overlong" completions).
+    """
+
+    token_ids: torch.Tensor  # [T]
+    text: str
+    logprobs: torch.Tensor  # [T]
+    truncated: bool
+
+    @property
+    def length(self) -> int:
+        """T, the number of completion tokens (stop token included)."""
+        return int(self.token_ids.numel())
+
+
+@dataclass
+class Group:
+    """A prompt and its G completions (GRPO's group).
+
+    sample: the prompt's `Sample` (rewards read its answer, problem type and metadata).
+    prompt: the prompt encoded once for all G completions: input_ids [L], pixel_values [P, D] or None,
+        image_grid_thw [I, 3] or None (labels None). The trainer reuses it, so images are processed once.
+    completions: G `Completion`s, in sampling order.
+    seed: the seed its sampling was derived from (None: drawn from the global torch RNG).
+    """
+
+    sample: Sample
+    prompt: Encoded
+    completions: list[Completion] = field(default_factory=list)
+    seed: int | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.completions)

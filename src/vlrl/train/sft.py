@@ -44,9 +44,11 @@ class SFTConfig:
     micro_batch_size: int = 8  # per rank per forward
     lr: float = 1e-3
     weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # beta2 0.95: forgets early grad spikes
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
+    loss_agg: str = "token"  # token: every target token weighs the same; sample: every sample does
     freeze_vision: bool = False
     seed: int = 0
     save_every: int = 50
@@ -58,14 +60,22 @@ class SFTConfig:
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
 
 
-def _micro_loss(model: Any, batch: dict[str, torch.Tensor], n_target_global: int) -> tuple[torch.Tensor, float]:
-    """Sum of target-token CE / global target count. Returns (loss to backprop, its value)."""
+LOSS_AGGS = ("token", "sample")
+
+
+def _micro_loss(model: Any, batch: dict[str, torch.Tensor], agg: str, n_global: int) -> tuple[torch.Tensor, float]:
+    """This micro-batch's share of the global-batch loss. `token`: sum of target-token CE / global target
+    count. `sample`: sum over samples of their mean target-token CE / global sample count (each task then
+    weighs by its samples, not by its answer lengths). Returns (loss to backprop, its value)."""
     labels = batch.pop("labels")  # [b, L]
     logits = model(**batch).logits[:, :-1]  # [b, L-1, V]
     targets = labels[:, 1:]  # [b, L-1]
-    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="sum")
-    loss = ce / n_target_global
+    ce = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")  # [b, L-1]
+    if agg == "token":
+        loss = ce.sum() / n_global
+    else:
+        n_tok = (targets != IGNORE_INDEX).sum(1).clamp(min=1)  # [b]
+        loss = (ce.sum(1) / n_tok).sum() / n_global
     return loss, float(loss.detach())
 
 
@@ -81,22 +91,26 @@ def train_step(model: Any, processor: Any, samples: list, indices: list[int], cf
     """Forward/backward over this rank's share of one global batch; gradients summed across ranks."""
     mine = [samples[i] for i in shard(indices, info.rank, info.world_size)]
     encoded = encode_for_sft(processor, mine)
-    n_local = sum(int((e.labels != IGNORE_INDEX).sum()) for e in encoded if e.labels is not None)
+    n_tokens = sum(int((e.labels != IGNORE_INDEX).sum()) for e in encoded if e.labels is not None)
+    n_local = n_tokens if cfg.loss_agg == "token" else len(encoded)
     n_global = int(all_reduce_sum(torch.tensor(n_local, dtype=torch.long)).item())
     pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
     loss_sum = 0.0
     for k in range(0, len(encoded), cfg.micro_batch_size):
         batch = collate(encoded[k : k + cfg.micro_batch_size], pad, img, padding_side="right")
         batch = {n: t.to(info.device) for n, t in batch.items()}
-        loss, value = _micro_loss(model, batch, max(1, n_global))
+        loss, value = _micro_loss(model, batch, cfg.loss_agg, max(1, n_global))
         loss.backward()
         loss_sum += value
     all_reduce_grads(params)
     total = all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64)).item()
-    return {"loss": total, "target_tokens": float(n_global)}
+    n_tok_global = all_reduce_sum(torch.tensor(n_tokens, dtype=torch.long)).item()
+    return {"loss": total, "target_tokens": float(n_tok_global)}
 
 
 def run_sft(cfg: SFTConfig) -> Path:
+    if cfg.loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg {cfg.loss_agg!r}; valid: {', '.join(LOSS_AGGS)}")
     info = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -109,7 +123,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     model.to(info.device)  # type: ignore[arg-type]
     model.train()
     params = set_trainable(model, cfg.stage, freeze_vision=cfg.freeze_vision)
-    opt = make_optimizer(params, cfg.lr, cfg.weight_decay)
+    opt = make_optimizer(params, cfg.lr, cfg.weight_decay, betas=(cfg.adam_betas[0], cfg.adam_betas[1]))
     sched = make_scheduler(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template,
                            skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)

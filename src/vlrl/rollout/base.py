@@ -1,0 +1,60 @@
+"""The rollout-engine interface: prompts in, groups of sampled completions out.
+
+    engine = make_engine("hf", model, processor)
+    groups = engine.generate(samples, n=G, sampling=SamplingParams(max_new_tokens=64, temperature=1.0),
+                             seeds=[mix_seed(run_seed, position) for position in positions])
+    ...optimizer step...
+    engine.sync_weights(model)
+
+`seeds` (one per prompt, optional) makes each prompt's G completions a function of (its seed, its logits)
+only, whatever batch, rank or world size it is sampled in: the trainer derives them from the run seed and
+the prompt's position in the data stream, so a resumed or re-sharded run samples the same completions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from vlrl.data.sample import Sample
+from vlrl.rollout.types import Group, SamplingParams
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the RL loop needs from a sampler."""
+
+    def generate(
+        self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None
+    ) -> list[Group]:
+        """`n` completions for each prompt, one `Group` per prompt in the prompts' order. `seeds`, when
+        given, holds one seed per prompt; equal (prompt, seed, weights) give equal completions."""
+        ...
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Make the engine sample from `model`'s current weights (call after each optimizer step)."""
+        ...
+
+
+def _hf(model: Any, processor: Any, **kwargs: Any) -> RolloutEngine:
+    from vlrl.rollout.hf_engine import HFEngine
+
+    return HFEngine(model, processor, **kwargs)
+
+
+def _vllm(model: Any, processor: Any, **kwargs: Any) -> RolloutEngine:
+    from vlrl.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model, processor, **kwargs)
+
+
+ENGINES: dict[str, Callable[..., RolloutEngine]] = {"hf": _hf, "vllm": _vllm}
+
+
+def make_engine(name: str, model: Any, processor: Any, **kwargs: Any) -> RolloutEngine:
+    """Build the engine registered as `name` ("hf", "vllm"); an unknown name lists the valid ones."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown rollout engine {name!r}; valid: {', '.join(sorted(ENGINES))}")
+    return ENGINES[name](model, processor, **kwargs)

@@ -1,0 +1,172 @@
+"""Per-token log-probs (and entropies) of sampled completions under a model, for the RL loss.
+
+A batch of rows (one row = one completion of one `Group`) is laid out as
+
+    [ left-padded prompt (L) | completion, right-padded (T) ]        input_ids [b, L + T]
+
+so every row's completion occupies the same last T positions, and the forward keeps logits only there
+(`logits_to_keep = T + 1`, the last prompt position predicting the first completion token): logits are
+[b, T, V], never [b, L + T, V]. Log-probs are taken of softmax(logits / temperature) with the vision tokens
+removed, i.e. the very distribution the rollout engine sampled from (TRL and verl also divide by the
+sampling temperature); with top-k / top-p off they equal the engine's sampling log-probs.
+
+Images: with `share_vision=True` (default) the vision tower runs once per distinct prompt in the batch and
+its features are handed to every row of that prompt through transformers' `mm_encoder_outputs` (the same
+mechanism `generate` uses for `num_return_sequences`), so G completions cost one image encoding, forward
+and backward. `share_vision=False` repeats `pixel_values` per row instead (the plain, slower path).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vlrl.algos import entropy_from_logits
+from vlrl.rollout.types import Group
+
+Row = tuple[int, int]  # (index of the group in the caller's list, index of the completion in the group)
+
+
+@dataclass
+class RowBatch:
+    """Model inputs for a list of rows.
+
+    inputs: input_ids / attention_mask / mm_token_type_ids [b, L + T], image_grid_thw [I, 3] (one entry per
+        image of each row, row-major) and either pixel_values [P, D] (per row) or nothing (shared vision).
+    completion_ids [b, T]; mask [b, T] (1.0 on completion tokens, 0.0 on padding); T = longest completion.
+    groups_with_images: indices of the distinct groups whose images the rows need, in first-use order.
+    """
+
+    inputs: dict[str, Tensor]
+    completion_ids: Tensor  # [b, T]
+    mask: Tensor  # [b, T]
+    rows: list[Row]
+    groups_with_images: list[int]
+
+
+def build_rows(groups: Sequence[Group], rows: Sequence[Row], pad_id: int, image_id: int,
+               share_vision: bool = True) -> RowBatch:
+    """Lay out `rows` as [left-padded prompt | right-padded completion] (see the module docstring)."""
+    prompts = [groups[g].prompt.input_ids for g, _ in rows]
+    completions = [groups[g].completions[j].token_ids for g, j in rows]
+    b, lp, t = len(rows), max(len(p) for p in prompts), max(1, max(len(c) for c in completions))
+    input_ids = torch.full((b, lp + t), pad_id, dtype=torch.long)  # [b, L + T]
+    attention = torch.zeros((b, lp + t), dtype=torch.long)  # [b, L + T]
+    for r, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[r, lp - len(p) : lp] = p
+        input_ids[r, lp : lp + len(c)] = c
+        attention[r, lp - len(p) : lp + len(c)] = 1
+    mask = attention[:, lp:].float()  # [b, T]
+    inputs: dict[str, Tensor] = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "mm_token_type_ids": (input_ids == image_id).long() * attention,  # [b, L + T]
+    }
+    grids = [groups[g].prompt.image_grid_thw for g, _ in rows]
+    if any(x is not None for x in grids):
+        inputs["image_grid_thw"] = torch.cat([x for x in grids if x is not None])  # [I, 3]
+        if not share_vision:
+            pix = [groups[g].prompt.pixel_values for g, _ in rows]
+            inputs["pixel_values"] = torch.cat([x for x in pix if x is not None])  # [P, D]
+    with_images: list[int] = []
+    if share_vision:
+        for g, _ in rows:
+            if groups[g].prompt.pixel_values is not None and g not in with_images:
+                with_images.append(g)
+    return RowBatch(inputs, input_ids[:, lp:].clone(), mask, list(rows), with_images)
+
+
+def _shared_image_features(model: Any, groups: Sequence[Group], batch: RowBatch, device: torch.device) -> dict[str, Any]:
+    """Encode each distinct prompt's images once; return `mm_encoder_outputs` with one copy per row."""
+    uniq = batch.groups_with_images
+    pix = torch.cat([groups[g].prompt.pixel_values for g in uniq]).to(device)  # type: ignore[misc]  # [P, D]
+    grid = torch.cat([groups[g].prompt.image_grid_thw for g in uniq]).to(device)  # type: ignore[misc]  # [I, 3]
+    enc = model.get_image_features(pixel_values=pix, image_grid_thw=grid, return_dict=True)
+    counts = [int(groups[g].prompt.image_grid_thw.shape[0]) for g in uniq]  # type: ignore[union-attr]
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    where = {g: (s, c) for g, s, c in zip(uniq, starts, counts)}
+
+    def per_row(per_image: Sequence[Tensor]) -> list[Tensor]:
+        out: list[Tensor] = []
+        for g, _ in batch.rows:
+            if g in where:
+                s, c = where[g]
+                out.extend(per_image[s : s + c])
+        return out
+
+    shared = copy.copy(enc)
+    shared.pooler_output = per_row(enc.pooler_output)
+    deep = getattr(enc, "deepstack_features", None)  # Qwen3-VL: one per-image list per deepstack layer
+    if deep is not None:
+        shared.deepstack_features = [per_row(layer) for layer in deep]
+    return {"image": shared}
+
+
+def completion_logits(model: Any, groups: Sequence[Group], batch: RowBatch, device: torch.device) -> Tensor:
+    """Logits at the completion positions only, `[b, T, V]` (position L - 1 + t predicts token t)."""
+    inputs: dict[str, Any] = {k: v.to(device) for k, v in batch.inputs.items()}
+    if batch.groups_with_images:
+        inputs["mm_encoder_outputs"] = _shared_image_features(model, groups, batch, device)
+    t = batch.completion_ids.shape[1]
+    out = model(**inputs, logits_to_keep=t + 1, use_cache=False)
+    return out.logits[:, :-1]  # [b, T, V]
+
+
+def token_logprobs(logits: Tensor, ids: Tensor, temperature: float, suppress_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """(log-probs of `ids` [b, T], the scaled + suppressed logits [b, T, V]) under softmax(logits / temperature)
+    with the `suppress_ids` columns removed. Computed as gathered logit - logsumexp (no [b, T, V] log-softmax)."""
+    scaled = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        scaled = scaled / temperature
+    if suppress_ids:
+        keep = torch.ones(scaled.shape[-1], dtype=torch.bool, device=scaled.device)
+        keep[list(suppress_ids)] = False
+        scaled = scaled.masked_fill(~keep, float("-inf"))  # [b, T, V]
+    picked = scaled.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # [b, T]
+    return picked - torch.logsumexp(scaled, dim=-1), scaled  # [b, T], [b, T, V]
+
+
+@dataclass
+class RowLogprobs:
+    """logp [b, T] (grad-carrying when computed with grad), mask [b, T], entropy [b, T] (detached) or None."""
+
+    logp: Tensor
+    mask: Tensor
+    entropy: Tensor | None
+
+
+def row_logprobs(model: Any, groups: Sequence[Group], batch: RowBatch, *, temperature: float,
+                 suppress_ids: Sequence[int], device: torch.device, with_entropy: bool = False) -> RowLogprobs:
+    """Per-token log-probs of the rows' completion tokens (entries at padding are 0 after masking)."""
+    logits = completion_logits(model, groups, batch, device)  # [b, T, V]
+    ids = batch.completion_ids.to(device)  # [b, T]
+    mask = batch.mask.to(device)  # [b, T]
+    logp, scaled = token_logprobs(logits, ids, temperature, suppress_ids)  # [b, T], [b, T, V]
+    entropy = entropy_from_logits(scaled.detach()) * mask if with_entropy else None  # [b, T]
+    return RowLogprobs(logp * mask, mask, entropy)
+
+
+@torch.no_grad()
+def rows_logprobs_nograd(model: Any, groups: Sequence[Group], rows: Sequence[Row], *, micro_batch_size: int,
+                         temperature: float, suppress_ids: Sequence[int], device: torch.device, pad_id: int,
+                         image_id: int, share_vision: bool = True) -> list[Tensor]:
+    """Log-probs of every row's completion (one `[T_r]` CPU tensor per row), `micro_batch_size` rows per forward
+    (for the reference model and the old policy). The model is put in eval mode for the pass."""
+    was_training = model.training
+    model.eval()
+    out: list[Tensor] = []
+    try:
+        for k in range(0, len(rows), max(1, micro_batch_size)):
+            batch = build_rows(groups, rows[k : k + micro_batch_size], pad_id, image_id, share_vision)
+            res = row_logprobs(model, groups, batch, temperature=temperature, suppress_ids=suppress_ids,
+                               device=device)
+            lengths = batch.mask.sum(-1).long().tolist()
+            out += [res.logp[r, :n].float().cpu() for r, n in enumerate(lengths)]
+    finally:
+        model.train(was_training)
+    return out

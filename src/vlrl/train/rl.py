@@ -1,0 +1,430 @@
+"""RL fine-tuning with group-sampled, verifiable rewards: GRPO, GSPO, DAPO, Dr.GRPO (`vlrl rl --config ...`).
+
+One step is one short loop, each stage timed (`time/<stage>` in metrics.jsonl):
+
+    rollout    B prompts x G completions (rollout engine; DAPO dynamic sampling refills zero-variance groups)
+    reward     weighted sum of registered rewards (`rewards:` in the config)
+    ref_logp   frozen reference model's log-probs (only when beta > 0)
+    old_logp   the sampling policy's log-probs (only when needed: several epochs / minibatches, KL in reward)
+    advantage  `ADVANTAGES[cfg.advantage]` over the global batch
+    update     ppo_epochs x num_minibatches optimizer steps of `POLICY_LOSSES[cfg.loss]` (+ beta * KL),
+               reduced by `agg_loss(cfg.agg_mode)`, gradients summed over ranks, clipped
+    log        metrics.jsonl (every `log_every` steps), samples.jsonl (some rollouts and their rewards)
+
+Groups stay whole on one rank; prompts are seeded by their data position, so a step does the same update
+on any world size, and re-running the same command resumes from the newest complete checkpoint with the
+same completions (the checkpoint also restores the torch RNG).
+
+metrics.jsonl, one line per logged step (all values global over ranks):
+  step, elapsed_s, lr (the rate this step's updates used)
+  time/rollout, time/reward, time/ref_logp, time/old_logp, time/advantage, time/update, time/step (s);
+      time/eval on evaluation steps (not part of time/step)
+  reward/mean, reward/std      total weighted reward over the trained rows (population std)
+  reward/{key}                 each reward's mean over the rows it could score; reward/unscored: rows none could
+  reward/sampled_mean          mean total reward over every row sampled this step (before dynamic sampling)
+  adv/mean, adv/std, adv/min, adv/max, adv/frac_zero_std_groups   over the trained batch
+  frac_zero_std_groups         over every group sampled this step (before dynamic sampling drops any)
+  dynamic/tries, dynamic/prompts, dynamic/kept_groups, dynamic/fallback (1: no group had signal)
+  completion/len_mean, completion/len_max, completion/truncated_frac   (tokens, stop token included)
+  loss (mean over the step's optimizer updates), grad_norm (mean, before clipping), updates
+  entropy (token mean, first epoch), kl (beta > 0), approx_kl, clip_frac/{low,high,region,dual}, ratio/mean
+  rollout/logp_diff            mean |old log-prob - engine's sampling log-prob| per token: ~1e-6 when top-k /
+                               top-p are off (a train / inference mismatch check); larger by design when on
+  val_accuracy, val_accuracy/{task}   on evaluation steps
+samples.jsonl: the first `log_samples` rows of each logged step: step, row, id, answer, completion, reward,
+advantage, reward/{key}, length, truncated.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from vlrl.algos import ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES, kl_penalized_rewards
+from vlrl.config import save_config
+from vlrl.models.loading import load_model, load_model_and_processor
+from vlrl.models.processor import image_token_id, vision_token_ids
+from vlrl.rewards.registry import RewardSpec
+from vlrl.rewards.runner import RewardRunner
+from vlrl.rollout.base import RolloutEngine, make_engine
+from vlrl.rollout.types import SamplingParams
+from vlrl.train import checkpoint as ckpt
+from vlrl.train.batches import load_samples
+from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
+from vlrl.train.logging import MetricsLogger
+from vlrl.train.logprobs import rows_logprobs_nograd
+from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
+from vlrl.train.rl_rollout import RolloutSpec, StepRollouts, all_reduce_max, collect, gather_rows
+from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RLConfig:
+    model: str  # HF model folder to start from (usually an SFT checkpoint)
+    data: list[str]  # dataset registry names or paths
+    out: str  # run directory
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy")])  # name, weight, kwargs
+    ref_model: str | None = None  # frozen KL reference (default: `model`); loaded only when beta > 0
+    registry: str | None = None
+    template: str = "none"
+    system_prompt: str | None = None
+    skip_invalid: bool = False
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+    max_steps: int = 100
+    max_seconds: float | None = None  # stop after this wall time (checkpointed)
+    # rollout
+    rollout_engine: str = "hf"
+    batch_size: int = 8  # B: prompts per step, global
+    group_size: int = 8  # G: completions per prompt
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_prompts_per_call: int = 0  # prompts per generate call on a rank (0: all)
+    reward_workers: int = 0  # reward worker processes (0: in-process)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
+    dynamic_max_tries: int = 4  # draws per step at most (the first included)
+    mask_truncated: bool = False  # DAPO overlong filtering: truncated completions get no loss
+    # algorithm
+    advantage: str = "grpo"  # ADVANTAGES name
+    advantage_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss: str = "ppo_clip"  # POLICY_LOSSES name
+    eps_low: float | None = None  # None: the loss's own default
+    eps_high: float | None = None
+    dual_clip: float | None = None  # ppo_clip only
+    agg_mode: str = "seq-mean-token-mean"  # AGG_MODES name
+    beta: float = 0.0  # KL coefficient; 0 = no reference model
+    kl_estimator: str | None = None  # None: k3 in the loss, k1 in the reward
+    kl_in_reward: bool = False  # subtract beta * KL from the rewards instead of adding it to the loss
+    kl_clamp: float | None = None
+    ppo_epochs: int = 1  # μ
+    num_minibatches: int = 1  # optimizer steps per epoch
+    micro_batch_size: int = 8  # rows (completions) per forward on a rank
+    share_vision: bool = True  # encode each prompt's images once for its G rows in training forwards
+    # optimisation
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    freeze_vision: bool = False
+    freeze_merger: bool = False
+    # bookkeeping
+    seed: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    log_samples: int = 8  # completions written to samples.jsonl per logged step
+    val_data: list[str] = field(default_factory=list)
+    val_limit: int = 200
+    eval_every: int = 0
+    val_max_new_tokens: int = 32
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, n=self.group_size)
+
+    @property
+    def needs_old_logp(self) -> bool:
+        """Old log-probs need their own pass unless one epoch over one minibatch (then = detached current)."""
+        return self.ppo_epochs > 1 or self.num_minibatches > 1 or (self.kl_in_reward and self.beta > 0)
+
+
+def check_config(cfg: RLConfig) -> dict[str, Any]:
+    """Fail early on names and values; return the policy loss's keyword arguments."""
+    ADVANTAGES.get(cfg.advantage)
+    AGG_MODES.get(cfg.agg_mode)
+    fn = POLICY_LOSSES.get(cfg.loss)
+    if cfg.kl_estimator is not None:
+        KL_ESTIMATORS.get(cfg.kl_estimator)
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
+    for name in ("batch_size", "group_size", "max_new_tokens", "ppo_epochs", "num_minibatches", "micro_batch_size",
+                 "dynamic_max_tries"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.rewards:
+        raise ValueError("rewards: name at least one reward")
+    if len(cfg.adam_betas) != 2:
+        raise ValueError(f"adam_betas must be [beta1, beta2], got {cfg.adam_betas}")
+    if cfg.temperature <= 0:
+        raise ValueError("temperature must be > 0 for RL sampling")
+    kwargs = {k: v for k, v in (("eps_low", cfg.eps_low), ("eps_high", cfg.eps_high), ("dual_clip", cfg.dual_clip))
+              if v is not None}
+    accepted = set(inspect.signature(fn).parameters)
+    bad = sorted(set(kwargs) - accepted)
+    if bad:
+        raise ValueError(f"loss {cfg.loss!r} takes no {', '.join(bad)}")
+    return kwargs
+
+
+@dataclass
+class RLRun:
+    """Everything a step needs: model(s), engine, optimizer, data, and the stage specs."""
+
+    cfg: RLConfig
+    info: DistInfo
+    model: Any
+    ref: Any
+    processor: Any
+    engine: RolloutEngine
+    params: list[torch.nn.Parameter]
+    opt: torch.optim.Optimizer
+    sched: Any
+    samples: list
+    rollout: RolloutSpec
+    loss: LossSpec
+
+
+def _timed(metrics: dict[str, float], key: str, t0: float) -> None:
+    metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - t0
+
+
+def prepare_update(run: RLRun, roll: StepRollouts, metrics: dict[str, float]) -> UpdateBatch:
+    """ref / old log-probs, KL-in-reward, advantages over the global batch, the truncation mask."""
+    cfg, G = run.cfg, run.cfg.group_size
+    rows = [(li, j) for li in range(len(roll.groups)) for j in range(G)]
+    kw: dict[str, Any] = dict(micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature,
+                              suppress_ids=run.loss.suppress_ids, device=run.info.device, pad_id=run.loss.pad_id,
+                              image_id=run.loss.image_id, share_vision=cfg.share_vision)
+    t = time.perf_counter()
+    ref = rows_logprobs_nograd(run.ref, roll.groups, rows, **kw) if run.ref is not None else None
+    _timed(metrics, "time/ref_logp", t)
+    t = time.perf_counter()
+    old = rows_logprobs_nograd(run.model, roll.groups, rows, **kw) if cfg.needs_old_logp else None
+    _timed(metrics, "time/old_logp", t)
+    scores = roll.scores  # [n_local * G]
+    if cfg.kl_in_reward and ref is not None and old is not None:
+        scores = _kl_penalty(cfg, scores, old, ref, metrics)
+    rewards = gather_rows(scores, roll.gids, roll.n_groups, G)  # [B * G], every rank's rows
+    t = time.perf_counter()
+    adv_all, m_adv = ADVANTAGES.get(cfg.advantage)(rewards, G, **cfg.advantage_kwargs)  # [B * G]
+    _timed(metrics, "time/advantage", t)
+    m_adv["adv/frac_zero_std_groups"] = m_adv.pop("frac_zero_std_groups")  # of the trained batch
+    metrics.update(m_adv)
+    mine = torch.tensor([gid * G + j for gid in roll.gids for j in range(G)], dtype=torch.long)  # [n_local * G]
+    adv = adv_all[mine].float() if len(mine) else torch.zeros(0)
+    truncated = torch.tensor([c.truncated for g in roll.groups for c in g.completions], dtype=torch.bool)
+    row_mask = (~truncated).float() if cfg.mask_truncated else torch.ones(len(rows))
+    return UpdateBatch(roll.groups, roll.gids, roll.n_groups, adv, row_mask, old, ref)
+
+
+def _kl_penalty(cfg: RLConfig, scores: torch.Tensor, old: list[torch.Tensor], ref: list[torch.Tensor],
+                metrics: dict[str, float]) -> torch.Tensor:
+    """scores - beta * sum_t KL_t per row (KL of the sampling policy to the reference, no gradient)."""
+    lengths = torch.tensor([len(x) for x in old])  # [n]
+    if not len(old):
+        metrics["kl"] = _global_mean(0.0, 0.0)
+        return scores
+    lp = torch.nn.utils.rnn.pad_sequence(old, batch_first=True).double()  # [n, T]
+    rp = torch.nn.utils.rnn.pad_sequence(ref, batch_first=True).double()  # [n, T]
+    mask = (torch.arange(lp.shape[1])[None] < lengths[:, None]).double()  # [n, T]
+    penalized, m_kl = kl_penalized_rewards(scores, lp, rp, mask, beta=cfg.beta,
+                                           estimator=cfg.kl_estimator or "k1", clamp=cfg.kl_clamp)
+    metrics["kl"] = _global_mean(m_kl["kl"] * float(mask.sum()), float(mask.sum()))
+    return penalized
+
+
+def _global_mean(total: float, count: float) -> float:
+    t = all_reduce_sum(torch.tensor([total, count], dtype=torch.float64))
+    return float(t[0] / max(1.0, float(t[1])))
+
+
+def rollout_metrics(roll: StepRollouts, specs: list[RewardSpec]) -> dict[str, float]:
+    """Reward mean / std and each reward's mean over the step's (kept) rows; completion lengths. Global."""
+    s = roll.scores[~torch.isnan(roll.scores)]
+    lengths = [c.length for g in roll.groups for c in g.completions]
+    sums = [float(s.sum()), float((s**2).sum()), float(s.numel()), float(sum(lengths)), float(len(lengths)),
+            float(sum(c.truncated for g in roll.groups for c in g.completions))]
+    for spec in specs:
+        vals = [v for v in roll.per_reward[spec.key] if v is not None]
+        sums += [float(sum(vals)), float(len(vals))]
+    t = all_reduce_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
+    n = max(1.0, t[2])
+    mean = t[0] / n
+    out = {"reward/mean": mean, "reward/std": max(0.0, t[1] / n - mean * mean) ** 0.5,
+           "completion/len_mean": t[3] / max(1.0, t[4]), "completion/truncated_frac": t[5] / max(1.0, t[4]),
+           "completion/len_max": float(all_reduce_max(torch.tensor(float(max(lengths, default=0))))),
+           "reward/unscored": t[4] - t[2]}
+    for i, spec in enumerate(specs):
+        out[f"reward/{spec.key}"] = t[6 + 2 * i] / max(1.0, t[7 + 2 * i])
+    return out
+
+
+def sample_records(step: int, roll: StepRollouts, batch: UpdateBatch, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` rows of the step's global batch (gathered from every rank), for samples.jsonl."""
+    out: list[dict[str, Any]] = []
+    G = len(roll.groups[0].completions) if roll.groups else 0
+    for li, (gid, group) in enumerate(zip(roll.gids, roll.groups)):
+        for j, c in enumerate(group.completions[: max(0, limit - len(out))]):
+            r = li * G + j
+            out.append({"step": step, "row": gid * G + j, "id": group.sample.id, "answer": group.sample.answer,
+                        "completion": c.text, "reward": float(roll.scores[r]), "advantage": float(batch.advantages[r]),
+                        **{f"reward/{k}": v[r] for k, v in roll.per_reward.items()},
+                        "length": c.length, "truncated": c.truncated})
+    if is_distributed():
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, out)
+        out = [rec for part in parts for rec in part]
+    return sorted(out, key=lambda rec: rec["row"])[:limit]
+
+
+def rl_step(run: RLRun, step: int, position: int) -> tuple[dict[str, float], list[dict[str, Any]], int]:
+    """One RL step from data position `position`: returns (metrics, sample rows, next position)."""
+    t_step = time.perf_counter()
+    roll, position = collect(run.engine, run.samples, run.rollout, run.info, position)
+    metrics: dict[str, float] = dict(roll.metrics)
+    metrics.update(rollout_metrics(roll, run.cfg.rewards))
+    batch = prepare_update(run, roll, metrics)
+    t = time.perf_counter()
+    metrics["lr"] = run.sched.get_last_lr()[0]  # the rate this step's updates use
+    metrics.update(policy_update(run.model, run.params, run.opt, batch, run.loss, run.cfg.group_size, run.info))
+    run.sched.step()
+    run.engine.sync_weights(run.model)
+    _timed(metrics, "time/update", t)
+    metrics["time/step"] = time.perf_counter() - t_step
+    return metrics, sample_records(step + 1, roll, batch, run.cfg.log_samples), position
+
+
+def _resume(cfg: RLConfig, run_dir: Path) -> tuple[str, dict[str, Any] | None]:
+    last = ckpt.latest_checkpoint(run_dir)
+    return (cfg.model, None) if last is None else (str(last), ckpt.load_state(last))
+
+
+def _load_ref(cfg: RLConfig, info: DistInfo) -> Any:
+    if cfg.beta <= 0:
+        return None
+    ref: Any = load_model(cfg.ref_model or cfg.model, DTYPES[cfg.dtype])
+    ref.to(info.device).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
+    loss_kwargs = check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    model: Any
+    model, processor = load_model_and_processor(start_from, DTYPES[cfg.dtype], cfg.min_pixels, cfg.max_pixels)
+    model.to(info.device).train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = set_trainable(model, "full", freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
+    opt = make_optimizer(params, cfg.lr, cfg.weight_decay, betas=(cfg.adam_betas[0], cfg.adam_betas[1]))
+    sched = make_scheduler(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    engine = make_engine(cfg.rollout_engine, model, processor, device=info.device,
+                         max_prompts_per_call=cfg.max_prompts_per_call)
+    samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template, skip_invalid=cfg.skip_invalid,
+                           system_prompt=cfg.system_prompt)
+    runner = RewardRunner(workers=cfg.reward_workers) if cfg.reward_workers > 0 else None
+    rollout = RolloutSpec(cfg.batch_size, cfg.group_size, cfg.sampling, list(cfg.rewards), cfg.seed,
+                          cfg.dynamic_sampling, cfg.dynamic_max_tries, runner)
+    tok = processor.tokenizer
+    loss = LossSpec(POLICY_LOSSES.get(cfg.loss), loss_kwargs, cfg.agg_mode, cfg.max_new_tokens, cfg.beta,
+                    cfg.kl_estimator or "k3", cfg.kl_clamp, cfg.beta > 0 and not cfg.kl_in_reward, cfg.temperature,
+                    vision_token_ids(tok), cfg.ppo_epochs, cfg.num_minibatches, cfg.micro_batch_size,
+                    cfg.max_grad_norm, int(tok.pad_token_id), image_token_id(processor), cfg.share_vision)
+    return RLRun(cfg, info, model, _load_ref(cfg, info), processor, engine, params, opt, sched, samples, rollout, loss)
+
+
+def run_rl(cfg: RLConfig) -> Path:
+    """Train; returns the final checkpoint folder. Re-running the same command resumes."""
+    info = init_distributed()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.out)
+    start_from, state = _resume(cfg, run_dir)
+    if info.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    run = build_run(cfg, info, start_from)
+    val = _load_val(cfg)
+    logger = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main)
+    sample_log = MetricsLogger(run_dir / "samples.jsonl", enabled=info.is_main)
+    step, position, elapsed = 0, 0, 0.0
+    if state is not None:
+        run.opt.load_state_dict(state["optimizer"])
+        run.sched.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        step, position, elapsed = state["step"], state["position"], state.get("elapsed", 0.0)
+        logger.truncate_after(step)
+        sample_log.truncate_after(step)
+        if info.is_main:
+            print(f"resumed from {start_from} at step {step}")
+    t0 = time.perf_counter() - elapsed
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"rl/{cfg.loss}", disable=not info.is_main)
+    try:
+        while step < cfg.max_steps and not _out_of_time(cfg, t0):
+            record, rows, position = rl_step(run, step, position)
+            step += 1
+            bar.update(1)
+            record = {"step": step, **record, "elapsed_s": time.perf_counter() - t0}
+            if val and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                t = time.perf_counter()
+                record.update(_validate(run, val))
+                record["time/eval"] = time.perf_counter() - t
+            if step % cfg.log_every == 0 or step == cfg.max_steps or "val_accuracy" in record:
+                logger.log(record)
+                for row in rows:
+                    sample_log.log(row)
+                bar.set_postfix(reward=f"{record['reward/mean']:.3f}")
+            if step % cfg.save_every == 0 or step == cfg.max_steps or _out_of_time(cfg, t0):
+                _save(run, run_dir, step, position, time.perf_counter() - t0)
+    finally:
+        bar.close()
+        if run.rollout.runner is not None:
+            run.rollout.runner.close()
+    last = ckpt.latest_checkpoint(run_dir)
+    if last is None or last.name != f"step-{step}":
+        _save(run, run_dir, step, position, time.perf_counter() - t0)
+    barrier()
+    cleanup()
+    return run_dir / "checkpoints" / f"step-{step}"
+
+
+def _out_of_time(cfg: RLConfig, t0: float) -> bool:
+    return cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
+
+
+def _save(run: RLRun, run_dir: Path, step: int, position: int, elapsed: float) -> None:
+    barrier()
+    if run.info.is_main:
+        state = {"optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "rng": ckpt.rng_state(),
+                 "step": step, "position": position, "elapsed": elapsed}
+        ckpt.save_checkpoint(run_dir, step, run.model, run.processor, state, keep=run.cfg.keep_checkpoints)
+    barrier()
+
+
+def _load_val(cfg: RLConfig) -> list:
+    if not cfg.val_data:
+        return []
+    return load_samples(cfg.val_data, registry=cfg.registry, template=cfg.template, limit=cfg.val_limit,
+                        system_prompt=cfg.system_prompt)
+
+
+def _validate(run: RLRun, val: list) -> dict[str, float]:
+    """Greedy accuracy on the validation samples (rank 0), with eval's own scoring."""
+    from vlrl.eval.evaluate import evaluate_samples
+
+    result = None
+    if run.info.is_main:
+        result = evaluate_samples(run.model, run.processor, val, device=run.info.device,
+                                  max_new_tokens=run.cfg.val_max_new_tokens)
+    barrier()
+    if result is None:
+        return {}
+    return {"val_accuracy": result.accuracy,
+            **{f"val_accuracy/{k}": v["accuracy"] for k, v in result.by_task.items()}}

@@ -1,0 +1,166 @@
+"""RL on the tiny model for real (after a short SFT so that rewards vary): the GSPO, DAPO and Dr.GRPO tiny
+recipes train for 20 steps; a 2-process torchrun step equals the 1-process one; SIGKILL then the same
+command resumes to the same weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlrl.config import load_config
+from vlrl.train.logging import read_metrics
+from vlrl.train.rl import RLConfig, run_rl
+from vlrl.train.sft import SFTConfig, run_sft
+
+pytestmark = pytest.mark.slow
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@pytest.fixture
+def one_thread():
+    """Run in-process training on one thread (much faster for this model when the 2 cores are shared), then
+    restore the thread count for the other tests."""
+    before = torch.get_num_threads()
+    yield 1
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sft_model(tiny_model_dir, synth_dir, tmp_path_factory) -> Path:
+    """A few SFT steps: the policy half-learns the `<answer>N</answer>` format, so rewards vary within groups."""
+    out = tmp_path_factory.mktemp("rl-sft")
+    cfg = SFTConfig(model=str(tiny_model_dir), data=[str(synth_dir / "counting" / "train.jsonl")], out=str(out),
+                    max_steps=10, batch_size=8, micro_batch_size=8, lr=3e-3, warmup_steps=2, save_every=100,
+                    log_every=5, threads=1)
+    before = torch.get_num_threads()
+    try:
+        return run_sft(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt / "model.safetensors")
+
+
+def _overrides(model: Path, data: Path, out: Path, steps: int, **kw: object) -> list[str]:
+    base = {"model": model, "data": f"[{data / 'counting' / 'train.jsonl'}]", "val_data": "[]", "out": out,
+            "max_steps": steps, "batch_size": 2, "group_size": 4, "max_new_tokens": 8, "save_every": 100}
+    base.update(kw)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.mark.parametrize("recipe", ["tiny-gspo", "tiny-dapo", "tiny-drgrpo"])
+def test_tiny_recipe_trains_20_steps(recipe, sft_model, synth_dir, tmp_path, one_thread):
+    overrides = _overrides(sft_model, synth_dir, tmp_path / "run", 20, threads=one_thread)
+    cfg = load_config(RLConfig, RECIPES / f"{recipe}.yaml", overrides)
+    final = run_rl(cfg)
+    before, after = _weights(sft_model), _weights(final)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > 0.9 * len(before)
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+    for m in metrics:
+        assert isinstance(m["reward/mean"], float) and isinstance(m["reward/accuracy"], float)
+        assert all(m[f"time/{s}"] >= 0 for s in ("rollout", "reward", "ref_logp", "old_logp", "update", "step"))
+    assert any(m["adv/std"] > 0 for m in metrics)  # some groups carried signal
+    samples = read_metrics(tmp_path / "run" / "samples.jsonl")
+    assert samples and {"completion", "reward", "advantage"} <= set(samples[0])
+    if recipe == "tiny-gspo":
+        assert all(m["updates"] == 2 for m in metrics)  # two minibatches per step
+        assert any(m["ratio/mean"] != 1.0 for m in metrics)  # the second one is off-policy
+    if recipe == "tiny-dapo":
+        assert all(isinstance(m["reward/overlong"], float) for m in metrics)
+        for m in metrics:  # every trained group carries signal unless a step gave up (then it says so)
+            assert m["adv/frac_zero_std_groups"] == 0.0 or m["dynamic/fallback"] == 1.0
+            refilled = m["dynamic/prompts"] > cfg.batch_size
+            assert refilled == (m["dynamic/tries"] > 1) and (m["frac_zero_std_groups"] > 0 or not refilled)
+        assert sum(m["dynamic/prompts"] for m in metrics) > 20 * cfg.batch_size  # some groups were refilled
+
+
+def _cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "vlrl.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _rl_args(recipe: str, model: Path, data: Path, out: Path, steps: int, **kw: object) -> list[str]:
+    return ["rl", "--config", str(RECIPES / f"{recipe}.yaml"),
+            *_overrides(model, data, out, steps, threads=1, **kw)]
+
+
+def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path):
+    # beta > 0 (reference model), dynamic sampling and two minibatches: every cross-rank path at once
+    kw = dict(batch_size=4, dynamic_sampling="true", num_minibatches=2, log_samples=8)
+    one = _cli(_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "one", 2, **kw))
+    out = one.communicate(timeout=600)[0]
+    assert one.returncode == 0, out
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                          "-m", "vlrl.cli", *_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "two", 2, **kw)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+    m1, m2 = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert len(m1) == len(m2) == 2
+    for a, b in zip(m1, m2):
+        for key in ("reward/mean", "reward/std", "dynamic/prompts", "completion/len_mean", "adv/std"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+        for key in ("loss", "kl", "entropy", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+    s1, s2 = read_metrics(tmp_path / "one" / "samples.jsonl"), read_metrics(tmp_path / "two" / "samples.jsonl")
+    assert [s["completion"] for s in s1] == [s["completion"] for s in s2]  # same prompts, same completions
+    w1, w2 = _weights(tmp_path / "one" / "checkpoints" / "step-2"), _weights(tmp_path / "two" / "checkpoints" / "step-2")
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+    assert any(not torch.equal(w1[k], _weights(sft_model)[k]) for k in w1)
+
+
+def test_sigkill_then_rerun_resumes_exactly(sft_model, synth_dir, tmp_path):
+    kw = dict(save_every=2, keep_checkpoints=10)
+    ref = _cli(_rl_args("tiny-dapo", sft_model, synth_dir, tmp_path / "ref", 6, **kw))
+    args = _rl_args("tiny-dapo", sft_model, synth_dir, tmp_path / "run", 6, **kw)
+    proc = _cli(args)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "checkpoints" / "step-2").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its step-2 checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ref.wait(timeout=600) == 0, ref.stdout.read() if ref.stdout else ""
+    assert not (tmp_path / "run" / "checkpoints" / "step-6").exists()  # it really died mid-run
+    again = _cli(args)
+    out = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, out
+    assert "resumed from" in out
+    a, b = _weights(tmp_path / "ref" / "checkpoints" / "step-6"), _weights(tmp_path / "run" / "checkpoints" / "step-6")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    m_ref, m_run = read_metrics(tmp_path / "ref" / "metrics.jsonl"), read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in m_run] == list(range(1, 7))  # no step logged twice after the resume
+    assert [m["reward/mean"] for m in m_run] == [m["reward/mean"] for m in m_ref]  # same completions
+    s_ref, s_run = read_metrics(tmp_path / "ref" / "samples.jsonl"), read_metrics(tmp_path / "run" / "samples.jsonl")
+    assert [s["completion"] for s in s_run] == [s["completion"] for s in s_ref]
+
+
+def test_kl_in_reward_frozen_vision_eval_and_time_budget(sft_model, synth_dir, tmp_path, one_thread):
+    test = synth_dir / "counting" / "test.jsonl"
+    over = _overrides(sft_model, synth_dir, tmp_path / "run", 3, threads=one_thread, beta=0.1, kl_in_reward="true",
+                      ppo_epochs=2, freeze_vision="true", freeze_merger="true", val_data=f"[{test}]", eval_every=3,
+                      val_limit=8)
+    final = run_rl(load_config(RLConfig, RECIPES / "tiny-grpo.yaml", over))
+    before, after = _weights(sft_model), _weights(final)
+    vision = [k for k in before if k.startswith("visual.") or ".visual." in k]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in vision)
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(m["updates"] == 2 and m["time/old_logp"] > 0 and m["time/ref_logp"] > 0 for m in metrics)
+    assert all(isinstance(m["kl"], float) for m in metrics) and "val_accuracy" in metrics[-1]
+    budget = _overrides(sft_model, synth_dir, tmp_path / "budget", 50, threads=one_thread, max_seconds=0.01)
+    assert run_rl(load_config(RLConfig, RECIPES / "tiny-drgrpo.yaml", budget)).name == "step-1"
