@@ -53,3 +53,26 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(Cfg, None, ["model=m", "data=[x]"])
     save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(Cfg, tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_exponent_without_dot_is_a_float():
+    assert load_config(Cfg, None, ["model=m", "lr=2e-3"]).lr == 2e-3
+
+
+@dataclass
+class Checked:
+    name: str
+
+    def __post_init__(self):
+        if self.name not in ("a", "b"):
+            raise KeyError(f"unknown name {self.name!r}; valid: a, b")
+
+
+@dataclass
+class Outer:
+    items: list[Checked] = field(default_factory=list)
+
+
+def test_nested_validation_error_becomes_config_error():
+    with pytest.raises(ConfigError, match=r"config.items\[0\]: unknown name 'z'; valid: a, b"):
+        load_config(Outer, None, ["items=[{name: z}]"])

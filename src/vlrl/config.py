@@ -88,6 +88,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `2e-3` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -107,7 +112,10 @@ def build(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (KeyError, ValueError, TypeError) as err:  # a dataclass's own validation (e.g. an unknown name)
+        raise ConfigError(f"{where}: {err.args[0] if err.args else err}") from err
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
