@@ -1,9 +1,12 @@
-"""RL fine-tuning with group-sampled, verifiable rewards: GRPO, GSPO, DAPO, Dr.GRPO (`vlrl rl --config ...`).
+"""RL fine-tuning with group-sampled, verifiable rewards: GRPO, GSPO, DAPO, Dr.GRPO, Trust-GRPO
+(`vlrl rl --config ...`).
 
 One step is one short loop, each stage timed (`time/<stage>` in metrics.jsonl):
 
     rollout    B prompts x G completions (rollout engine; DAPO dynamic sampling refills zero-variance groups)
     reward     weighted sum of registered rewards (`rewards:` in the config)
+    judge      Trust-GRPO only (`trust.enabled`, `train/trust.py`): an LLM judge's process rewards for
+               the groups neither all right nor all wrong; R + gamma * alpha * exp(-step / T) * R_process
     ref_logp   frozen reference model's log-probs (only when beta > 0)
     old_logp   the sampling policy's log-probs (only when needed: several epochs / minibatches, KL in reward)
     advantage  `ADVANTAGES[cfg.advantage]` over the global batch
@@ -31,8 +34,16 @@ metrics.jsonl, one line per logged step (all values global over ranks):
   rollout/logp_diff            mean |old log-prob - engine's sampling log-prob| per token: ~1e-6 when top-k /
                                top-p are off (a train / inference mismatch check); larger by design when on
   val_accuracy, val_accuracy/{task}   on evaluation steps
+  with trust.enabled (reward/* above are the outcome rewards, before the process term):
+  time/judge; trust/weight (alpha * exp(-step / T) for this line's step), trust/gamma_mean (over groups with a
+      process reward; 1.0 if none), trust/frac_gamma_lt_1, trust/frac_groups_sent (groups sent to the judge),
+      trust/frac_groups_judged (groups that got at least one process reward), trust/judge_requests
+      (completions sent), trust/judge_calls (HTTP requests, retries included), trust/cache_hits,
+      trust/judge_failures (sent completions left without a process reward) = trust/judge_no_reply (call
+      failed after retries, or image unusable) + trust/judge_unparsable, trust/process_mean,
+      trust/reward_mean (the mixed reward)
 samples.jsonl: the first `log_samples` rows of each logged step: step, row, id, answer, completion, reward,
-advantage, reward/{key}, length, truncated.
+advantage, reward/{key} (and reward/trust_process with Trust-GRPO), length, truncated.
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ from vlrl.train.logprobs import rows_logprobs_nograd
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
 from vlrl.train.rl_rollout import RolloutSpec, StepRollouts, all_reduce_max, collect, gather_rows
 from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
+from vlrl.train.trust import TrustConfig, TrustStage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,6 +121,7 @@ class RLConfig:
     kl_estimator: str | None = None  # None: k3 in the loss, k1 in the reward
     kl_in_reward: bool = False  # subtract beta * KL from the rewards instead of adding it to the loss
     kl_clamp: float | None = None
+    trust: TrustConfig = field(default_factory=TrustConfig)  # Trust-GRPO (SophiaVL-R1): judge process rewards
     ppo_epochs: int = 1  # μ
     num_minibatches: int = 1  # optimizer steps per epoch
     micro_batch_size: int = 8  # rows (completions) per forward on a rank
@@ -164,6 +177,10 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
         raise ValueError(f"adam_betas must be [beta1, beta2], got {cfg.adam_betas}")
     if cfg.temperature <= 0:
         raise ValueError("temperature must be > 0 for RL sampling")
+    keys = [spec.key for spec in cfg.rewards]
+    if cfg.trust.enabled and cfg.trust.outcome_reward not in keys:
+        raise ValueError(f"trust.outcome_reward {cfg.trust.outcome_reward!r} is not one of the rewards: "
+                         f"{', '.join(keys)}")
     kwargs = {k: v for k, v in (("eps_low", cfg.eps_low), ("eps_high", cfg.eps_high), ("dual_clip", cfg.dual_clip))
               if v is not None}
     accepted = set(inspect.signature(fn).parameters)
@@ -189,6 +206,7 @@ class RLRun:
     samples: list
     rollout: RolloutSpec
     loss: LossSpec
+    trust: TrustStage | None = None  # Trust-GRPO's judge stage (trust.enabled)
 
 
 def _timed(metrics: dict[str, float], key: str, t0: float) -> None:
@@ -290,6 +308,8 @@ def rl_step(run: RLRun, step: int, position: int) -> tuple[dict[str, float], lis
     roll, position = collect(run.engine, run.samples, run.rollout, run.info, position)
     metrics: dict[str, float] = dict(roll.metrics)
     metrics.update(rollout_metrics(roll, run.cfg.rewards))
+    if run.trust is not None:  # the step number metrics.jsonl logs (1-based) sets the annealed weight
+        metrics.update(run.trust.apply(roll, step + 1))
     batch = prepare_update(run, roll, metrics)
     t = time.perf_counter()
     metrics["lr"] = run.sched.get_last_lr()[0]  # the rate this step's updates use
@@ -338,7 +358,9 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
                     cfg.kl_estimator or "k3", cfg.kl_clamp, cfg.beta > 0 and not cfg.kl_in_reward, cfg.temperature,
                     vision_token_ids(tok), cfg.ppo_epochs, cfg.num_minibatches, cfg.micro_batch_size,
                     cfg.max_grad_norm, int(tok.pad_token_id), image_token_id(processor), cfg.share_vision)
-    return RLRun(cfg, info, model, _load_ref(cfg, info), processor, engine, params, opt, sched, samples, rollout, loss)
+    trust = TrustStage(cfg.trust, cfg.group_size) if cfg.trust.enabled else None
+    ref = _load_ref(cfg, info)
+    return RLRun(cfg, info, model, ref, processor, engine, params, opt, sched, samples, rollout, loss, trust)
 
 
 def run_rl(cfg: RLConfig) -> Path:
@@ -387,6 +409,8 @@ def run_rl(cfg: RLConfig) -> Path:
         bar.close()
         if run.rollout.runner is not None:
             run.rollout.runner.close()
+        if run.trust is not None:
+            run.trust.close()
     last = ckpt.latest_checkpoint(run_dir)
     if last is None or last.name != f"step-{step}":
         _save(run, run_dir, step, position, time.perf_counter() - t0)
