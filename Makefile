@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/python -m vlrl.demo out=runs/demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/mypy src
 
 test: lint

@@ -32,8 +32,10 @@ class DemoConfig:
     out: str = "runs/demo"
     arch: str = "qwen2-vl"
     size: str = "tiny"
-    tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "compare", "grounding"])
+    tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "compare", "grounding"])  # evaluated
+    sft_tasks: list[str] = field(default_factory=lambda: ["counting", "chart"])  # trained by SFT (a subset)
     n_train: int = 4000
+    n_train_by_task: dict[str, int] = field(default_factory=dict)  # overrides n_train per task (the SFT mix)
     n_val: int = 200
     n_test: int = 1000
     seed: int = 0
@@ -66,7 +68,8 @@ class Stages:
 
 def make_data(cfg: DemoConfig, root: Path) -> None:
     for i, task in enumerate(cfg.tasks):
-        for split, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
+        n_train = cfg.n_train_by_task.get(task, cfg.n_train)
+        for split, n in (("train", n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
             write_split(task, n, seed=cfg.seed + i, out_dir=root, split=split)
 
 
@@ -99,19 +102,22 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     st = Stages()
     base = st.run("build model", init_model, cfg.arch, cfg.size, out / "model-base", seed=cfg.seed)
     st.run("synthetic data", make_data, cfg, out / "data")
-    train, val = split_paths(out / "data", cfg.tasks, "train"), split_paths(out / "data", cfg.tasks, "val")
+    unknown = sorted(set(cfg.sft_tasks) - set(cfg.tasks))
+    if unknown:
+        raise ValueError(f"sft_tasks {unknown} are not among tasks {cfg.tasks}")
+    train, val = split_paths(out / "data", cfg.sft_tasks, "train"), split_paths(out / "data", cfg.sft_tasks, "val")
     test = split_paths(out / "data", cfg.tasks, "test")
     acc_base = st.run("eval base", evaluate_tasks, cfg, base, test, out / "eval" / "base.json")
     aligned = st.run("sft align", sft_stage, cfg.align_recipe, base, train, out / "align")
     sft = st.run("sft full", sft_stage, cfg.sft_recipe, aligned, train, out / "sft", val_data=val)
     acc_sft = st.run("eval sft", evaluate_tasks, cfg, sft, test, out / "eval" / "sft.json")
-    tasks = {t: {"n": cfg.n_test, "chance": round(get_task(t).chance(), 4), "base": acc_base[t], "sft": acc_sft[t]}
-             for t in cfg.tasks}
+    tasks = {t: {"n": cfg.n_test, "chance": round(get_task(t).chance(), 4), "base": acc_base[t], "sft": acc_sft[t],
+                 "sft_trained": t in cfg.sft_tasks} for t in cfg.tasks}
     summary = {"tasks": tasks, "seconds": st.seconds, "stage_seconds": st.times,
                "checkpoints": {"base": str(base), "sft": str(sft)}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     rows = [{"task": t, **v} for t, v in tasks.items()]
-    print(format_table(rows, ["task", "n", "chance", "base", "sft"]))
+    print(format_table(rows, ["task", "n", "chance", "base", "sft", "sft_trained"]))
     print(f"total {st.seconds:.0f}s -> {out / 'summary.json'}")
     return summary
 
