@@ -80,6 +80,26 @@ def cmd_eval(rest: list[str]) -> None:
     print_result(summary)
 
 
+def _bool_flags(rest: list[str], flags: tuple[str, ...]) -> list[str]:
+    """`--parquet limit=5` -> `--parquet=true limit=5`: a switch never takes the next word as its value."""
+    out = []
+    for i, tok in enumerate(rest):
+        nxt = rest[i + 1] if i + 1 < len(rest) else None
+        out.append(f"{tok}=true" if tok in flags and nxt not in ("true", "false") else tok)
+    return out
+
+
+def cmd_curate(rest: list[str]) -> None:
+    from vlrl.curate.filter import format_report
+    from vlrl.curate.run import CurateConfig, run_curate
+
+    rest = _bool_flags(rest, ("--rank-by-gap", "--parquet", "--skip-invalid"))
+    report = _run_config_command(CurateConfig, run_curate, rest, list_keys=("data", "reward"))
+    if report:  # rank 0
+        print(format_report(report))
+        print(f"kept: {', '.join(report['files']['kept'])}")
+
+
 def cmd_init_model(rest: list[str]) -> None:
     from vlrl.models.build import ARCHS, SIZES, count_parameters, init_model
     from vlrl.models.loading import load_model
@@ -189,6 +209,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "sft": cmd_sft,
     "rl": cmd_rl,
     "eval": cmd_eval,
+    "curate": cmd_curate,
     "infer": cmd_infer,
     "score": cmd_score,
     "serve": cmd_serve,

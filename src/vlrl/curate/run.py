@@ -1,0 +1,258 @@
+"""`vlrl curate`: rollout-based difficulty filtering (LLaVA-OneVision-1.5-RL, Innovator-VL).
+
+For every item: N completions sampled with the rollout engine, scored with the run's rewards (default
+`accuracy`), and (pass1="greedy") one greedy completion; then the statistics of `vlrl.curate.filter` and the
+band filter. Outputs in `out`:
+
+    samples.jsonl   per item: id, seed, every sample (text, reward, each reward's value, length, truncated),
+                    the greedy completion, its statistics. The statistics are recomputed from this file.
+    stats.jsonl     per item: mean, min, max, pass_rate, pass_at_1, pass_at_n, gap, kept
+    kept.jsonl      the kept records in the input's schema, statistics under `curate` (kept.parquet with parquet)
+    report.json     totals, kept fraction, pass-rate histogram, per task, times (also printed)
+    config.yaml     the resolved config
+
+Resume: items are appended to a part file as they finish (`vlrl.curate.store`); re-running the same command
+skips the ids already there. Changing a sampling setting (model, n, seed, rewards, template, ...) on a run
+directory that holds samples is an error; the band, threshold and ranking may change freely.
+
+Distribution (`torchrun`): the remaining items are split across ranks (rank r takes every world-th one), each
+rank writes its own part file, rank 0 merges. Each item's seed is `mix_seed(seed, hash(id))`, so its
+completions do not depend on the rank, the world size or the order of the data (the engine's draw is
+batch-invariant up to floating-point differences in the logits between batch shapes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from vlrl.config import ConfigError, save_config, to_dict
+from vlrl.curate.filter import PASS1_MODES, item_stats, parse_band
+from vlrl.curate.report import FilterSpec, finish
+from vlrl.curate.store import ResultLog, merge_parts, part_path, read_results
+from vlrl.data.errors import DataError
+from vlrl.data.registry import load_dataset
+from vlrl.data.sample import Sample
+from vlrl.rewards.registry import RewardSpec
+from vlrl.rollout.base import RolloutEngine, make_engine
+from vlrl.rollout.sampler import mix_seed
+from vlrl.rollout.types import Group, SamplingParams
+from vlrl.train.batches import templated
+from vlrl.train.dist import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from vlrl.train.rl_rollout import score_groups
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# settings that change what is sampled or how it is scored: fixed for the life of a run directory
+SAMPLING_KEYS = ("model", "n", "seed", "max_new_tokens", "temperature", "top_p", "top_k", "rewards", "template",
+                 "system_prompt", "pass1", "min_pixels", "max_pixels", "dtype", "rollout_engine")
+
+
+@dataclass
+class CurateConfig:
+    model: str  # HF model folder (usually the SFT checkpoint RL will start from)
+    data: list[str]  # dataset registry names or paths
+    out: str  # output directory
+    n: int = 8  # completions sampled per item
+    band: list[float] | str = field(default_factory=lambda: [0.0, 1.0])  # LOW < mean < HIGH (and min < max);
+    # written [LOW, HIGH] or "LOW,HIGH" (`--band 0,0.6`)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy")])  # as in the RL config
+    reward: list[str] = field(default_factory=list)  # shorthand: reward names, weight 1 (replaces `rewards`)
+    threshold: float = 0.5  # a completion passes when its (weighted) reward >= threshold
+    pass1: str = "greedy"  # pass@1 from a greedy completion ("greedy") or from the first sample ("first")
+    rank_by_gap: bool = False  # order the kept items by pass@N - pass@1, largest first
+    max_keep: int | None = None  # keep at most this many (after ranking)
+    parquet: bool = False  # also write kept.parquet
+    registry: str | None = None
+    template: str = "none"  # prompt template, as in RL and eval (`vlrl.data.templates`)
+    system_prompt: str | None = None
+    skip_invalid: bool = False
+    limit: int | None = None  # first `limit` items of each dataset
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    dtype: str = "float32"
+    rollout_engine: str = "hf"
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 8  # items per engine call on a rank (a batch is also the unit of resume)
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
+
+    def __post_init__(self) -> None:
+        if self.reward:
+            self.rewards = [RewardSpec(name) for name in self.reward]
+            self.reward = []
+        if not self.rewards:
+            raise ValueError("rewards: name at least one reward")
+        self.band = list(parse_band(self.band))  # validated, and one spelling in config.yaml
+        for name in ("n", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pass1 not in PASS1_MODES:
+            raise ValueError(f"pass1 must be one of {', '.join(PASS1_MODES)}, got {self.pass1!r}")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 for sampling (pass1=greedy adds the greedy completion)")
+        if self.max_keep is not None and self.max_keep < 0:
+            raise ValueError(f"max_keep must be >= 0, got {self.max_keep}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, n=self.n)
+
+    @property
+    def filter_spec(self) -> FilterSpec:
+        return FilterSpec(self.threshold, self.pass1, parse_band(self.band), self.rank_by_gap,
+                          self.max_keep, self.parquet)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One item to curate: the sample as read (written back if kept) and its templated prompt (sampled)."""
+
+    original: Sample
+    prompt: Sample
+
+    @property
+    def id(self) -> str:
+        return self.original.id
+
+
+def load_items(cfg: CurateConfig) -> list[Item]:
+    """Every dataset of `cfg.data`, each sample with the prompt template RL and eval would give it."""
+    items: list[Item] = []
+    where: dict[str, str] = {}
+    for spec in cfg.data:
+        ds = load_dataset(spec, registry=cfg.registry, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+        if ds.n_skipped:
+            print(f"{spec}: skipped {ds.n_skipped} invalid record(s)")
+        for s in ds.samples:
+            if s.id in where:
+                raise DataError(spec, None, "id", f"duplicate id {s.id!r} (also in {where[s.id]}); ids must be "
+                                "unique across the datasets of one curation run")
+            where[s.id] = spec
+            items.append(Item(s, templated(s, ds.template or cfg.template, cfg.system_prompt)))
+    if not items:
+        raise DataError(", ".join(cfg.data), None, None, "no samples to curate")
+    return items
+
+
+def item_seed(run_seed: int, item_id: str) -> int:
+    """The item's sampling seed: from the run seed and a stable hash of its id (not Python's salted hash)."""
+    digest = hashlib.sha256(item_id.encode("utf-8")).digest()
+    return mix_seed(run_seed, int.from_bytes(digest[:8], "little"))
+
+
+def check_resumable(cfg: CurateConfig, out: Path, has_results: bool) -> None:
+    """Refuse to add samples drawn with other settings to a run directory that already holds samples."""
+    old_path = out / "config.yaml"
+    if not has_results or not old_path.exists():
+        return
+    old = yaml.safe_load(old_path.read_text()) or {}
+    new = to_dict(cfg)
+    changed = [k for k in SAMPLING_KEYS if k in old and old[k] != new[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
+        raise ConfigError(f"{out} holds samples drawn with other settings ({diffs}); use another out directory, "
+                          "or the same settings to resume / re-filter")
+
+
+def _reward_value(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def _completion_rows(group: Group, scores: torch.Tensor, per: dict[str, list[float | None]], start: int
+                     ) -> list[dict[str, Any]]:
+    return [{"text": c.text, "reward": _reward_value(float(scores[start + j])),
+             "rewards": {k: v[start + j] for k, v in per.items()}, "length": c.length, "truncated": c.truncated}
+            for j, c in enumerate(group.completions)]
+
+
+def sample_items(engine: RolloutEngine, items: Sequence[Item], cfg: CurateConfig, log: ResultLog,
+                 progress: bool = False) -> int:
+    """Sample, score and append each item's line to `log`, one engine batch at a time; returns items done."""
+    greedy_sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1)
+    done = 0
+    with tqdm(total=len(items), desc="curate", disable=not progress) as bar:
+        for k in range(0, len(items), cfg.batch_size):
+            chunk = items[k : k + cfg.batch_size]
+            prompts = [it.prompt for it in chunk]
+            seeds = [item_seed(cfg.seed, it.id) for it in chunk]
+            groups = engine.generate(prompts, cfg.n, cfg.sampling, seeds=seeds)
+            scores, per = score_groups(groups, cfg.rewards)  # [len(chunk) * n]
+            greedy: list[dict[str, Any] | None] = [None] * len(chunk)
+            if cfg.pass1 == "greedy":
+                g_groups = engine.generate(prompts, 1, greedy_sampling)
+                g_scores, g_per = score_groups(g_groups, cfg.rewards)  # [len(chunk)]
+                greedy = [_completion_rows(g, g_scores, g_per, i)[0] for i, g in enumerate(g_groups)]
+            lines = []
+            for i, (it, group) in enumerate(zip(chunk, groups)):
+                rows = _completion_rows(group, scores, per, i * cfg.n)
+                g = greedy[i]
+                stats = item_stats([r["reward"] for r in rows], threshold=cfg.threshold, pass1=cfg.pass1,
+                                   greedy=g["reward"] if g is not None else None)
+                lines.append({"id": it.id, "seed": seeds[i], "samples": rows, "greedy": greedy[i],
+                              "stats": stats.to_dict()})
+            log.write(lines)
+            done += len(chunk)
+            bar.update(len(chunk))
+    return done
+
+
+def _build_engine(cfg: CurateConfig, info: DistInfo) -> RolloutEngine:
+    from vlrl.models.loading import load_model_and_processor
+
+    model: Any
+    model, processor = load_model_and_processor(cfg.model, DTYPES[cfg.dtype], cfg.min_pixels, cfg.max_pixels)
+    model.to(info.device).eval()
+    return make_engine(cfg.rollout_engine, model, processor, device=info.device)
+
+
+def run_curate(cfg: CurateConfig) -> dict[str, Any]:
+    """Sample what is not yet sampled, then (rank 0) merge, filter and report; returns the report."""
+    t0 = time.perf_counter()
+    info = init_distributed()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    items = load_items(cfg)  # bad data fails before the model loads
+    done = set(read_results(out)) if info.is_main else set()
+    check_resumable(cfg, out, bool(broadcast_object(bool(done))))
+    barrier()
+    if info.is_main:
+        save_config(cfg, out / "config.yaml")
+    todo_ids = broadcast_object([it.id for it in items if it.id not in done])
+    assert isinstance(todo_ids, list)
+    todo = set(todo_ids)
+    mine = [it for it in items if it.id in todo][info.rank :: info.world_size]
+    t_sample = time.perf_counter()
+    sampled = 0
+    if mine:
+        engine = _build_engine(cfg, info)
+        with ResultLog(part_path(out, info.rank)) as log:
+            sampled = sample_items(engine, mine, cfg, log, progress=info.is_main)
+    t_sample = time.perf_counter() - t_sample
+    barrier()
+    report: dict[str, Any] = {}
+    if info.is_main:
+        results = merge_parts(out, [it.id for it in items])
+        extra = {"n": cfg.n, "model": cfg.model, "data": cfg.data, "rewards": [to_dict(r) for r in cfg.rewards],
+                 "items_sampled_this_run": len(todo), "items_sampled_rank0": sampled,
+                 "seconds_sampling": round(t_sample, 2), "seconds": round(time.perf_counter() - t0, 2),
+                 "world_size": info.world_size}
+        report = finish([it.original for it in items], results, cfg.filter_spec, out, extra)
+    barrier()
+    cleanup()
+    return report

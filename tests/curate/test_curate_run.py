@@ -1,0 +1,246 @@
+"""`vlrl curate` on the tiny model: statistics equal a recomputation from the saved samples, the kept set obeys
+the band and keeps the input's fields, seeds follow the item id, an interrupted run resumes without sampling
+the finished items again, the CLI end to end (and its exit code 2 on missing files), torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vlrl.config import ConfigError
+from vlrl.curate import run as curate_run
+from vlrl.curate.run import CurateConfig, item_seed, run_curate
+from vlrl.data.formats import read_file
+from vlrl.rewards.registry import RewardSpec, register_reward
+
+N = 4
+
+
+@register_reward("curate_test_parity", cheap=True)
+def parity_reward(completions, samples, **kwargs):
+    """1 when the completion text has an even number of characters: varies on a random model's output."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+def _recompute(text: str) -> float:  # the oracle, written independently of the reward above
+    return 1.0 if len(text) % 2 == 0 else 0.0
+
+
+def _cfg(model: Path, data: Path, out: Path, **kw: object) -> CurateConfig:
+    base: dict = dict(model=str(model), data=[str(data)], out=str(out), n=N, band=[0.3, 0.7], limit=12,
+                      max_new_tokens=6, rewards=[RewardSpec("curate_test_parity")], batch_size=4, seed=3)
+    base.update(kw)
+    return CurateConfig(**base)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+class CountingEngine:
+    """Wraps the real engine; records the ids of every prompt sampled (greedy calls included)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.sampled: list[str] = []
+        self.greedy: list[str] = []
+
+    def generate(self, prompts, n, sampling, *, seeds=None):
+        (self.greedy if sampling.greedy else self.sampled).extend(p.id for p in prompts)
+        return self.inner.generate(prompts, n, sampling, seeds=seeds)
+
+    def sync_weights(self, model):
+        self.inner.sync_weights(model)
+
+
+@pytest.fixture
+def counting_engines(monkeypatch):
+    made: list[CountingEngine] = []
+    real = curate_run.make_engine
+
+    def make(name, model, processor, **kw):
+        made.append(CountingEngine(real(name, model, processor, **kw)))
+        return made[-1]
+
+    monkeypatch.setattr(curate_run, "make_engine", make)
+    return made
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, synth_dir, tmp_path_factory) -> Path:
+    """One full run over 12 counting items (batch_size 1 so any resumed run has the same batch shapes)."""
+    out = tmp_path_factory.mktemp("curate-ref")
+    run_curate(_cfg(tiny_model_dir, synth_dir / "counting" / "train.jsonl", out, batch_size=1, parquet=True))
+    return out
+
+
+def test_stats_equal_recomputation_from_samples_and_kept_obeys_band(reference, synth_dir):
+    samples = _lines(reference / "samples.jsonl")
+    stats = {r["id"]: r for r in _lines(reference / "stats.jsonl")}
+    inputs = _lines(synth_dir / "counting" / "train.jsonl")[:12]
+    assert [r["id"] for r in samples] == [r["id"] for r in inputs] == list(stats)
+    for rec in samples:
+        texts = [s["text"] for s in rec["samples"]]
+        rewards = [_recompute(t) for t in texts]
+        assert len(texts) == N and [s["reward"] for s in rec["samples"]] == rewards
+        st = stats[rec["id"]]
+        assert st["mean"] == pytest.approx(sum(rewards) / N) and st["n_pass"] == sum(rewards)
+        assert st["pass_rate"] == pytest.approx(sum(rewards) / N)
+        assert (st["min"], st["max"]) == (min(rewards), max(rewards))
+        assert st["pass_at_n"] == float(max(rewards) == 1.0)
+        assert st["pass_at_1"] == _recompute(rec["greedy"]["text"])
+        assert st["gap"] == st["pass_at_n"] - st["pass_at_1"]
+        assert st["kept"] == (0.3 < st["mean"] < 0.7 and st["min"] < st["max"])
+    kept_ids = [i for i, st in stats.items() if st["kept"]]
+    assert 0 < len(kept_ids) < 12  # the band really separated something (not a vacuous check)
+    report = json.loads((reference / "report.json").read_text())
+    assert report["n_items"] == 12 and report["n_kept"] == len(kept_ids)
+    assert sum(report["pass_histogram"].values()) == 12
+    assert report["pass_histogram"][f"2/{N}"] == sum(st["n_pass"] == 2 for st in stats.values())
+
+
+def test_kept_records_keep_the_input_fields(reference, synth_dir):
+    inputs = {r["id"]: r for r in _lines(synth_dir / "counting" / "train.jsonl")}
+    kept = _lines(reference / "kept.jsonl")
+    stats = {r["id"]: r for r in _lines(reference / "stats.jsonl")}
+    assert [r["id"] for r in kept] == [i for i, st in stats.items() if st["kept"]]
+    for rec in kept:
+        src = inputs[rec["id"]]
+        assert set(rec) == set(src) | {"curate"}
+        assert rec["image"] == str(synth_dir / "counting" / src["image"])  # made absolute
+        assert {k: v for k, v in rec.items() if k not in ("image", "curate")} == \
+            {k: v for k, v in src.items() if k != "image"}
+        assert rec["curate"]["mean"] == stats[rec["id"]]["mean"]
+    for path in (reference / "kept.jsonl", reference / "kept.parquet"):  # both read back as datasets
+        back = read_file(path).samples
+        assert [s.id for s in back] == [r["id"] for r in kept]
+        assert [s.answer for s in back] == [inputs[r["id"]]["answer"] for r in kept]
+
+
+def test_seeds_follow_the_item_id_not_its_position(reference, tiny_model_dir, synth_dir, tmp_path):
+    assert item_seed(3, "a") == item_seed(3, "a") != item_seed(3, "b") and item_seed(4, "a") != item_seed(3, "a")
+    rev = tmp_path / "reversed.jsonl"
+    lines = (synth_dir / "counting" / "train.jsonl").read_text().splitlines()[:12]
+    rev.write_text("".join(ln + "\n" for ln in reversed(lines)))
+    shutil.copytree(synth_dir / "counting" / "images", tmp_path / "images")
+    run_curate(_cfg(tiny_model_dir, rev, tmp_path / "out", batch_size=1))
+    a = {r["id"]: r["samples"] for r in _lines(reference / "samples.jsonl")}
+    b = {r["id"]: r["samples"] for r in _lines(tmp_path / "out" / "samples.jsonl")}
+    assert [r["id"] for r in _lines(tmp_path / "out" / "samples.jsonl")] == list(reversed(list(a)))
+    assert a == b
+
+
+def test_rerun_after_torn_write_samples_only_the_rest(reference, tiny_model_dir, synth_dir, tmp_path,
+                                                        counting_engines):
+    out = tmp_path / "run"
+    out.mkdir()
+    ref_lines = (reference / "samples.jsonl").read_text().splitlines()
+    done = ref_lines[:5]
+    (out / "samples.part-0.jsonl").write_text("".join(ln + "\n" for ln in done) + ref_lines[5][:40])
+    shutil.copy(reference / "config.yaml", out / "config.yaml")
+    cfg = _cfg(tiny_model_dir, synth_dir / "counting" / "train.jsonl", out, batch_size=1, parquet=True)
+    report = run_curate(cfg)
+    ids = [json.loads(ln)["id"] for ln in ref_lines]
+    (engine,) = counting_engines
+    assert engine.sampled == ids[5:] and engine.greedy == ids[5:]  # the torn item 6 is sampled again
+    merged = (out / "samples.jsonl").read_text().splitlines()
+    assert merged[:5] == done  # finished rows untouched, byte for byte
+    assert merged == ref_lines  # and the rest equals the uninterrupted run (same seeds, same batch shapes)
+    assert report["items_sampled_this_run"] == 7
+    assert (out / "kept.jsonl").read_text() == (reference / "kept.jsonl").read_text()
+    # finished: a re-run with another band re-filters without building an engine
+    report = run_curate(_cfg(tiny_model_dir, synth_dir / "counting" / "train.jsonl", out, batch_size=1,
+                             band="0,1", rank_by_gap=True, max_keep=3))
+    assert len(counting_engines) == 1 and report["items_sampled_this_run"] == 0
+    stats = {r["id"]: r for r in _lines(out / "stats.jsonl")}
+    kept = [r["id"] for r in _lines(out / "kept.jsonl")]
+    band = [i for i, st in stats.items() if 0 < st["mean"] < 1 and st["min"] < st["max"]]
+    assert kept == sorted(band, key=lambda i: -stats[i]["gap"])[:3]
+    with pytest.raises(ConfigError, match="n: 4 -> 3"):  # other sampling settings: refused
+        run_curate(_cfg(tiny_model_dir, synth_dir / "counting" / "train.jsonl", out, n=3))
+
+
+def _vlrl(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "vlrl.cli", *args], capture_output=True, text=True, timeout=600,
+                          env=env, **kw)
+
+
+def test_cli_end_to_end_and_missing_files(tiny_model_dir, synth_dir, tmp_path):
+    data = str(synth_dir / "chart" / "train.jsonl")
+    proc = _vlrl("curate", "--model", str(tiny_model_dir), "--data", data, "--out", str(tmp_path / "c"),
+                 "--n", "2", "--band", "0,0.6", "--reward", "accuracy", "--reward", "format", "--rank-by-gap",
+                 "--max-keep", "3", "--parquet", "limit=5", "max_new_tokens=4", "threads=1", "template=fast")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pass-rate histogram" in proc.stdout and "items 5" in proc.stdout
+    cfg = (tmp_path / "c" / "config.yaml").read_text()
+    assert "name: format" in cfg and "- 0.6" in cfg and "template: fast" in cfg
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["n_items"] == 5 and report["band"] == [0.0, 0.6] and report["max_keep"] == 3
+    assert sum(report["pass_histogram"].values()) == 5 and set(report["pass_histogram"]) == {"0/2", "1/2", "2/2"}
+    assert (tmp_path / "c" / "kept.parquet").exists() and len(_lines(tmp_path / "c" / "samples.jsonl")) == 5
+    missing = tmp_path / "nope.jsonl"
+    proc = _vlrl("curate", "--model", str(tiny_model_dir), "--data", str(missing), "--out", str(tmp_path / "m"))
+    assert proc.returncode == 2 and f"data error: {missing}" in proc.stderr and "no such data file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _vlrl("curate", "--model", str(tmp_path / "no-model"), "--data", data, "--out", str(tmp_path / "m"),
+                 "limit=2")
+    assert proc.returncode == 2 and "not a model folder" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _vlrl("curate", "--model", str(tiny_model_dir), "--data", data, "--out", str(tmp_path / "m"),
+                 "--band", "0.6,0.1")
+    assert proc.returncode == 2 and "band" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_skips_finished_items(tiny_model_dir, synth_dir, tmp_path, counting_engines):
+    data = synth_dir / "counting" / "train.jsonl"  # the first 20 items, one per engine call
+    out = tmp_path / "k"
+    args = ["curate", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--n", "4",
+            "batch_size=1", "max_new_tokens=6", "threads=1", "seed=3", "limit=20"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vlrl.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    part = out / "samples.part-0.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if part.exists() and part.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    raw = part.read_bytes()
+    finished = raw[: raw.rfind(b"\n") + 1].decode().splitlines()
+    done = [json.loads(ln)["id"] for ln in finished]
+    assert 3 <= len(done) < 20, "the run was not interrupted mid-way"
+    run_curate(CurateConfig(model=str(tiny_model_dir), data=[str(data)], out=str(out), n=4, batch_size=1,
+                            max_new_tokens=6, seed=3, limit=20))
+    (engine,) = counting_engines
+    all_ids = [r["id"] for r in _lines(data)][:20]
+    assert engine.sampled == [i for i in all_ids if i not in done]
+    merged = (out / "samples.jsonl").read_text().splitlines()
+    assert merged[: len(finished)] == finished and [json.loads(ln)["id"] for ln in merged] == all_ids
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_what_one_writes(tiny_model_dir, synth_dir, tmp_path):
+    args = ["curate", "--model", str(tiny_model_dir), "--data", str(synth_dir / "compare" / "train.jsonl"),
+            "n=3", "limit=10", "batch_size=1", "max_new_tokens=4", "threads=1", "--reward", "format_lenient"]
+    one = _vlrl(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+                          "-m", "vlrl.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+    for name in ("samples.jsonl", "stats.jsonl", "kept.jsonl"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["items_sampled_rank0"] == 5 and report["n_items"] == 10
