@@ -1,12 +1,16 @@
-"""The `hf` rollout engine: in-process sampling with Hugging Face `generate` (KV cache) on the policy itself.
+"""The `hf` rollout engine: in-process sampling with the policy itself, in a lean decode loop of its own.
 
-One `generate` call per chunk of prompts, `num_return_sequences=G`: each prompt and its images are encoded
-once (transformers encodes the images before expanding to G rows) and the `Group` keeps that encoding for
-the trainer. Sampling goes through `SeededSampler` (see `vlrl.rollout.sampler`): vision tokens suppressed,
-temperature / top-k / top-p as HF applies them, per-completion seeds, and the sampling log-probs recorded
-from the processed logits. `generate`'s own processors are neutralised (repetition penalty 1, no top-k /
-top-p / temperature of its own) so that a model's `generation_config.json` cannot silently change the
-distribution RL samples from.
+Per chunk of B prompts, G completions each (`vlrl.rollout.prefix`):
+  1. prefill: the B prompts run once, at batch B (each image preprocessed once, by `encode_for_generation`, and
+     encoded once); the `Group` keeps that encoding for the trainer;
+  2. their key/value cache is copied G times into buffers pre-allocated for prompt + `max_new_tokens` positions
+     (`BufferLayer`: each new token's keys and values are written in place, no per-token concatenation);
+  3. decode: one forward of the B*G rows per new token, positions continued from each prompt's rope index, and
+     `SeededSampler.sample` (vision tokens masked by a bias built once, temperature / top-k / top-p as HF applies
+     them, per-completion seeds, the sampling log-probs recorded) -- no `generate` machinery per token. The loop
+     stops when every row has produced a stop token or `max_new_tokens` are out; rows that have stopped drop out
+     of the batch once a quarter of the rows have (their cache rows are compacted away).
+A model's `generation_config.json` has no say in the distribution RL samples from.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import LogitsProcessorList
+from torch import Tensor
 
 from vlrl.data.sample import Sample
-from vlrl.models.inputs import Encoded, collate
+from vlrl.models.inputs import Encoded
 from vlrl.models.processor import image_token_id, vision_token_ids
+from vlrl.rollout.prefix import continuation_mask, expand_cache, prefill, prompt_inputs, text_positions
 from vlrl.rollout.sampler import SeededSampler, row_seeds
 from vlrl.rollout.types import Completion, Group, SamplingParams
 from vlrl.train.batches import encode_for_generation
@@ -39,9 +44,9 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 class HFEngine:
-    """`RolloutEngine` over `model.generate`.
+    """`RolloutEngine` over the policy's forward (see the module docstring).
 
-    max_prompts_per_call: prompts per `generate` call (0 = all at once); bounds the KV-cache memory to
+    max_prompts_per_call: prompts per prefill + decode loop (0 = all at once); bounds the KV-cache memory to
         max_prompts_per_call * G rows.
     """
 
@@ -87,32 +92,10 @@ class HFEngine:
             self.model.train(was_training)
         return groups
 
-    def _generate_kwargs(self, sampling: SamplingParams, n: int) -> dict[str, Any]:
-        """`generate` arguments: our sampler does all sampling; HF's own warpers and penalties are neutral."""
-        return dict(
-            max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=n,
-            do_sample=True,  # multinomial over SeededSampler's one-hot scores: picks the sampler's token
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            min_p=None,
-            typical_p=1.0,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
-            use_cache=True,
-        )
-
     def _generate_chunk(self, prompts: Sequence[Sample], encoded: Sequence[Encoded], n: int,
                         sampling: SamplingParams, seeds: list[int] | None) -> list[Group]:
-        batch = collate(encoded, self.pad_id, self.image_id, padding_side="left")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
         sampler = SeededSampler(sampling, self.suppress_ids, row_seeds(seeds, n) if seeds is not None else None)
-        out = self.model.generate(**batch, **self._generate_kwargs(sampling, n),
-                                  logits_processor=LogitsProcessorList([sampler]))  # [N, L + T]
-        new = out[:, batch["input_ids"].shape[1] :].cpu()  # [N, T]
+        new = self._decode(encoded, n, sampling.max_new_tokens, sampler)  # [N, T]
         logps = sampler.stacked(new.shape[1]).cpu()  # [N, T]
         stop = torch.isin(new, torch.tensor(self.stop_ids))  # [N, T]
         has_stop = stop.any(dim=1)  # [N]; False = truncated
@@ -128,3 +111,40 @@ class HFEngine:
             groups.append(Group(sample=sample, prompt=enc, completions=completions,
                                 seed=None if seeds is None else seeds[i]))
         return groups
+
+    def _decode(self, encoded: Sequence[Encoded], n: int, max_new: int, sampler: SeededSampler) -> Tensor:
+        """Prefill the prompts at batch B, expand to B*n rows, decode up to `max_new` tokens: [B*n, T] (CPU)."""
+        inputs = {k: v.to(self.device) for k, v in prompt_inputs(encoded, self.pad_id, self.image_id).items()}
+        rows = torch.arange(len(encoded), device=self.device).repeat_interleave(n)  # [N]: row -> prompt
+        first, cache, next_pos = prefill(self.model, inputs)  # [B, V], KV of [B, L], [B]
+        prompt_len = inputs["input_ids"].shape[1]
+        cache = expand_cache(cache, rows, capacity=prompt_len + max_new)
+        mask = continuation_mask(inputs["attention_mask"].index_select(0, rows),
+                                 torch.ones(len(rows), max_new, dtype=torch.long, device=self.device))  # [N, L + T]
+        next_pos = next_pos.index_select(0, rows)  # [N]
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        out = torch.full((len(rows), max_new), self.pad_id, dtype=torch.long)  # [N, T]
+        live = torch.arange(len(rows))  # [n_live]: the output rows still in the batch
+        done = torch.zeros(len(rows), dtype=torch.bool, device=self.device)  # [n_live]: has produced a stop token
+        logits = first.index_select(0, rows)  # [N, V]
+        logps: list[Tensor] = []
+        for t in range(max_new):
+            tokens = sampler.sample(logits)  # [n_live]
+            step_logp = torch.zeros(len(rows))  # [N]
+            step_logp[live] = sampler.logprobs.pop().float().cpu()
+            logps.append(step_logp)
+            out[live, t] = tokens.cpu()
+            done |= torch.isin(tokens, stop)
+            if t == max_new - 1 or bool(done.all()):
+                break
+            if 4 * int(done.sum()) >= len(live):  # a quarter of the rows have stopped: drop them from the batch
+                keep = (~done).nonzero().squeeze(1)  # [n_keep]
+                live, tokens, done = live[keep.cpu()], tokens[keep], done[keep]
+                mask, next_pos = mask[keep], next_pos[keep]
+                cache.batch_select_indices(keep)
+                sampler.select_rows(keep)
+            out_t = self.model(input_ids=tokens[:, None], attention_mask=mask[:, : prompt_len + t + 1],
+                               position_ids=text_positions(next_pos, t, 1), past_key_values=cache, use_cache=True)
+            logits = out_t.logits[:, -1]  # [n_live, V]
+        sampler.logprobs = logps
+        return out[:, : len(logps)]

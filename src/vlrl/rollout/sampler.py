@@ -1,19 +1,22 @@
-"""A batch-invariant, per-completion-seeded sampler that runs inside Hugging Face `generate`.
+"""A batch-invariant, per-completion-seeded sampler: `sample(logits)` in the `hf` engine's own decode loop, or a
+`LogitsProcessor` inside Hugging Face `generate`.
 
 Why not `generate(do_sample=True)` as is: HF draws every row's token with one `torch.multinomial` call on
 the global RNG, so a prompt's completions depend on which other prompts share its batch, and therefore on
 the world size and on how prompts are chunked. RL needs the same prompt to get the same completions
 whatever rank or batch it lands in (exact world-size invariance, exact resume).
 
-`SeededSampler` is a `LogitsProcessor` placed last in the chain. At each step, for every row it
-  1. suppresses the vision tokens (a random or weak VLM samples them; calibration.md),
+At each step, for every row `SeededSampler` (placed last when used as a `LogitsProcessor`)
+  1. suppresses the vision tokens (a random or weak VLM samples them; calibration.md) by adding a [V] bias of
+     0 / -inf built once,
   2. applies HF's own warpers in HF's order: temperature, top-k, top-p,
   3. records log_softmax of these processed logits at the chosen token (the *sampling log-prob*),
   4. draws the token with the exponential-race form of the Gumbel-max trick,
      argmax_v p_v / E_v with E_v ~ Exp(1) i.i.d. (an exact draw from p; vLLM's sampler does the same),
      with the noise from the row's own `torch.Generator`, seeded from (prompt seed, completion index),
-  5. returns scores that are 0 at the chosen token and -inf elsewhere, so `generate`'s own sampling step
-     (softmax + multinomial on a one-hot distribution) can only pick that token.
+  5. `sample` returns the chosen tokens; as a `LogitsProcessor` it returns scores that are 0 at the chosen token
+     and -inf elsewhere, so `generate`'s own sampling step (softmax + multinomial on a one-hot distribution)
+     can only pick that token.
 Everything a row sees is a function of its own logits and its own generator: the draw is batch-invariant
 (up to floating-point differences in the logits themselves between batch shapes).
 
@@ -67,6 +70,7 @@ class SeededSampler(LogitsProcessor):
         self.seeds = list(seeds) if seeds is not None else None
         self.logprobs: list[torch.Tensor] = []
         self._generators: list[torch.Generator] | None = None
+        self._bias: torch.Tensor | None = None  # [V] 0 / -inf, built on first use (vision tokens masked once)
         self._warpers: list[LogitsProcessor] = []
         if not sampling.greedy:
             if sampling.temperature != 1.0:
@@ -76,13 +80,16 @@ class SeededSampler(LogitsProcessor):
             if sampling.top_p < 1.0:
                 self._warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
 
-    def processed(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """Steps 1-2: the logits actually sampled from, `[N, V]` float32."""
-        scores = scores.float().clone()  # [N, V]
-        if self.suppress_ids:
-            scores[:, self.suppress_ids] = float("-inf")
+    def processed(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        """Steps 1-2: the logits actually sampled from, `[N, V]` float32 (a new tensor). `input_ids` is unused by
+        these warpers (HF's interface passes it)."""
+        if self._bias is None or self._bias.shape[0] != scores.shape[-1] or self._bias.device != scores.device:
+            self._bias = torch.zeros(scores.shape[-1], device=scores.device)  # [V]: -inf at the suppressed ids
+            if self.suppress_ids:
+                self._bias[self.suppress_ids] = float("-inf")
+        scores = scores.float() + self._bias  # [N, V]
         for warp in self._warpers:
-            scores = warp(input_ids, scores)
+            scores = warp(input_ids, scores)  # type: ignore[arg-type]
         return scores
 
     def _noise(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -96,7 +103,8 @@ class SeededSampler(LogitsProcessor):
         rows = [torch.empty(shape[1], device=device).exponential_(generator=g) for g in self._generators]
         return -torch.stack(rows).log()  # [N, V]
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def sample(self, scores: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps 1-4 on raw logits `[N, V]`: the chosen tokens `[N]`; their log-probs are appended to `logprobs`."""
         logits = self.processed(input_ids, scores)  # [N, V]
         logp = torch.log_softmax(logits, dim=-1)  # [N, V]
         if self.sampling.greedy:
@@ -104,9 +112,22 @@ class SeededSampler(LogitsProcessor):
         else:
             choice = (logp + self._noise(logp.shape, logp.device)).argmax(dim=-1)  # [N]
         self.logprobs.append(logp.gather(1, choice[:, None]).squeeze(1))  # [N]
-        out = torch.full_like(logits, float("-inf"))  # [N, V]
+        return choice
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """As a `LogitsProcessor` inside `generate`: step 5, scores that only let the sampled token through."""
+        choice = self.sample(scores, input_ids)  # [N]
+        out = torch.full_like(scores, float("-inf"), dtype=torch.float32)  # [N, V]
         out.scatter_(1, choice[:, None], 0.0)
         return out  # type: ignore[return-value]
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Keep only rows `keep` [n_keep] for the following steps (their generators continue their streams)."""
+        idx = keep.tolist()
+        if self.seeds is not None:
+            self.seeds = [self.seeds[i] for i in idx]
+        if self._generators is not None:
+            self._generators = [self._generators[i] for i in idx]
 
     def stacked(self, steps: int) -> torch.Tensor:
         """The recorded log-probs of the first `steps` positions, `[N, steps]` (generate may run, then undo,

@@ -10,10 +10,17 @@ so every row's completion occupies the same last T positions, and the forward ke
 removed, i.e. the very distribution the rollout engine sampled from (TRL and verl also divide by the
 sampling temperature); with top-k / top-p off they equal the engine's sampling log-probs.
 
-Images: with `share_vision=True` (default) the vision tower runs once per distinct prompt in the batch and
-its features are handed to every row of that prompt through transformers' `mm_encoder_outputs` (the same
-mechanism `generate` uses for `num_return_sequences`), so G completions cost one image encoding, forward
-and backward. `share_vision=False` repeats `pixel_values` per row instead (the plain, slower path).
+Shared prefix (`shared_prefix=True`, the default): the rows of one group share their prompt, so the prompt runs
+once per distinct group of the batch (images encoded there, once) with a KV cache, which is expanded to the
+group's rows by a differentiable `index_select`; the completions then run against it (`vlrl.rollout.prefix`).
+The prompt's last position gives each row's first completion logit, so only the first T - 1 completion tokens
+are inputs. Same log-probs and gradients as the plain layout (within float rounding; tested), with the prompt
+tokens computed once per group instead of once per row, forward and backward. It needs the KV cache in
+training forwards, so with activation checkpointing (which drops it) the plain layout is used instead.
+
+Plain layout (`shared_prefix=False`): every row is [prompt | completion] as above. With `share_vision=True`
+(default) the vision tower still runs once per distinct prompt in the batch and its features are handed to every
+row of that prompt through transformers' `mm_encoder_outputs`; `share_vision=False` repeats `pixel_values` per row.
 """
 
 from __future__ import annotations
@@ -27,19 +34,32 @@ import torch
 from torch import Tensor
 
 from vlrl.algos import entropy_from_logits
+from vlrl.rollout.prefix import (
+    continuation_mask,
+    expand_cache,
+    prefill,
+    prompt_inputs,
+    text_positions,
+    uses_activation_checkpointing,
+)
 from vlrl.rollout.types import Group
 
 Row = tuple[int, int]  # (index of the group in the caller's list, index of the completion in the group)
+
+__all__ = ["Row", "RowBatch", "build_rows", "completion_logits", "row_logprobs", "rows_logprobs_nograd",
+           "token_logprobs", "uses_activation_checkpointing"]
 
 
 @dataclass
 class RowBatch:
     """Model inputs for a list of rows.
 
-    inputs: input_ids / attention_mask / mm_token_type_ids [b, L + T], image_grid_thw [I, 3] (one entry per
-        image of each row, row-major) and either pixel_values [P, D] (per row) or nothing (shared vision).
+    Plain layout (prompt_index None): inputs = input_ids / attention_mask / mm_token_type_ids [b, L + T],
+        image_grid_thw [I, 3] (one entry per image of each row, row-major) and either pixel_values [P, D] (per row)
+        or nothing (shared vision); groups_with_images: the distinct groups whose images the rows need.
+    Shared prefix: inputs = the distinct groups' prompts, left-padded [U, L] (+ their pixel_values / grids);
+        prompt_index [b]: each row's prompt in `inputs`; groups_with_images: empty.
     completion_ids [b, T]; mask [b, T] (1.0 on completion tokens, 0.0 on padding); T = longest completion.
-    groups_with_images: indices of the distinct groups whose images the rows need, in first-use order.
     """
 
     inputs: dict[str, Tensor]
@@ -47,11 +67,34 @@ class RowBatch:
     mask: Tensor  # [b, T]
     rows: list[Row]
     groups_with_images: list[int]
+    prompt_index: Tensor | None = None  # [b]
+
+
+def _completions(groups: Sequence[Group], rows: Sequence[Row], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded completion ids [b, T] (pad_id) and their mask [b, T] (float)."""
+    completions = [groups[g].completions[j].token_ids for g, j in rows]
+    t = max(1, max(len(c) for c in completions))
+    ids = torch.full((len(rows), t), pad_id, dtype=torch.long)  # [b, T]
+    mask = torch.zeros((len(rows), t))  # [b, T]
+    for r, c in enumerate(completions):
+        ids[r, : len(c)] = c
+        mask[r, : len(c)] = 1.0
+    return ids, mask
 
 
 def build_rows(groups: Sequence[Group], rows: Sequence[Row], pad_id: int, image_id: int,
-               share_vision: bool = True) -> RowBatch:
-    """Lay out `rows` as [left-padded prompt | right-padded completion] (see the module docstring)."""
+               share_vision: bool = True, shared_prefix: bool = False) -> RowBatch:
+    """Lay out `rows` for a forward: the distinct prompts + completions (`shared_prefix`), else
+    [left-padded prompt | right-padded completion] per row (see the module docstring)."""
+    if shared_prefix:
+        uniq: list[int] = []
+        for g, _ in rows:
+            if g not in uniq:
+                uniq.append(g)
+        index = torch.tensor([uniq.index(g) for g, _ in rows], dtype=torch.long)  # [b]
+        ids, cmask = _completions(groups, rows, pad_id)  # [b, T]
+        prompts_in = prompt_inputs([groups[g].prompt for g in uniq], pad_id, image_id)  # [U, L]
+        return RowBatch(prompts_in, ids, cmask, list(rows), [], index)
     prompts = [groups[g].prompt.input_ids for g, _ in rows]
     completions = [groups[g].completions[j].token_ids for g, j in rows]
     b, lp, t = len(rows), max(len(p) for p in prompts), max(1, max(len(c) for c in completions))
@@ -107,13 +150,32 @@ def _shared_image_features(model: Any, groups: Sequence[Group], batch: RowBatch,
     return {"image": shared}
 
 
-def completion_logits(model: Any, groups: Sequence[Group], batch: RowBatch, device: torch.device) -> Tensor:
-    """Logits at the completion positions only, `[b, T, V]` (position L - 1 + t predicts token t)."""
-    inputs: dict[str, Any] = {k: v.to(device) for k, v in batch.inputs.items()}
-    if batch.groups_with_images:
-        inputs["mm_encoder_outputs"] = _shared_image_features(model, groups, batch, device)
+def _shared_prefix_logits(model: Any, batch: RowBatch, device: torch.device) -> Tensor:
+    """Prompt forward at the U distinct prompts, KV cache expanded to the b rows, completions against it."""
+    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    index = batch.prompt_index.to(device)  # type: ignore[union-attr]  # [b]
+    first, cache, next_pos = prefill(model, inputs)  # [U, V], KV of [U, L], [U]
+    logits0 = first.index_select(0, index)[:, None]  # [b, 1, V]: predicts completion token 0
     t = batch.completion_ids.shape[1]
-    out = model(**inputs, logits_to_keep=t + 1, use_cache=False)
+    if t == 1:
+        return logits0
+    ids = batch.completion_ids[:, :-1].to(device)  # [b, T - 1]: the last token predicts nothing we score
+    attention = continuation_mask(inputs["attention_mask"].index_select(0, index),
+                                  batch.mask[:, :-1].to(device))  # [b, L + T - 1]
+    out = model(input_ids=ids, attention_mask=attention, position_ids=text_positions(next_pos.index_select(0, index), 0,
+                t - 1), past_key_values=expand_cache(cache, index), use_cache=True)
+    return torch.cat([logits0, out.logits], dim=1)  # [b, T, V]
+
+
+def completion_logits(model: Any, groups: Sequence[Group], batch: RowBatch, device: torch.device) -> Tensor:
+    """Logits at the completion positions only, `[b, T, V]` (logit t predicts completion token t)."""
+    if batch.prompt_index is not None:
+        return _shared_prefix_logits(model, batch, device)
+    plain: dict[str, Any] = {k: v.to(device) for k, v in batch.inputs.items()}
+    if batch.groups_with_images:
+        plain["mm_encoder_outputs"] = _shared_image_features(model, groups, batch, device)
+    t = batch.completion_ids.shape[1]
+    out = model(**plain, logits_to_keep=t + 1, use_cache=False)
     return out.logits[:, :-1]  # [b, T, V]
 
 
@@ -154,15 +216,16 @@ def row_logprobs(model: Any, groups: Sequence[Group], batch: RowBatch, *, temper
 @torch.no_grad()
 def rows_logprobs_nograd(model: Any, groups: Sequence[Group], rows: Sequence[Row], *, micro_batch_size: int,
                          temperature: float, suppress_ids: Sequence[int], device: torch.device, pad_id: int,
-                         image_id: int, share_vision: bool = True) -> list[Tensor]:
+                         image_id: int, share_vision: bool = True, shared_prefix: bool = True) -> list[Tensor]:
     """Log-probs of every row's completion (one `[T_r]` CPU tensor per row), `micro_batch_size` rows per forward
-    (for the reference model and the old policy). The model is put in eval mode for the pass."""
+    (for the reference model and the old policy). The model is put in eval mode for the pass (where activation
+    checkpointing is off, so the shared prefix always applies)."""
     was_training = model.training
     model.eval()
     out: list[Tensor] = []
     try:
         for k in range(0, len(rows), max(1, micro_batch_size)):
-            batch = build_rows(groups, rows[k : k + micro_batch_size], pad_id, image_id, share_vision)
+            batch = build_rows(groups, rows[k : k + micro_batch_size], pad_id, image_id, share_vision, shared_prefix)
             res = row_logprobs(model, groups, batch, temperature=temperature, suppress_ids=suppress_ids,
                                device=device)
             lengths = batch.mask.sum(-1).long().tolist()

@@ -126,6 +126,8 @@ class RLConfig:
     num_minibatches: int = 1  # optimizer steps per epoch
     micro_batch_size: int = 8  # rows (completions) per forward on a rank
     share_vision: bool = True  # encode each prompt's images once for its G rows in training forwards
+    shared_prefix: bool = True  # run each prompt once per group in training / reference forwards, its KV cache
+    #   expanded to the group's rows (same log-probs and gradients; off: [prompt | completion] per row)
     # optimisation
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -219,7 +221,8 @@ def prepare_update(run: RLRun, roll: StepRollouts, metrics: dict[str, float]) ->
     rows = [(li, j) for li in range(len(roll.groups)) for j in range(G)]
     kw: dict[str, Any] = dict(micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature,
                               suppress_ids=run.loss.suppress_ids, device=run.info.device, pad_id=run.loss.pad_id,
-                              image_id=run.loss.image_id, share_vision=cfg.share_vision)
+                              image_id=run.loss.image_id, share_vision=cfg.share_vision,
+                              shared_prefix=cfg.shared_prefix)
     t = time.perf_counter()
     ref = rows_logprobs_nograd(run.ref, roll.groups, rows, **kw) if run.ref is not None else None
     _timed(metrics, "time/ref_logp", t)
@@ -357,7 +360,8 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     loss = LossSpec(POLICY_LOSSES.get(cfg.loss), loss_kwargs, cfg.agg_mode, cfg.max_new_tokens, cfg.beta,
                     cfg.kl_estimator or "k3", cfg.kl_clamp, cfg.beta > 0 and not cfg.kl_in_reward, cfg.temperature,
                     vision_token_ids(tok), cfg.ppo_epochs, cfg.num_minibatches, cfg.micro_batch_size,
-                    cfg.max_grad_norm, int(tok.pad_token_id), image_token_id(processor), cfg.share_vision)
+                    cfg.max_grad_norm, int(tok.pad_token_id), image_token_id(processor), cfg.share_vision,
+                    cfg.shared_prefix)
     trust = TrustStage(cfg.trust, cfg.group_size) if cfg.trust.enabled else None
     ref = _load_ref(cfg, info)
     return RLRun(cfg, info, model, ref, processor, engine, params, opt, sched, samples, rollout, loss, trust)

@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 from vlrl.algos import add_kl_to_loss, agg_loss
 from vlrl.rollout.types import Group
 from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum
-from vlrl.train.logprobs import Row, build_rows, row_logprobs
+from vlrl.train.logprobs import Row, build_rows, row_logprobs, uses_activation_checkpointing
 
 # Policy-loss metrics averaged over micro-batches (weighted by their masked tokens) and reported.
 LOSS_METRICS = ("clip_frac/low", "clip_frac/high", "clip_frac/region", "clip_frac/dual", "approx_kl", "ratio/mean")
@@ -72,6 +72,7 @@ class LossSpec:
     pad_id: int
     image_id: int
     share_vision: bool = True
+    shared_prefix: bool = True  # prompt once per group in training forwards (see `vlrl.train.logprobs`)
 
 
 def _pad(rows: Sequence[Tensor], width: int, device: torch.device) -> Tensor:
@@ -99,7 +100,8 @@ class _Sums:
 def _micro_loss(model: Any, batch: UpdateBatch, rows: list[Row], row_ids: list[int], spec: LossSpec,
                 norm: tuple[float, float], info: DistInfo, sums: _Sums, first_pass: bool) -> None:
     """Forward + backward of one micro-batch; adds its metrics to `sums`."""
-    rb = build_rows(batch.groups, rows, spec.pad_id, spec.image_id, spec.share_vision)
+    shared = spec.shared_prefix and not uses_activation_checkpointing(model)
+    rb = build_rows(batch.groups, rows, spec.pad_id, spec.image_id, spec.share_vision, shared)
     out = row_logprobs(model, batch.groups, rb, temperature=spec.temperature, suppress_ids=spec.suppress_ids,
                        device=info.device, with_entropy=first_pass)
     width = out.logp.shape[1]

@@ -1,0 +1,131 @@
+"""Shared-prefix forwards: a group's prompt (and its images) runs once, its key/value cache serves all the
+group's completions.
+
+    prompts = prompt_inputs([g.prompt for g in distinct_groups], pad_id, image_id)     # U left-padded prompts
+    first, cache, next_pos = prefill(model, prompts)                                  # [U, V], KV of [U, L]
+    cache = expand_cache(cache, index, capacity)                                      # KV of [b, L], b = rows
+    logits = model(input_ids=tokens, attention_mask=continuation_mask(...), position_ids=text_positions(...),
+                   past_key_values=cache, use_cache=True).logits
+
+Used by the `hf` engine (prefill at B prompts, cache expanded to B*G rows and pre-allocated for the decode loop)
+and by the training and reference log-probs (`vlrl.train.logprobs`: prompt forward at the micro-batch's distinct
+groups, cache expanded to its rows by a differentiable `index_select`, so gradients from every completion flow
+back into the one prompt forward). The prompt's last position predicts each completion's first token, so a
+completion of T tokens needs only its first T - 1 tokens as input.
+
+Positions: Qwen-VL models use 3-D multimodal rotary positions (M-RoPE). The prompt's come from the model's own
+`get_rope_index` (left padding respected); every token after the prompt is text, whose position continues 1-D on
+all three axes from `next_pos` = the prompt's largest position + 1 = (its real length + its rope delta). That is
+what `get_rope_index` gives over the whole sequence (tests/train/test_train_shared_prefix.py checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
+
+from vlrl.models.inputs import Encoded, collate
+
+
+def prompt_inputs(prompts: Sequence[Encoded], pad_id: int, image_id: int) -> dict[str, Tensor]:
+    """Left-padded prompt tensors: input_ids / attention_mask / mm_token_type_ids [U, L], pixel_values [P, D] and
+    image_grid_thw [I, 3] when any prompt has images."""
+    return collate(prompts, pad_id, image_id, padding_side="left")
+
+
+def prompt_positions(model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(position_ids [3, U, L] of the left-padded prompts, next_pos [U]: the position of the first token after
+    each prompt). Text-only prompts get 1-D positions counted over their real tokens, as `generate` does."""
+    mask = inputs["attention_mask"]  # [U, L]
+    lengths = mask.sum(-1)  # [U]
+    grid = inputs.get("image_grid_thw")
+    if grid is not None:
+        pos, deltas = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                                 image_grid_thw=grid, attention_mask=mask)
+        return pos, lengths + deltas.view(-1).to(lengths)  # [3, U, L], [U]
+    flat = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, L]
+    return flat[None].expand(3, -1, -1), lengths
+
+
+def text_positions(next_pos: Tensor, start: int, count: int) -> Tensor:
+    """Positions [3, b, count] of tokens start .. start + count - 1 after each row's prompt (`next_pos` [b])."""
+    pos = next_pos[:, None] + torch.arange(start, start + count, device=next_pos.device)  # [b, count]
+    return pos[None].expand(3, -1, -1)
+
+
+def prefill(model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Cache, Tensor]:
+    """Run the prompts once (images encoded here); returns (logits at each prompt's last position [U, V], the KV
+    cache of the prompts, next_pos [U]). Gradients flow if enabled."""
+    pos, next_pos = prompt_positions(model, inputs)
+    out = model(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.past_key_values, next_pos
+
+
+class BufferLayer(DynamicLayer):
+    """One layer's KV cache in buffers [b, H, capacity, D] allocated once: `update` writes the new states in place
+    and returns views of the filled part (no per-token concatenation). Without `capacity` it concatenates, like
+    transformers' `DynamicLayer` (the differentiable training path, where in-place writes would break autograd)."""
+
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int | None = None) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.length = keys.shape[-2]
+        self.capacity = capacity
+        self._k: Tensor = keys  # [b, H, capacity or length, D]
+        self._v: Tensor = values
+        if capacity is not None:
+            self._k = keys.new_empty(*keys.shape[:2], capacity, keys.shape[-1])
+            self._v = values.new_empty(*values.shape[:2], capacity, values.shape[-1])
+            self._k[:, :, : self.length] = keys
+            self._v[:, :, : self.length] = values
+        self._views()
+
+    def _views(self) -> None:
+        self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        n = key_states.shape[-2]
+        if self.capacity is None:
+            self._k = torch.cat([self._k, key_states], dim=-2)
+            self._v = torch.cat([self._v, value_states], dim=-2)
+        elif self.length + n > self.capacity:
+            raise ValueError(f"KV buffer full: {self.length} + {n} > {self.capacity}")
+        else:
+            self._k[:, :, self.length : self.length + n] = key_states
+            self._v[:, :, self.length : self.length + n] = value_states
+        self.length += n
+        self._views()
+        return self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._views()
+
+
+def expand_cache(cache: Cache, index: Tensor, capacity: int | None = None) -> Cache:
+    """A cache whose row r holds the prompt KV of row `index[r]` of `cache` (`index_select`: differentiable).
+    With `capacity`, every layer is pre-allocated to `capacity` positions for decoding."""
+    layers: list[Any] = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if keys is None or values is None or not isinstance(layer, DynamicLayer) or layer.is_sliding:
+            raise TypeError(f"shared-prefix forwards need full-attention dynamic cache layers, got {type(layer).__name__}")
+        layers.append(BufferLayer(keys.index_select(0, index), values.index_select(0, index), capacity))
+    return Cache(layers=layers)
+
+
+def continuation_mask(prompt_mask: Tensor, extra: Tensor) -> Tensor:
+    """2-D attention mask [b, L + n] of prompt rows [b, L] followed by `extra` [b, n] continuation positions."""
+    return torch.cat([prompt_mask, extra.to(prompt_mask)], dim=1)
+
+
+def uses_activation_checkpointing(model: Any) -> bool:
+    """Activation checkpointing makes transformers drop the KV cache in training forwards."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())

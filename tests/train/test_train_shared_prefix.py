@@ -1,0 +1,138 @@
+"""The shared-prefix forward (each prompt once per group, its KV cache expanded to the group's rows) against the
+plain [prompt | completion] forward: the same rope positions, log-probs and gradients (fp32, within 1e-5), for
+prompts of different lengths (left padding), with and without an image, micro-batches that split groups, and
+completions of different lengths (one of a single token)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from vlrl.algos import POLICY_LOSSES
+from vlrl.models.inputs import collate, encode_prompt
+from vlrl.models.loading import load_model_and_processor
+from vlrl.models.processor import image_token_id, vision_token_ids
+from vlrl.rollout import Completion, Group
+from vlrl.rollout.prefix import prompt_inputs, prompt_positions, text_positions
+from vlrl.train.batches import encode_for_generation, load_samples
+from vlrl.train.dist import DistInfo
+from vlrl.train.logprobs import build_rows, row_logprobs, rows_logprobs_nograd
+from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
+
+ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+LENGTHS = [[5, 1, 3], [2, 6, 6], [4, 4, 1]]  # completion lengths per group
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, synth_dir):
+    model, processor = load_model_and_processor(tiny_model_dir)
+    model.train()
+    samples = [load_samples([str(synth_dir / task / "train.jsonl")])[0] for task in ("counting", "chart")]
+    encoded = encode_for_generation(processor, samples)
+    text_only = encode_prompt(processor, [{"role": "user", "content": "How many are there? Think step by step."}], [])
+    encoded.append(text_only)  # no image: 1-D positions
+    assert len({len(e.input_ids) for e in encoded}) == 3  # three prompt lengths: left padding matters
+    gen = torch.Generator().manual_seed(0)
+    vocab = [i for i in range(40, 1000) if i not in vision_token_ids(processor.tokenizer)]
+    groups = []
+    for k, (enc, lengths) in enumerate(zip(encoded, LENGTHS)):
+        comps = []
+        for n in lengths:
+            ids = torch.tensor([vocab[int(i)] for i in torch.randint(len(vocab), (n,), generator=gen)])
+            comps.append(Completion(ids, "", torch.zeros(n), truncated=False))
+        groups.append(Group(samples[min(k, 1)], enc, comps))
+    return model, processor, groups
+
+
+def _kw(processor):
+    return dict(temperature=1.3, suppress_ids=vision_token_ids(processor.tokenizer), device=torch.device("cpu"))
+
+
+def test_positions_continue_the_rope_index_of_the_whole_sequence(setup):
+    model, processor, groups = setup
+    pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
+    image_groups = groups[:2]  # get_rope_index needs every row to be a vision + text sequence
+    inputs = prompt_inputs([g.prompt for g in image_groups], pad, img)
+    pos, next_pos = prompt_positions(model, inputs)
+    n = 5
+    full = [type(g.prompt)(torch.cat([g.prompt.input_ids, torch.full((n,), 100)]), None, g.prompt.pixel_values,
+                           g.prompt.image_grid_thw) for g in image_groups]
+    batch = collate(full, pad, img, padding_side="left")
+    ref, _ = model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                        image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    lp = inputs["input_ids"].shape[1]
+    real = inputs["attention_mask"].bool()
+    assert torch.equal(pos[:, real], ref[:, :, :lp][:, real])
+    assert torch.equal(text_positions(next_pos, 0, n), ref[:, :, lp:])
+
+
+@pytest.mark.parametrize("rows", [
+    [(g, j) for g in range(3) for j in range(3)],  # whole groups
+    [(0, 1), (1, 0), (2, 2), (0, 2), (1, 2)],  # groups split and interleaved
+    [(0, 1), (2, 2)],  # every completion a single token
+])
+def test_shared_prefix_logprobs_and_gradients_equal_the_plain_forward(setup, rows):
+    model, processor, groups = setup
+    pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
+    results = []
+    for shared in (True, False):
+        m = copy.deepcopy(model)
+        batch = build_rows(groups, rows, pad, img, share_vision=False, shared_prefix=shared)
+        out = row_logprobs(m, groups, batch, with_entropy=True, **_kw(processor))
+        weights = torch.linspace(-1.0, 1.0, out.logp.numel()).view_as(out.logp)
+        (out.logp * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (a, ga), (b, gb) = results
+    assert torch.equal(a.mask, b.mask)
+    assert float((a.logp - b.logp).abs().max()) < 1e-5
+    assert float(((a.entropy - b.entropy) * a.mask).abs().max()) < 1e-4
+    assert ga.keys() == gb.keys() and len(ga) > 0.9 * len(list(model.parameters()))  # the vision tower included
+    worst = max(float((ga[k] - gb[k]).abs().max()) for k in ga)
+    assert worst < 1e-5, worst
+
+
+def test_nograd_logprobs_and_update_match(setup):
+    model, processor, groups = setup
+    pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
+    rows = [(g, j) for g in range(3) for j in range(3)]
+    common = dict(pad_id=pad, image_id=img, **_kw(processor))
+    shared = rows_logprobs_nograd(model, groups, rows, micro_batch_size=4, **common)
+    plain = rows_logprobs_nograd(model, groups, rows, micro_batch_size=9, shared_prefix=False, **common)
+    assert model.training  # restored
+    for a, b in zip(shared, plain):
+        assert a.shape == b.shape and float((a - b).abs().max()) < 1e-5
+    adv = torch.linspace(-1.0, 1.0, 9)
+    finals = []
+    for shared_prefix in (True, False):
+        m = copy.deepcopy(model)
+        params = [p for p in m.parameters() if p.requires_grad]
+        spec = LossSpec(POLICY_LOSSES.get("ppo_clip"), {}, "seq-mean-token-mean", 6, 0.04, "k3", None, True, 1.3,
+                        vision_token_ids(processor.tokenizer), 1, 1, 4, 1e9, pad, img, True, shared_prefix)
+        batch = UpdateBatch(groups, [0, 1, 2], 3, adv, torch.ones(9), None, [x - 0.1 for x in plain])
+        policy_update(m, params, torch.optim.SGD(params, lr=1.0), batch, spec, 3, ONE)
+        finals.append([p.detach() for p in params])
+    assert max(float((x - y).abs().max()) for x, y in zip(*finals)) < 1e-5
+
+
+def test_activation_checkpointing_falls_back_to_the_plain_layout(setup):
+    model, processor, groups = setup
+    m = copy.deepcopy(model)
+    m.gradient_checkpointing_enable()
+    params = [p for p in m.parameters() if p.requires_grad]
+    pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
+    spec = LossSpec(POLICY_LOSSES.get("ppo_clip"), {}, "token-mean", 6, 0.0, "k3", None, False, 1.0,
+                    vision_token_ids(processor.tokenizer), 1, 1, 9, 1e9, pad, img)
+    batch = UpdateBatch(groups, [0, 1, 2], 3, torch.linspace(-1.0, 1.0, 9), torch.ones(9), None, None)
+    out = policy_update(m, params, torch.optim.SGD(params, lr=1.0), batch, spec, 3, ONE)
+    assert out["updates"] == 1.0 and out["grad_norm"] > 0
