@@ -1,7 +1,10 @@
-"""`make demo`: build the tiny model -> synthetic tasks -> align -> full SFT -> evaluate held-out splits.
+"""`make demo`: build the tiny model -> synthetic tasks -> align -> full SFT -> RL -> evaluate held-out splits.
 
-Each stage calls the same functions as the `vlrl` commands, with the recipes in `recipes/`; every
-stage's time is printed, and the summary goes to `{out}/summary.json`.
+SFT trains on `sft_tasks`; RL starts from the SFT checkpoint and trains on `rl_tasks` (which may include a task
+SFT never demonstrated: the reward carries it); `sft_more` is the control: the SFT checkpoint trained further
+on its own data for the same wall time as the RL stage. Each stage calls the same functions as the `vlrl`
+commands, with the recipes in `recipes/`; every stage's time is printed, and the summary goes to
+`{out}/summary.json`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from vlrl.eval.report import format_table
 from vlrl.models.build import init_model
 from vlrl.models.loading import load_model_and_processor
 from vlrl.train.batches import load_samples
+from vlrl.train.rl import RLConfig, run_rl
 from vlrl.train.sft import SFTConfig, run_sft
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -32,8 +36,9 @@ class DemoConfig:
     out: str = "runs/demo"
     arch: str = "qwen2-vl"
     size: str = "tiny"
-    tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "compare", "grounding"])  # evaluated
+    tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "chart_min"])  # generated and evaluated
     sft_tasks: list[str] = field(default_factory=lambda: ["counting", "chart"])  # trained by SFT (a subset)
+    rl_tasks: list[str] = field(default_factory=lambda: ["chart", "chart_min"])  # trained by RL (a subset)
     n_train: int = 4000
     n_train_by_task: dict[str, int] = field(default_factory=dict)  # overrides n_train per task (the SFT mix)
     n_val: int = 200
@@ -41,6 +46,8 @@ class DemoConfig:
     seed: int = 0
     align_recipe: str = "tiny-align.yaml"
     sft_recipe: str = "tiny-sft.yaml"
+    rl_recipe: str = "tiny-grpo.yaml"
+    rl: bool = True  # false: stop after SFT (no RL, no sft_more)
     eval_batch_size: int = 128
     max_new_tokens: int = 24
     threads: int = 0
@@ -84,6 +91,38 @@ def sft_stage(recipe: str, model: Path, data: list[str], out: Path, **over: Any)
     return run_sft(cfg)
 
 
+def rl_stage(recipe: str, model: Path, data: list[str], val: list[str], out: Path) -> Path:
+    overrides = [f"model={model}", f"data=[{', '.join(data)}]", f"val_data=[{', '.join(val)}]", f"out={out}"]
+    return run_rl(load_config(RLConfig, RECIPES / recipe, overrides))
+
+
+def sft_more_stage(recipe: str, sft: Path, data: list[str], out: Path, seconds: float, sft_run: Path) -> Path:
+    """The equal-time control: the SFT checkpoint, its own data and recipe, a fresh warm-up + cosine schedule
+    sized to fit `seconds` at the SFT run's median step time, stopped at `seconds` whatever happens."""
+    step_s = sorted(r["step_s"] for r in read_jsonl(sft_run / "metrics.jsonl") if "step_s" in r)
+    steps = max(1, int(seconds / step_s[len(step_s) // 2])) if step_s else 1_000_000
+    return sft_stage(recipe, sft, data, out, max_steps=steps, max_seconds=round(seconds, 1), eval_every=0,
+                     warmup_steps=min(30, steps // 10))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def val_history(run: Path) -> list[float]:
+    """val_accuracy of each evaluation in a run's metrics.jsonl, in order."""
+    return [r["val_accuracy"] for r in read_jsonl(run / "metrics.jsonl") if "val_accuracy" in r]
+
+
+def reward_trend(run: Path, k: int = 10) -> dict[str, float]:
+    """Mean of reward/mean over the first and the last k logged RL steps."""
+    rewards = [r["reward/mean"] for r in read_jsonl(run / "metrics.jsonl") if "reward/mean" in r]
+    if not rewards:
+        return {}
+    k = max(1, min(k, len(rewards) // 2))
+    return {"first": round(sum(rewards[:k]) / k, 4), "last": round(sum(rewards[-k:]) / k, 4), "steps": len(rewards)}
+
+
 def evaluate_tasks(cfg: DemoConfig, model_dir: Path, test: list[str], out: Path) -> dict[str, float]:
     model, processor = load_model_and_processor(model_dir)
     samples = load_samples(test)
@@ -96,28 +135,47 @@ def evaluate_tasks(cfg: DemoConfig, model_dir: Path, test: list[str], out: Path)
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    for name, subset in (("sft_tasks", cfg.sft_tasks), ("rl_tasks", cfg.rl_tasks)):
+        unknown = sorted(set(subset) - set(cfg.tasks))
+        if unknown:
+            raise ValueError(f"{name} {unknown} are not among tasks {cfg.tasks}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo.yaml")
     st = Stages()
+    data = out / "data"
     base = st.run("build model", init_model, cfg.arch, cfg.size, out / "model-base", seed=cfg.seed)
-    st.run("synthetic data", make_data, cfg, out / "data")
-    unknown = sorted(set(cfg.sft_tasks) - set(cfg.tasks))
-    if unknown:
-        raise ValueError(f"sft_tasks {unknown} are not among tasks {cfg.tasks}")
-    train, val = split_paths(out / "data", cfg.sft_tasks, "train"), split_paths(out / "data", cfg.sft_tasks, "val")
-    test = split_paths(out / "data", cfg.tasks, "test")
-    acc_base = st.run("eval base", evaluate_tasks, cfg, base, test, out / "eval" / "base.json")
+    st.run("synthetic data", make_data, cfg, data)
+    train, val = split_paths(data, cfg.sft_tasks, "train"), split_paths(data, cfg.sft_tasks, "val")
+    test = split_paths(data, cfg.tasks, "test")
+    acc: dict[str, dict[str, float]] = {}
+    acc["base"] = st.run("eval base", evaluate_tasks, cfg, base, test, out / "eval" / "base.json")
     aligned = st.run("sft align", sft_stage, cfg.align_recipe, base, train, out / "align")
     sft = st.run("sft full", sft_stage, cfg.sft_recipe, aligned, train, out / "sft", val_data=val)
-    acc_sft = st.run("eval sft", evaluate_tasks, cfg, sft, test, out / "eval" / "sft.json")
-    tasks = {t: {"n": cfg.n_test, "chance": round(get_task(t).chance(), 4), "base": acc_base[t], "sft": acc_sft[t],
-                 "sft_trained": t in cfg.sft_tasks} for t in cfg.tasks}
-    summary = {"tasks": tasks, "seconds": st.seconds, "stage_seconds": st.times,
-               "checkpoints": {"base": str(base), "sft": str(sft)}}
+    acc["sft"] = st.run("eval sft", evaluate_tasks, cfg, sft, test, out / "eval" / "sft.json")
+    checkpoints = {"base": str(base), "sft": str(sft)}
+    extra: dict[str, Any] = {"sft_val_accuracy": val_history(out / "sft")}
+    if cfg.rl:
+        rl_train, rl_val = split_paths(data, cfg.rl_tasks, "train"), split_paths(data, cfg.rl_tasks, "val")
+        rl = st.run("rl", rl_stage, cfg.rl_recipe, sft, rl_train, rl_val, out / "rl")
+        more = st.run("sft more", sft_more_stage, cfg.sft_recipe, sft, train, out / "sft-more", st.times["rl"],
+                      out / "sft")
+        acc["rl"] = st.run("eval rl", evaluate_tasks, cfg, rl, test, out / "eval" / "rl.json")
+        acc["sft_more"] = st.run("eval sft more", evaluate_tasks, cfg, more, test, out / "eval" / "sft_more.json")
+        checkpoints.update(rl=str(rl), sft_more=str(more))
+        extra["rl_reward"] = reward_trend(out / "rl")
+        extra["rl_trained_mean"] = {
+            k: round(sum(acc[k][t] for t in cfg.rl_tasks) / len(cfg.rl_tasks), 4) for k in ("sft", "sft_more", "rl")}
+    tasks = {t: {"n": cfg.n_test, "chance": round(get_task(t).chance(), 4), **{k: v[t] for k, v in acc.items()},
+                 "sft_trained": t in cfg.sft_tasks, **({"rl_trained": t in cfg.rl_tasks} if cfg.rl else {})}
+             for t in cfg.tasks}
+    summary = {"tasks": tasks, "seconds": st.seconds, "stage_seconds": st.times, **extra, "checkpoints": checkpoints}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    rows = [{"task": t, **v} for t, v in tasks.items()]
-    print(format_table(rows, ["task", "n", "chance", "base", "sft", "sft_trained"]))
+    columns = ["task", "n", "chance", *acc, "sft_trained", *(["rl_trained"] if cfg.rl else [])]
+    print(format_table([{"task": t, **v} for t, v in tasks.items()], columns))
+    for key in ("sft_val_accuracy", "rl_reward", "rl_trained_mean"):
+        if key in extra:
+            print(f"{key}: {extra[key]}")
     print(f"total {st.seconds:.0f}s -> {out / 'summary.json'}")
     return summary
 

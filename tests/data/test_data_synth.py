@@ -14,7 +14,7 @@ from PIL import Image
 from vlrl.data import read_file
 from vlrl.data.synth import SPLITS, TASKS, generate_item, scene_hash, split_of_hash, synth_main, write_split
 from vlrl.data.synth.base import COLOURS
-from vlrl.data.synth.chart import BAR, LABEL_ROW, TOP
+from vlrl.data.synth.chart import BAR, GREY, LABEL_ROW, TOP
 from vlrl.data.synth.grounding import iou
 
 
@@ -50,12 +50,12 @@ def components(image: Image.Image, colour: tuple[int, int, int] | None = None) -
     return count
 
 
-def bar_heights(image: Image.Image) -> list[int]:
+def bar_heights(image: Image.Image, colour: tuple[int, int, int] = BAR) -> list[int]:
     """Heights (px) of the bars, left to right: runs of columns holding the bar colour."""
     w, h = image.size
     px = image.load()
     assert px is not None
-    cols = [sum(px[x, y] == BAR for y in range(h)) for x in range(w)]
+    cols = [sum(px[x, y] == colour for y in range(h)) for x in range(w)]
     runs: list[list[int]] = []
     for x, c in enumerate(cols):
         if c and (not runs or cols[x - 1] == 0):
@@ -146,6 +146,30 @@ def test_chart_tallest_balanced_and_correct(tmp_path: Path) -> None:
         assert sorted(heights)[-1] - sorted(heights)[-2] >= 8  # clearly the tallest
         assert rec["conversations"][0]["value"].endswith("Choices: " + ", ".join(rec["options"]))
         assert rec["problem_type"] == "multiple_choice"
+
+
+def test_chart_min_shortest_balanced_and_correct(tmp_path: Path) -> None:
+    path = write_split("chart_min", 70, 3, tmp_path)
+    recs = records(path)
+    slots = Counter((len(r["options"]), r["answer"]) for r in recs)
+    assert slots == {(k, "ABCD"[t]): 10 for k in (3, 4) for t in range(k)}
+    for rec in recs[:30]:
+        heights = bar_heights(Image.open(path.parent / rec["image"]).convert("RGB"))
+        assert len(heights) == len(rec["options"])
+        assert "ABCD"[heights.index(min(heights))] == rec["answer"]
+        assert sorted(heights)[1] - sorted(heights)[0] >= 8  # clearly the shortest
+        assert "Which bar is the shortest? Choices: " in rec["conversations"][0]["value"]
+    assert TASKS["chart_min"].chance() == TASKS["chart"].chance()
+
+
+def test_chart_grey_same_question_grey_bars(tmp_path: Path) -> None:
+    path = write_split("chart_grey", 14, 3, tmp_path)
+    for rec in records(path):
+        image = Image.open(path.parent / rec["image"]).convert("RGB")
+        assert bar_heights(image) == []  # no blue bar left
+        heights = bar_heights(image, GREY)
+        assert "ABCD"[heights.index(max(heights))] == rec["answer"]
+        assert "Which bar is the tallest? Choices: " in rec["conversations"][0]["value"]
 
 
 def test_chart_value_balanced_and_readable(tmp_path: Path) -> None:

@@ -26,12 +26,12 @@ from typing import Any
 from PIL import Image
 
 from vlrl.data.synth.base import Item, Task
-from vlrl.data.synth.chart import Chart, ChartValue
+from vlrl.data.synth.chart import Chart, ChartGrey, ChartMin, ChartValue
 from vlrl.data.synth.compare import Compare
 from vlrl.data.synth.counting import Counting
 from vlrl.data.synth.grounding import Grounding
 
-TASKS: dict[str, Task] = {t.name: t for t in (Counting(), Chart(), ChartValue(), Compare(), Grounding())}
+TASKS: dict[str, Task] = {t.name: t for t in (Counting(), Chart(), ChartMin(), ChartGrey(), ChartValue(), Compare(), Grounding())}
 SPLITS: dict[str, tuple[int, ...]] = {"train": tuple(range(8)), "val": (8,), "test": (9,)}
 HASH_BUCKETS = 10
 MAX_ATTEMPTS = 1000

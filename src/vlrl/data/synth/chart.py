@@ -1,4 +1,5 @@
-"""Bar charts with letter-labelled bars: `chart` (which bar is tallest?) and `chart_value` (read a value)."""
+"""Bar charts with letter-labelled bars: `chart` (which bar is tallest?), `chart_min` (which is shortest?) and
+`chart_value` (read a value)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from vlrl.data.synth.base import WHITE, Item, Task, check_range, draw_text_centr
 
 LETTERS = "ABCDEFGH"
 BAR = (70, 110, 180)
+GREY = (120, 120, 120)
 GRID = (200, 200, 200)
 BLACK = (0, 0, 0)
 TOP, LABEL_ROW, RIGHT_PAD = 6, 14, 6  # px: above the plot, under the axis for the letters, right of the bars
 
 
 def draw_bars(
-    size: int, heights: list[int], left: int, grid: list[tuple[int, str]] | None = None
+    size: int, heights: list[int], left: int, grid: list[tuple[int, str]] | None = None,
+    colour: tuple[int, int, int] = BAR,
 ) -> Image.Image:
     """Bars of the given pixel heights standing on the x axis, letters A, B, ... centred under them.
     `grid`: (y, label) horizontal grid lines with tick labels left of the y axis."""
@@ -25,7 +28,7 @@ def draw_bars(
     draw = ImageDraw.Draw(image)
     base = size - LABEL_ROW
     for (x0, width), h in zip(_bar_columns(size, len(heights), left), heights):
-        draw.rectangle((x0, base - h, x0 + width - 1, base - 1), fill=BAR)  # covers grid lines, not the axes
+        draw.rectangle((x0, base - h, x0 + width - 1, base - 1), fill=colour)  # covers grid lines, not the axes
     return image
 
 
@@ -75,13 +78,21 @@ class Chart(Task):
     def _slots(self, p: dict[str, int]) -> list[tuple[int, int]]:
         return [(k, t) for k in range(p["min_bars"], p["max_bars"] + 1) for t in range(k)]
 
+    superlative = "tallest"
+    bar_colour = BAR
+
     def _generate(self, rng: random.Random, index: int, p: dict[str, int]) -> Item:
         slots = self._slots(p)
-        k, tallest = slots[index % len(slots)]
+        k, target = slots[index % len(slots)]
         plot = p["size"] - LABEL_ROW - TOP
-        gap, sep = max(8, plot // 10), max(4, plot // 20)  # tallest margin; separation of the others
-        top = rng.randint(round(0.7 * plot), plot)
-        candidates = range(max(4, plot // 6), top - gap + 1)
+        gap, sep = max(8, plot // 10), max(4, plot // 20)  # margin of the asked bar; separation of the others
+        low = max(4, plot // 6)
+        if self.superlative == "tallest":
+            top = rng.randint(round(0.7 * plot), plot)
+            special, candidates = top, range(low, top - gap + 1)
+        else:
+            bottom = rng.randint(low, round(0.4 * plot))
+            special, candidates = bottom, range(bottom + gap, plot + 1)
         for _ in range(1000):
             others = sorted(rng.sample(candidates, k - 1))
             if all(b - a >= sep for a, b in zip(others, others[1:])):
@@ -89,14 +100,31 @@ class Chart(Task):
         else:
             raise ValueError(f"task {self.name!r}: cannot fit {k} clearly different bars in {p['size']}px")
         rng.shuffle(others)
-        heights = others[:tallest] + [top] + others[tallest:]
+        heights = others[:target] + [special] + others[target:]
         letters = list(LETTERS[:k])
-        question = f"Which bar is the tallest? Choices: {', '.join(letters)}"
-        return draw_bars(p["size"], heights, left=6), question, letters[tallest], {"options": letters}
+        question = f"Which bar is the {self.superlative}? Choices: {', '.join(letters)}"
+        image = draw_bars(p["size"], heights, left=6, colour=self.bar_colour)
+        return image, question, letters[target], {"options": letters}
 
     def _chance(self, p: dict[str, int]) -> float:
         slots = self._slots(p)
         return sum(1.0 / k for k, _ in slots) / len(slots)
+
+
+class ChartMin(Chart):
+    """As `chart`, asking for the shortest bar (at least 10% of the plot height below the rest). The demo's
+    RL stage trains on it: SFT never shows this question, the reward does."""
+
+    name = "chart_min"
+    superlative = "shortest"
+
+
+class ChartGrey(Chart):
+    """As `chart`, with grey bars instead of blue: the same question about a picture style the demo's SFT
+    never shows. The demo's RL stage trains on it."""
+
+    name = "chart_grey"
+    bar_colour = GREY
 
 
 class ChartValue(Task):
