@@ -18,7 +18,7 @@ from vlrl.rollout import Completion, Group
 from vlrl.rollout.prefix import prompt_inputs, prompt_positions, text_positions
 from vlrl.train.batches import encode_for_generation, load_samples
 from vlrl.train.dist import DistInfo
-from vlrl.train.logprobs import build_rows, row_logprobs, rows_logprobs_nograd
+from vlrl.train.logprobs import build_rows, length_order, row_logprobs, rows_logprobs_nograd
 from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
 
 ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -136,3 +136,13 @@ def test_activation_checkpointing_falls_back_to_the_plain_layout(setup):
     batch = UpdateBatch(groups, [0, 1, 2], 3, torch.linspace(-1.0, 1.0, 9), torch.ones(9), None, None)
     out = policy_update(m, params, torch.optim.SGD(params, lr=1.0), batch, spec, 3, ONE)
     assert out["updates"] == 1.0 and out["grad_norm"] > 0
+
+
+def test_length_order_keeps_groups_together_shortest_first(setup):
+    _, _, groups = setup
+    rows = [(g, j) for g in range(3) for j in range(3)]
+    order = length_order(groups, rows)
+    assert sorted(order) == list(range(9))
+    seq = [rows[i] for i in order]
+    assert [g for g, _ in seq] == [2, 2, 2, 0, 0, 0, 1, 1, 1]  # longest completions 4, 5, 6
+    assert [groups[g].completions[j].length for g, j in seq] == [1, 4, 4, 1, 3, 5, 2, 6, 6]

@@ -12,7 +12,7 @@ At each step, for every row `SeededSampler` (placed last when used as a `LogitsP
   2. applies HF's own warpers in HF's order: temperature, top-k, top-p,
   3. records log_softmax of these processed logits at the chosen token (the *sampling log-prob*),
   4. draws the token with the exponential-race form of the Gumbel-max trick,
-     argmax_v p_v / E_v with E_v ~ Exp(1) i.i.d. (an exact draw from p; vLLM's sampler does the same),
+     argmax_v p_v / E_v with E_v = -log U_v ~ Exp(1) i.i.d. (an exact draw from p; vLLM's sampler does the same),
      with the noise from the row's own `torch.Generator`, seeded from (prompt seed, completion index),
   5. `sample` returns the chosen tokens; as a `LogitsProcessor` it returns scores that are 0 at the chosen token
      and -inf elsewhere, so `generate`'s own sampling step (softmax + multinomial on a one-hot distribution)
@@ -93,15 +93,17 @@ class SeededSampler(LogitsProcessor):
         return scores
 
     def _noise(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """-log E, E ~ Exp(1) i.i.d. `[N, V]`: row r from generator r (or all from the global RNG)."""
+        """-log E with E = -log U ~ Exp(1), U ~ Uniform[0, 1) i.i.d. `[N, V]`: row r from generator r (or all from
+        the global RNG). (`torch.rand` + log is ~5x faster on CPU than `exponential_` with a generator.)"""
         if self.seeds is None:
-            return -torch.empty(shape, device=device).exponential_().log()
-        if len(self.seeds) != shape[0]:
-            raise ValueError(f"{len(self.seeds)} row seeds for a batch of {shape[0]} rows")
-        if self._generators is None:
-            self._generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
-        rows = [torch.empty(shape[1], device=device).exponential_(generator=g) for g in self._generators]
-        return -torch.stack(rows).log()  # [N, V]
+            uniform = torch.rand(shape, device=device)
+        else:
+            if len(self.seeds) != shape[0]:
+                raise ValueError(f"{len(self.seeds)} row seeds for a batch of {shape[0]} rows")
+            if self._generators is None:
+                self._generators = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+            uniform = torch.stack([torch.rand(shape[1], device=device, generator=g) for g in self._generators])
+        return -(-uniform.log()).log()  # [N, V]; U = 0 gives -inf: that token is not drawn (probability 2^-24)
 
     def sample(self, scores: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Steps 1-4 on raw logits `[N, V]`: the chosen tokens `[N]`; their log-probs are appended to `logprobs`."""

@@ -46,8 +46,8 @@ from vlrl.rollout.types import Group
 
 Row = tuple[int, int]  # (index of the group in the caller's list, index of the completion in the group)
 
-__all__ = ["Row", "RowBatch", "build_rows", "completion_logits", "row_logprobs", "rows_logprobs_nograd",
-           "token_logprobs", "uses_activation_checkpointing"]
+__all__ = ["Row", "RowBatch", "build_rows", "completion_logits", "length_order", "row_logprobs",
+           "rows_logprobs_nograd", "token_logprobs", "uses_activation_checkpointing"]
 
 
 @dataclass
@@ -222,14 +222,28 @@ def rows_logprobs_nograd(model: Any, groups: Sequence[Group], rows: Sequence[Row
     checkpointing is off, so the shared prefix always applies)."""
     was_training = model.training
     model.eval()
-    out: list[Tensor] = []
+    micro = max(1, micro_batch_size)
+    order = length_order(groups, rows) if len(rows) > micro else list(range(len(rows)))
+    out: list[Tensor] = [torch.zeros(0)] * len(rows)
     try:
-        for k in range(0, len(rows), max(1, micro_batch_size)):
-            batch = build_rows(groups, rows[k : k + micro_batch_size], pad_id, image_id, share_vision, shared_prefix)
+        for k in range(0, len(rows), micro):
+            part = order[k : k + micro]
+            batch = build_rows(groups, [rows[i] for i in part], pad_id, image_id, share_vision, shared_prefix)
             res = row_logprobs(model, groups, batch, temperature=temperature, suppress_ids=suppress_ids,
                                device=device)
             lengths = batch.mask.sum(-1).long().tolist()
-            out += [res.logp[r, :n].float().cpu() for r, n in enumerate(lengths)]
+            for r, (i, n) in enumerate(zip(part, lengths)):
+                out[i] = res.logp[r, :n].float().cpu()
     finally:
         model.train(was_training)
     return out
+
+
+def length_order(groups: Sequence[Group], rows: Sequence[Row]) -> list[int]:
+    """A permutation of `rows` that keeps each group's rows together (its prompt is shared) and puts groups, and the
+    rows inside a group, in order of completion length, so that micro-batches cut from it pad little."""
+    length = [groups[g].completions[j].length for g, j in rows]
+    longest: dict[int, int] = {}
+    for (g, _), n in zip(rows, length):
+        longest[g] = max(longest.get(g, 0), n)
+    return sorted(range(len(rows)), key=lambda i: (longest[rows[i][0]], rows[i][0], length[i]))

@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 from vlrl.algos import add_kl_to_loss, agg_loss
 from vlrl.rollout.types import Group
 from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum
-from vlrl.train.logprobs import Row, build_rows, row_logprobs, uses_activation_checkpointing
+from vlrl.train.logprobs import Row, build_rows, length_order, row_logprobs, uses_activation_checkpointing
 
 # Policy-loss metrics averaged over micro-batches (weighted by their masked tokens) and reported.
 LOSS_METRICS = ("clip_frac/low", "clip_frac/high", "clip_frac/region", "clip_frac/dual", "approx_kl", "ratio/mean")
@@ -153,6 +153,9 @@ def policy_update(model: Any, params: list[torch.nn.Parameter], opt: torch.optim
             rows, row_ids, n_rows = minibatch_rows(batch, group_size, m, spec.num_minibatches)
             if n_rows == 0:
                 continue  # same decision on every rank: n_rows is global
+            if len(rows) > spec.micro_batch_size:  # micro-batches of similar lengths (the update does not change)
+                order = length_order(batch.groups, rows)
+                rows, row_ids = [rows[i] for i in order], [row_ids[i] for i in order]
             lengths = [batch.groups[g].completions[j].length for g, j in rows]
             local_tokens = float(sum(float(batch.row_mask[i]) * n for i, n in zip(row_ids, lengths)))
             n_tokens = float(all_reduce_sum(torch.tensor(local_tokens, dtype=torch.float64)))
