@@ -60,3 +60,10 @@ def test_bad_data_gives_file_line_field_and_no_traceback(tmp_path: Path):
     assert proc.returncode == 2
     assert f"{tmp_path / 'bad.jsonl'}:1: field 'image': image file not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_flag_before_override_is_a_switch_not_its_value():
+    from vlrl.cli import _flags_to_overrides
+
+    out = _flags_to_overrides(["--skip-invalid", "limit=5", "--model", "runs/m=1", "--data", "a", "--data", "b"])
+    assert out == ["skip_invalid=true", "model=runs/m=1", 'data=["a", "b"]', "limit=5"]

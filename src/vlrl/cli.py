@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +17,12 @@ from typing import Any
 from vlrl.config import ConfigError, load_config
 from vlrl.data.errors import DataError
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a `key=value` word: never the value of a preceding --switch
+
 
 def _flags_to_overrides(rest: list[str], list_keys: tuple[str, ...] = ()) -> list[str]:
-    """['--model', 'M', '--data', 'a', '--data', 'b', 'lr=1e-3'] -> ['model=M', 'data=[a, b]', 'lr=1e-3']."""
+    """['--model', 'M', '--data', 'a', '--data', 'b', 'lr=1e-3'] -> ['model=M', 'data=[a, b]', 'lr=1e-3'].
+    A switch followed by a `key=value` word is a flag (`--parquet limit=5` -> parquet=true, limit=5)."""
     pairs: dict[str, list[str]] = {}
     plain: list[str] = []
     i = 0
@@ -29,7 +33,7 @@ def _flags_to_overrides(rest: list[str], list_keys: tuple[str, ...] = ()) -> lis
             if "=" in key:
                 key, val = key.split("=", 1)
                 i += 1
-            elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            elif i + 1 < len(rest) and not rest[i + 1].startswith("--") and not OVERRIDE.match(rest[i + 1]):
                 val, i = rest[i + 1], i + 2
             else:
                 val, i = "true", i + 1
