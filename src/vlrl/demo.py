@@ -96,13 +96,14 @@ def rl_stage(recipe: str, model: Path, data: list[str], val: list[str], out: Pat
     return run_rl(load_config(RLConfig, RECIPES / recipe, overrides))
 
 
-def sft_more_stage(recipe: str, sft: Path, data: list[str], out: Path, seconds: float, sft_run: Path) -> Path:
-    """The equal-time control: the SFT checkpoint, its own data and recipe, a fresh warm-up + cosine schedule
-    sized to fit `seconds` at the SFT run's median step time, stopped at `seconds` whatever happens."""
-    step_s = sorted(r["step_s"] for r in read_jsonl(sft_run / "metrics.jsonl") if "step_s" in r)
-    steps = max(1, int(seconds / step_s[len(step_s) // 2])) if step_s else 1_000_000
-    return sft_stage(recipe, sft, data, out, max_steps=steps, max_seconds=round(seconds, 1), eval_every=0,
-                     warmup_steps=min(30, steps // 10))
+def sft_more_stage(recipe: str, sft: Path, data: list[str], out: Path, seconds: float) -> Path:
+    """The equal-time control: the SFT checkpoint trained further on its own data with its own recipe for
+    `seconds`, at the learning rate the SFT run ended with, held constant (as if SFT had simply run longer;
+    a fresh warm-up to the peak rate would first undo some of what SFT reached)."""
+    sft_cfg = load_config(SFTConfig, RECIPES / recipe, [f"model={sft}", f"data=[{', '.join(data)}]", f"out={out}"])
+    end_lr = sft_cfg.lr * sft_cfg.min_lr_ratio
+    return sft_stage(recipe, sft, data, out, max_steps=1_000_000, max_seconds=round(seconds, 1), eval_every=0,
+                     lr=end_lr, min_lr_ratio=1.0, warmup_steps=0)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -135,7 +136,7 @@ def evaluate_tasks(cfg: DemoConfig, model_dir: Path, test: list[str], out: Path)
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    for name, subset in (("sft_tasks", cfg.sft_tasks), ("rl_tasks", cfg.rl_tasks)):
+    for name, subset in (("sft_tasks", cfg.sft_tasks), ("rl_tasks", cfg.rl_tasks if cfg.rl else [])):
         unknown = sorted(set(subset) - set(cfg.tasks))
         if unknown:
             raise ValueError(f"{name} {unknown} are not among tasks {cfg.tasks}")
@@ -158,8 +159,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.rl:
         rl_train, rl_val = split_paths(data, cfg.rl_tasks, "train"), split_paths(data, cfg.rl_tasks, "val")
         rl = st.run("rl", rl_stage, cfg.rl_recipe, sft, rl_train, rl_val, out / "rl")
-        more = st.run("sft more", sft_more_stage, cfg.sft_recipe, sft, train, out / "sft-more", st.times["rl"],
-                      out / "sft")
+        more = st.run("sft more", sft_more_stage, cfg.sft_recipe, sft, train, out / "sft-more", st.times["rl"])
         acc["rl"] = st.run("eval rl", evaluate_tasks, cfg, rl, test, out / "eval" / "rl.json")
         acc["sft_more"] = st.run("eval sft more", evaluate_tasks, cfg, more, test, out / "eval" / "sft_more.json")
         checkpoints.update(rl=str(rl), sft_more=str(more))
