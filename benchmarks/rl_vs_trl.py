@@ -137,12 +137,14 @@ class Variant:
     name: str
     engine: str = "lean"  # lean: vlrl's decode loop; generate: transformers' generate (the earlier engine)
     shared_prefix: bool = True  # prompt once per group in training / reference forwards
+    decode_threads: int | None = None  # the hf engine's decode shards (None: one per torch thread)
 
 
 VARIANTS = [
-    Variant("before (generate, [prompt|completion] rows)", "generate", False),
-    Variant("+ lean decode loop", "lean", False),
-    Variant("+ shared prefix (= vlrl now)", "lean", True),
+    Variant("before (generate, [prompt|completion] rows)", "generate", False, 1),
+    Variant("+ lean decode loop", "lean", False, 1),
+    Variant("+ shared prefix", "lean", True, 1),
+    Variant("+ decode shards per thread (= vlrl now)", "lean", True, None),
 ]
 
 
@@ -158,6 +160,7 @@ class VlrlSide:
         self.run: RLRun = build_run(cfg, ONE, str(model_dir))
         if variant.engine == "generate":
             self.run.engine = GenerateEngine(self.run.model, self.run.processor)
+        self.run.engine.decode_threads = variant.decode_threads  # type: ignore[attr-defined]
         engine: Any = self.run.engine
         engine.suppress_ids = sorted(set(engine.suppress_ids) | set(engine.stop_ids))
         self.run.loss.suppress_ids = sorted(set(self.run.loss.suppress_ids) | set(engine.stop_ids))

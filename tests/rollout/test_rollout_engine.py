@@ -125,7 +125,11 @@ def test_seeded_sampling_is_batch_invariant(tiny, prompts):
     together = eng.generate(prompts, 4, sp, seeds=seeds)
     alone = eng.generate(prompts[2:], 4, sp, seeds=seeds[2:])
     chunked = HFEngine(model, processor, max_prompts_per_call=1).generate(prompts, 4, sp, seeds=seeds)
-    for a, b in ((together[2], alone[0]), *zip(together, chunked)):
+    threads = torch.get_num_threads()
+    sharded = HFEngine(model, processor, decode_threads=2).generate(prompts, 4, sp, seeds=seeds)  # 2 Python threads
+    assert torch.get_num_threads() == threads and torch.is_grad_enabled()  # restored; the caller's grad mode kept
+    assert not sharded[0].completions[0].logprobs.requires_grad  # the worker threads ran without autograd
+    for a, b in ((together[2], alone[0]), *zip(together, chunked), *zip(together, sharded)):
         for x, y in zip(a.completions, b.completions):
             assert torch.equal(x.token_ids, y.token_ids)
             assert torch.allclose(x.logprobs, y.logprobs, atol=1e-5)

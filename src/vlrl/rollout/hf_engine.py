@@ -10,12 +10,14 @@ Per chunk of B prompts, G completions each (`vlrl.rollout.prefix`):
      them, per-completion seeds, the sampling log-probs recorded) -- no `generate` machinery per token. The loop
      stops when every row has produced a stop token or `max_new_tokens` are out; rows that have stopped drop out
      of the batch once a quarter of the rows have (their cache rows are compacted away).
+On CPU with several threads, seeded prompts are decoded in shards by concurrent Python threads (`decode_threads`).
 A model's `generation_config.json` has no say in the distribution RL samples from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -48,17 +50,24 @@ class HFEngine:
 
     max_prompts_per_call: prompts per prefill + decode loop (0 = all at once); bounds the KV-cache memory to
         max_prompts_per_call * G rows.
+    decode_threads: on CPU, seeded prompts are split into this many shards decoded concurrently by Python threads,
+        each with one intra-op thread (torch's thread count is set to 1 for the rollout and restored). None: torch's
+        intra-op thread count. A decode step is many small ops: as one OpenMP team each op is a fork / join, which
+        costs a scheduler time slice per op whenever another process holds a core; independent shards never wait
+        for each other. The completions do not change (per-completion seeds; tested), only the batch shapes.
+        Unseeded sampling (the global RNG) and GPUs decode in one shard.
     """
 
     name = "hf"
 
     def __init__(self, model: Any, processor: Any, *, device: torch.device | str | None = None,
-                 max_prompts_per_call: int = 0) -> None:
+                 max_prompts_per_call: int = 0, decode_threads: int | None = None) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_prompts_per_call = max_prompts_per_call
+        self.decode_threads = decode_threads
         self.suppress_ids = vision_token_ids(self.tokenizer)
         self.stop_ids = stop_token_ids(model, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id)
@@ -69,7 +78,12 @@ class HFEngine:
         step is already visible. (Passing another module makes the engine sample from that one.)"""
         self.model = model
 
-    @torch.no_grad()
+    def _workers(self, n_prompts: int, seeded: bool) -> int:
+        if self.device.type != "cpu" or not seeded:
+            return 1
+        wanted = self.decode_threads if self.decode_threads is not None else torch.get_num_threads()
+        return max(1, min(wanted, n_prompts))
+
     def generate(
         self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None
     ) -> list[Group]:
@@ -80,17 +94,27 @@ class HFEngine:
         if not prompts:
             return []
         encoded = encode_for_generation(self.processor, prompts)
+        workers = self._workers(len(prompts), seeds is not None)
         chunk = self.max_prompts_per_call if self.max_prompts_per_call > 0 else len(prompts)
-        was_training = self.model.training
+        chunk = min(chunk, -(-len(prompts) // workers))
+        parts = [(k, k + chunk) for k in range(0, len(prompts), chunk)]
+
+        @torch.no_grad()
+        def run(lo: int, hi: int) -> list[Group]:  # grad mode is per thread
+            part = None if seeds is None else list(seeds[lo:hi])
+            return self._generate_chunk(prompts[lo:hi], encoded[lo:hi], n, sampling, part)
+
+        was_training, threads = self.model.training, torch.get_num_threads()
         self.model.eval()
-        groups: list[Group] = []
         try:
-            for k in range(0, len(prompts), chunk):
-                part = None if seeds is None else list(seeds[k : k + chunk])
-                groups += self._generate_chunk(prompts[k : k + chunk], encoded[k : k + chunk], n, sampling, part)
+            if workers == 1:
+                return [g for lo, hi in parts for g in run(lo, hi)]
+            torch.set_num_threads(1)
+            with ThreadPoolExecutor(workers) as pool:
+                return [g for groups in pool.map(lambda p: run(*p), parts) for g in groups]
         finally:
+            torch.set_num_threads(threads)
             self.model.train(was_training)
-        return groups
 
     def _generate_chunk(self, prompts: Sequence[Sample], encoded: Sequence[Encoded], n: int,
                         sampling: SamplingParams, seeds: list[int] | None) -> list[Group]:
