@@ -36,12 +36,12 @@ class DemoConfig:
     out: str = "runs/demo"
     arch: str = "qwen2-vl"
     size: str = "tiny"
-    tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "chart_min"])  # generated and evaluated
+    tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "chart_grey"])  # generated and evaluated
     sft_tasks: list[str] = field(default_factory=lambda: ["counting", "chart"])  # trained by SFT (a subset)
-    rl_tasks: list[str] = field(default_factory=lambda: ["chart", "chart_min"])  # trained by RL (a subset)
-    n_train: int = 4000
-    n_train_by_task: dict[str, int] = field(default_factory=dict)  # overrides n_train per task (the SFT mix)
-    n_val: int = 200
+    rl_tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "chart_grey"])  # trained by RL (a subset)
+    n_train: int = 2000
+    n_train_by_task: dict[str, int] = field(default_factory=lambda: {"counting": 4000})  # overrides n_train per task
+    n_val: int = 300
     n_test: int = 1000
     seed: int = 0
     align_recipe: str = "tiny-align.yaml"
@@ -49,8 +49,8 @@ class DemoConfig:
     rl_recipe: str = "tiny-grpo.yaml"
     rl: bool = True  # false: stop after SFT (no RL, no sft_more)
     eval_batch_size: int = 128
-    max_new_tokens: int = 24
-    threads: int = 0
+    max_new_tokens: int = 8
+    threads: int = 1  # 0: torch's default
 
 
 class Stages:

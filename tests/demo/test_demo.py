@@ -1,0 +1,44 @@
+"""`make demo`'s pipeline on a few items and steps: every stage runs and the summary has every figure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from vlrl.demo import RECIPES, DemoConfig, run_demo
+
+
+def _short(recipe: str, tmp: Path, **over: object) -> str:
+    cfg = yaml.safe_load((RECIPES / recipe).read_text())
+    cfg.update(over)
+    path = tmp / recipe
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)  # absolute: RECIPES / path is path
+
+
+def test_demo_pipeline_writes_every_figure(tmp_path: Path) -> None:
+    cfg = DemoConfig(
+        out=str(tmp_path / "demo"), n_train=16, n_train_by_task={}, n_val=4, n_test=6, threads=1,
+        align_recipe=_short("tiny-align.yaml", tmp_path, max_steps=2),
+        sft_recipe=_short("tiny-sft.yaml", tmp_path, max_steps=3, eval_every=3, batch_size=4, micro_batch_size=4),
+        rl_recipe=_short("tiny-grpo.yaml", tmp_path, max_steps=2, batch_size=2, group_size=2, eval_every=0))
+    summary = run_demo(cfg)
+    assert summary == json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["tasks"]) == {"counting", "chart", "chart_grey"}
+    for task, row in summary["tasks"].items():
+        assert row["n"] == 6 and {"base", "sft", "rl", "sft_more"} <= set(row)
+        assert row["sft_trained"] == (task in cfg.sft_tasks) and row["rl_trained"] == (task in cfg.rl_tasks)
+    assert len(summary["sft_val_accuracy"]) == 1 and summary["rl_reward"]["steps"] == 2
+    assert set(summary["rl_trained_mean"]) == {"sft", "sft_more", "rl"}
+    for stage in ("rl", "sft more", "eval rl", "eval sft more"):
+        assert summary["stage_seconds"][stage] >= 0
+    assert Path(summary["checkpoints"]["rl"]).name == "step-2"
+    assert Path(summary["checkpoints"]["sft_more"]).is_dir()
+
+
+def test_demo_yaml_matches_the_config_defaults() -> None:
+    from vlrl.config import load_config
+
+    assert load_config(DemoConfig, RECIPES / "demo.yaml", []) == DemoConfig()
