@@ -1,6 +1,9 @@
 """One RL step of vlrl against one of TRL's `GRPOTrainer`, side by side on this machine (not a test).
 
-    .venv/bin/python benchmarks/rl_vs_trl.py --out benchmarks/results/rl_vs_trl.json
+    .venv/bin/python benchmarks/rl_vs_trl.py --threads 2 1 --ablation --out benchmarks/results/rl_vs_trl.json
+
+(defaults: sizes tiny small, beta 0 and 0.04, B = 4, G = 8, 32 new tokens, 1 warm-up + 5 timed steps per side,
+2 memory steps per child; `--threads 2 1` repeats everything at 2 and at 1 torch thread.)
 
 Both trainers get the same random Qwen2-VL (`tiny` and/or `small`, built by `vlrl.models.build.init_model`
 with seed 0), the same synthetic counting prompts (one 112x112 image = 16 vision tokens, 49 prompt tokens),
@@ -11,7 +14,8 @@ has exactly that length), temperature 1, mu = 1, fp32, the same weighted reward 
 TRL is configured as fast as its documentation allows on a CPU: `use_cpu=True`, `bf16=False`,
 `gradient_checkpointing=False`, the whole generation batch in one forward (`per_device_train_batch_size =
 B*G`), no logging / saving / completion logging, `cache_implementation` from `--trl-cache` (HF's dynamic
-cache by default), vision and EOS tokens suppressed through `generation_kwargs["suppress_tokens"]`. TRL has no
+cache by default; "static" measured no faster here), no `torch_compile` (on neither side), vision and EOS
+tokens suppressed through `generation_kwargs["suppress_tokens"]`. TRL has no
 torchvision-free processor, so it gets transformers' own `Qwen2VLProcessor` class built without a video
 processor (`ImageQwen2VLProcessor` below), over the same PIL image processor vlrl uses.
 
@@ -24,6 +28,9 @@ each are dropped; the medians of the rest are reported, and their ratio.
 Peak memory (one child process per trainer and config, `--child`): the child builds one trainer, runs
 `--mem-steps` steps and reports its peak resident set (`VmHWM`: interpreter, imports, policy, reference model,
 optimizer state, activations, allocator slack) and its resident set just before the first step.
+
+Ablation (`--ablation`): vlrl alone in the `VARIANTS` configurations (vlrl before this work, then each change
+added), stepped round-robin in one process, so the effect of each change is measured under the same noise.
 
 FLOP floor: the FLOPs a step cannot avoid, counted with `torch.utils.flop_counter.FlopCounterMode` on the
 model itself -- each prompt (and its image) once per group, each completion token once, in generation, the
@@ -283,8 +290,9 @@ class TRLSide:
 # --------------------------------------------------------------------------------------------- FLOPs
 
 
-def matmul_gflops(threads: int, n: int = 1024, reps: int = 20) -> float:
-    """Best-of fp32 `torch.mm` rate (GFLOP/s) at `threads` threads."""
+def matmul_gflops(threads: int, n: int = 1024, reps: int = 60) -> float:
+    """Best-of fp32 `torch.mm` rate (GFLOP/s) at `threads` threads (measured before and after each config, the
+    higher kept: a busy moment of the shared machine must not lower the floor)."""
     torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
     best = float("inf")
@@ -337,6 +345,7 @@ class Result:
     flops: float = 0.0
     gflops: float = 0.0
     memory: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> peak_rss_mb, rss_before_mb
+    loadavg: tuple[float, float] = (float("nan"), float("nan"))  # 1-minute load average before / after the run
 
     def summary(self, samples_per_step: int) -> dict[str, Any]:
         v, t = statistics.median(self.vlrl_times), statistics.median(self.trl_times)
@@ -349,6 +358,7 @@ class Result:
                 "vlrl_stage_s": {k: round(x, 4) for k, x in self.vlrl_stages.items()},
                 "step_gflop": round(self.flops / 1e9, 2), "matmul_gflops": round(self.gflops, 1),
                 "flop_floor_s": round(self.flops / (self.gflops * 1e9), 4), **mem,
+                "loadavg_before_after": [round(x, 2) for x in self.loadavg],
                 "vlrl_step_times": [round(x, 4) for x in self.vlrl_times],
                 "trl_step_times": [round(x, 4) for x in self.trl_times]}
 
@@ -460,7 +470,6 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="rl_vs_trl_") as tmp:
         for threads in args.threads:
             s = Settings(threads=threads, micro_batch=args.micro_batch, trl_cache=args.trl_cache)
-            gflops = matmul_gflops(threads)
             for size in args.sizes:
                 for beta in args.betas:
                     if args.ablation:
@@ -468,8 +477,11 @@ def main(argv: list[str] | None = None) -> None:
                         print(json.dumps(abl[-len(VARIANTS):]), flush=True)
                     if args.no_trl:
                         continue
+                    gflops, load = matmul_gflops(threads), os.getloadavg()[0]
                     res = alternate(size, models[size], data, beta, s, args.steps, args.warmup, Path(tmp))
-                    res.flops, res.gflops = step_flops(models[size], data, beta, s), gflops
+                    res.flops = step_flops(models[size], data, beta, s)
+                    res.gflops = max(gflops, matmul_gflops(threads))
+                    res.loadavg = (load, os.getloadavg()[0])
                     if args.mem_steps > 0:
                         res.memory = {side: measure_memory(args, s, side, size, beta) for side in ("vlrl", "trl")}
                     rows.append(res.summary(s.batch * s.group))
