@@ -91,8 +91,11 @@ def sft_stage(recipe: str, model: Path, data: list[str], out: Path, **over: Any)
     return run_sft(cfg)
 
 
-def rl_stage(recipe: str, model: Path, data: list[str], val: list[str], out: Path) -> Path:
-    overrides = [f"model={model}", f"data=[{', '.join(data)}]", f"val_data=[{', '.join(val)}]", f"out={out}"]
+def rl_stage(recipe: str, model: Path, data: list[str], val: list[str], sft_data: list[str], out: Path) -> Path:
+    """RL from the SFT checkpoint; `sft_data` (SFT's own training data) is what the recipe's demonstration
+    replay (`sft_coef`) draws from."""
+    overrides = [f"model={model}", f"data=[{', '.join(data)}]", f"val_data=[{', '.join(val)}]", f"out={out}",
+                 f"sft_data=[{', '.join(sft_data)}]"]
     return run_rl(load_config(RLConfig, RECIPES / recipe, overrides))
 
 
@@ -158,7 +161,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     extra: dict[str, Any] = {"sft_val_accuracy": val_history(out / "sft")}
     if cfg.rl:
         rl_train, rl_val = split_paths(data, cfg.rl_tasks, "train"), split_paths(data, cfg.rl_tasks, "val")
-        rl = st.run("rl", rl_stage, cfg.rl_recipe, sft, rl_train, rl_val, out / "rl")
+        rl = st.run("rl", rl_stage, cfg.rl_recipe, sft, rl_train, rl_val, train, out / "rl")
         more = st.run("sft more", sft_more_stage, cfg.sft_recipe, sft, train, out / "sft-more", st.times["rl"])
         acc["rl"] = st.run("eval rl", evaluate_tasks, cfg, rl, test, out / "eval" / "rl.json")
         acc["sft_more"] = st.run("eval sft more", evaluate_tasks, cfg, more, test, out / "eval" / "sft_more.json")

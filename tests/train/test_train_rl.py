@@ -54,6 +54,7 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def _overrides(model: Path, data: Path, out: Path, steps: int, **kw: object) -> list[str]:
     base = {"model": model, "data": f"[{data / 'counting' / 'train.jsonl'}]", "val_data": "[]", "out": out,
+            "sft_data": f"[{data / 'counting' / 'train.jsonl'}]",
             "max_steps": steps, "batch_size": 2, "group_size": 4, "max_new_tokens": 8, "save_every": 100}
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
@@ -100,7 +101,8 @@ def _rl_args(recipe: str, model: Path, data: Path, out: Path, steps: int, **kw: 
 
 def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path):
     # beta > 0 (reference model), dynamic sampling and two minibatches: every cross-rank path at once
-    kw = dict(batch_size=4, dynamic_sampling="true", num_minibatches=2, log_samples=8)
+    # and demonstration replay (its batch split across ranks like the RL rows)
+    kw = dict(batch_size=4, dynamic_sampling="true", num_minibatches=2, log_samples=8, sft_coef=0.5, sft_batch_size=6)
     one = _cli(_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "one", 2, **kw))
     out = one.communicate(timeout=600)[0]
     assert one.returncode == 0, out
@@ -114,7 +116,7 @@ def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path):
     for a, b in zip(m1, m2):
         for key in ("reward/mean", "reward/std", "dynamic/prompts", "completion/len_mean", "adv/std"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
-        for key in ("loss", "kl", "entropy", "grad_norm"):
+        for key in ("loss", "kl", "entropy", "grad_norm", "sft_replay/loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
     s1, s2 = read_metrics(tmp_path / "one" / "samples.jsonl"), read_metrics(tmp_path / "two" / "samples.jsonl")
     assert [s["completion"] for s in s1] == [s["completion"] for s in s2]  # same prompts, same completions
@@ -164,3 +166,38 @@ def test_kl_in_reward_frozen_vision_eval_and_time_budget(sft_model, synth_dir, t
     assert all(isinstance(m["kl"], float) for m in metrics) and "val_accuracy" in metrics[-1]
     budget = _overrides(sft_model, synth_dir, tmp_path / "budget", 50, threads=one_thread, max_seconds=0.01)
     assert run_rl(load_config(RLConfig, RECIPES / "tiny-drgrpo.yaml", budget)).name == "step-1"
+
+
+def test_sft_replay_adds_the_scaled_sft_gradient_of_its_step_batch(sft_model, synth_dir, tmp_path, one_thread):
+    """PPO-ptx: the replay term is sft_coef x the SFT loss of `global_batch(step)` of sft_data, its gradient
+    added to the RL gradient of the step's first update."""
+    from vlrl.train.batches import global_batch
+    from vlrl.train.dist import init_distributed
+    from vlrl.train.rl import build_run, replay_backward
+    from vlrl.train.sft import sft_backward
+
+    data = synth_dir / "chart" / "train.jsonl"
+    over = _overrides(sft_model, synth_dir, tmp_path / "run", 3, threads=one_thread, sft_data=f"[{data}]",
+                      sft_coef=0.25, sft_batch_size=5)
+    cfg = load_config(RLConfig, RECIPES / "tiny-grpo.yaml", over)
+    info = init_distributed()
+    run = build_run(cfg, info, str(sft_model))
+    assert run.replay is not None and len(run.replay) == 48
+    m = replay_backward(run, 7)
+    scaled = [p.grad.clone() for p in run.params]
+    run.opt.zero_grad(set_to_none=True)
+    idx = global_batch(7, 5, 48, cfg.seed)
+    assert idx != global_batch(6, 5, 48, cfg.seed)
+    plain = sft_backward(run.model, run.processor, run.replay, idx, "sample", 64, info)
+    assert m["sft_replay/loss"] == pytest.approx(plain["loss"], rel=1e-6) and plain["loss"] > 0
+    for g, p in zip(scaled, run.params):
+        torch.testing.assert_close(g, 0.25 * p.grad, rtol=1e-5, atol=1e-8)
+
+    final = run_rl(cfg)  # and in a run: logged every step, and the weights differ from a run without replay
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(metrics) == 3 and all(m["sft_replay/loss"] > 0 for m in metrics)
+    no_replay = _overrides(sft_model, synth_dir, tmp_path / "plain", 3, threads=one_thread, sft_coef=0)
+    plain_run = run_rl(load_config(RLConfig, RECIPES / "tiny-grpo.yaml", no_replay))
+    a, b = _weights(final), _weights(plain_run)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert "sft_replay/loss" not in read_metrics(tmp_path / "plain" / "metrics.jsonl")[0]

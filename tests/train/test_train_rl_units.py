@@ -188,3 +188,9 @@ def test_check_config_rejects_bad_names_and_options(tmp_path):
         check_config(RLConfig(**base, group_size=0))
     with pytest.raises(KeyError, match="valid: accuracy"):
         RLConfig(**base, rewards=[RewardSpec("acuracy")])
+    with pytest.raises(ValueError, match="sft_coef > 0 needs sft_data"):
+        check_config(RLConfig(**base, sft_coef=0.1))
+    with pytest.raises(ValueError, match="sft_coef must be >= 0"):
+        check_config(RLConfig(**base, sft_coef=-1.0, sft_data=["d"]))
+    with pytest.raises(ValueError, match="sft_loss_agg 'mean'; valid: token, sample"):
+        check_config(RLConfig(**base, sft_coef=0.1, sft_data=["d"], sft_loss_agg="mean"))

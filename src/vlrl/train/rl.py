@@ -10,7 +10,8 @@ One step is one short loop, each stage timed (`time/<stage>` in metrics.jsonl):
     ref_logp   frozen reference model's log-probs (only when beta > 0)
     old_logp   the sampling policy's log-probs (only when needed: several epochs / minibatches, KL in reward)
     advantage  `ADVANTAGES[cfg.advantage]` over the global batch
-    update     ppo_epochs x num_minibatches optimizer steps of `POLICY_LOSSES[cfg.loss]` (+ beta * KL),
+    update     (sft_coef > 0: first the backward of sft_coef x the SFT loss of a batch of sft_data, PPO-ptx)
+               ppo_epochs x num_minibatches optimizer steps of `POLICY_LOSSES[cfg.loss]` (+ beta * KL),
                reduced by `agg_loss(cfg.agg_mode)`, gradients summed over ranks, clipped
     log        metrics.jsonl (every `log_every` steps), samples.jsonl (some rollouts and their rewards)
 
@@ -29,7 +30,8 @@ metrics.jsonl, one line per logged step (all values global over ranks):
   frac_zero_std_groups         over every group sampled this step (before dynamic sampling drops any)
   dynamic/tries, dynamic/prompts, dynamic/kept_groups, dynamic/fallback (1: no group had signal)
   completion/len_mean, completion/len_max, completion/truncated_frac   (tokens, stop token included)
-  loss (mean over the step's optimizer updates), grad_norm (mean, before clipping), updates
+  sft_replay/loss              SFT loss of the step's replayed demonstrations (sft_coef > 0; before scaling)
+  loss (mean over the step's optimizer updates; without the replay term), grad_norm (mean, before clipping), updates
   entropy (token mean, first epoch), kl (beta > 0), approx_kl, clip_frac/{low,high,region,dual}, ratio/mean
   rollout/logp_diff            mean |old log-prob - engine's sampling log-prob| per token: ~1e-6 when top-k /
                                top-p are off (a train / inference mismatch check); larger by design when on
@@ -67,13 +69,14 @@ from vlrl.rewards.runner import RewardRunner
 from vlrl.rollout.base import RolloutEngine, make_engine
 from vlrl.rollout.types import SamplingParams
 from vlrl.train import checkpoint as ckpt
-from vlrl.train.batches import load_samples
+from vlrl.train.batches import global_batch, load_samples
 from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
 from vlrl.train.logging import MetricsLogger
 from vlrl.train.logprobs import rows_logprobs_nograd
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
 from vlrl.train.rl_rollout import RolloutSpec, StepRollouts, all_reduce_max, collect, gather_rows
 from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
+from vlrl.train.sft import LOSS_AGGS, sft_backward
 from vlrl.train.trust import TrustConfig, TrustStage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,6 +140,13 @@ class RLConfig:
     max_grad_norm: float = 1.0
     freeze_vision: bool = False
     freeze_merger: bool = False
+    # demonstration replay (InstructGPT's PPO-ptx, Ouyang et al. 2022): each step also backpropagates
+    # sft_coef x the SFT loss of sft_batch_size samples of sft_data, so RL does not erase what SFT taught on
+    # prompts it does not sample; 0 = off
+    sft_data: list[str] = field(default_factory=list)
+    sft_coef: float = 0.0
+    sft_batch_size: int = 16  # global, per step
+    sft_loss_agg: str = "sample"  # as SFTConfig.loss_agg
     # bookkeeping
     seed: int = 0
     save_every: int = 50
@@ -175,6 +185,12 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not cfg.rewards:
         raise ValueError("rewards: name at least one reward")
+    if cfg.sft_coef < 0:
+        raise ValueError(f"sft_coef must be >= 0, got {cfg.sft_coef}")
+    if cfg.sft_coef > 0 and not cfg.sft_data:
+        raise ValueError("sft_coef > 0 needs sft_data (the demonstrations to replay)")
+    if cfg.sft_loss_agg not in LOSS_AGGS:
+        raise ValueError(f"sft_loss_agg {cfg.sft_loss_agg!r}; valid: {', '.join(LOSS_AGGS)}")
     if len(cfg.adam_betas) != 2:
         raise ValueError(f"adam_betas must be [beta1, beta2], got {cfg.adam_betas}")
     if cfg.temperature <= 0:
@@ -209,6 +225,7 @@ class RLRun:
     rollout: RolloutSpec
     loss: LossSpec
     trust: TrustStage | None = None  # Trust-GRPO's judge stage (trust.enabled)
+    replay: list | None = None  # demonstrations replayed with sft_coef (None: off)
 
 
 def _timed(metrics: dict[str, float], key: str, t0: float) -> None:
@@ -316,12 +333,25 @@ def rl_step(run: RLRun, step: int, position: int) -> tuple[dict[str, float], lis
     batch = prepare_update(run, roll, metrics)
     t = time.perf_counter()
     metrics["lr"] = run.sched.get_last_lr()[0]  # the rate this step's updates use
+    if run.replay is not None:  # its gradient joins the step's first optimizer update
+        metrics.update(replay_backward(run, step))
     metrics.update(policy_update(run.model, run.params, run.opt, batch, run.loss, run.cfg.group_size, run.info))
     run.sched.step()
     run.engine.sync_weights(run.model)
     _timed(metrics, "time/update", t)
     metrics["time/step"] = time.perf_counter() - t_step
     return metrics, sample_records(step + 1, roll, batch, run.cfg.log_samples), position
+
+
+def replay_backward(run: RLRun, step: int) -> dict[str, float]:
+    """Backward of sft_coef x the SFT loss of demonstration batch `step` (the same indices on any world size
+    and after a resume: `global_batch` depends on the step only); gradients are reduced with the RL loss's."""
+    assert run.replay is not None
+    cfg = run.cfg
+    indices = global_batch(step, cfg.sft_batch_size, len(run.replay), cfg.seed)
+    stats = sft_backward(run.model, run.processor, run.replay, indices, cfg.sft_loss_agg, cfg.micro_batch_size,
+                         run.info, scale=cfg.sft_coef)
+    return {"sft_replay/loss": stats["loss"]}
 
 
 def _resume(cfg: RLConfig, run_dir: Path) -> tuple[str, dict[str, Any] | None]:
@@ -363,8 +393,12 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
                     cfg.max_grad_norm, int(tok.pad_token_id), image_token_id(processor), cfg.share_vision,
                     cfg.shared_prefix)
     trust = TrustStage(cfg.trust, cfg.group_size) if cfg.trust.enabled else None
+    replay = None
+    if cfg.sft_coef > 0:
+        replay = load_samples(cfg.sft_data, registry=cfg.registry, template=cfg.template,
+                              skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)
     ref = _load_ref(cfg, info)
-    return RLRun(cfg, info, model, ref, processor, engine, params, opt, sched, samples, rollout, loss, trust)
+    return RLRun(cfg, info, model, ref, processor, engine, params, opt, sched, samples, rollout, loss, trust, replay)
 
 
 def run_rl(cfg: RLConfig) -> Path:

@@ -86,26 +86,35 @@ def _resume(cfg: SFTConfig, run: Path) -> tuple[str, dict[str, Any] | None]:
     return str(last), ckpt.load_state(last)
 
 
-def train_step(model: Any, processor: Any, samples: list, indices: list[int], cfg: SFTConfig, info: DistInfo,
-               params: list[torch.nn.Parameter]) -> dict[str, float]:
-    """Forward/backward over this rank's share of one global batch; gradients summed across ranks."""
+def sft_backward(model: Any, processor: Any, samples: list, indices: list[int], loss_agg: str, micro_batch_size: int,
+                 info: DistInfo, scale: float = 1.0) -> dict[str, float]:
+    """Backward of `scale` x the SFT loss of this rank's share of one global batch (`indices`), gradients
+    accumulated into `.grad` and not yet reduced across ranks. Returns the global loss (unscaled) and target
+    tokens. Used by SFT's step and by RL's demonstration replay (`RLConfig.sft_coef`)."""
     mine = [samples[i] for i in shard(indices, info.rank, info.world_size)]
     encoded = encode_for_sft(processor, mine)
     n_tokens = sum(int((e.labels != IGNORE_INDEX).sum()) for e in encoded if e.labels is not None)
-    n_local = n_tokens if cfg.loss_agg == "token" else len(encoded)
+    n_local = n_tokens if loss_agg == "token" else len(encoded)
     n_global = int(all_reduce_sum(torch.tensor(n_local, dtype=torch.long)).item())
     pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
     loss_sum = 0.0
-    for k in range(0, len(encoded), cfg.micro_batch_size):
-        batch = collate(encoded[k : k + cfg.micro_batch_size], pad, img, padding_side="right")
+    for k in range(0, len(encoded), micro_batch_size):
+        batch = collate(encoded[k : k + micro_batch_size], pad, img, padding_side="right")
         batch = {n: t.to(info.device) for n, t in batch.items()}
-        loss, value = _micro_loss(model, batch, cfg.loss_agg, max(1, n_global))
-        loss.backward()
+        loss, value = _micro_loss(model, batch, loss_agg, max(1, n_global))
+        (loss * scale).backward()  # x 1.0 is exact: SFT's own update is unchanged
         loss_sum += value
-    all_reduce_grads(params)
     total = all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64)).item()
     n_tok_global = all_reduce_sum(torch.tensor(n_tokens, dtype=torch.long)).item()
     return {"loss": total, "target_tokens": float(n_tok_global)}
+
+
+def train_step(model: Any, processor: Any, samples: list, indices: list[int], cfg: SFTConfig, info: DistInfo,
+               params: list[torch.nn.Parameter]) -> dict[str, float]:
+    """Forward/backward over this rank's share of one global batch; gradients summed across ranks."""
+    stats = sft_backward(model, processor, samples, indices, cfg.loss_agg, cfg.micro_batch_size, info)
+    all_reduce_grads(params)
+    return stats
 
 
 def run_sft(cfg: SFTConfig) -> Path:
