@@ -65,6 +65,7 @@ from vlrl.rollout.hf_engine import HFEngine
 from vlrl.rollout.sampler import SeededSampler
 from vlrl.train.batches import load_samples
 from vlrl.train.dist import DistInfo
+from vlrl.train.optim import make_scheduler
 from vlrl.train.rl import RLConfig, RLRun, build_run, rl_step
 
 REWARDS = [RewardSpec("accuracy"), RewardSpec("repetition", weight=0.1)]
@@ -144,14 +145,16 @@ class Variant:
     name: str
     engine: str = "lean"  # lean: vlrl's decode loop; generate: transformers' generate (the earlier engine)
     shared_prefix: bool = True  # prompt once per group in training / reference forwards
-    decode_threads: int | None = None  # the hf engine's decode shards (None: one per torch thread)
+    decode_threads: int | None = 1  # the hf engine's decode shards (None: one per torch thread)
+    fused_adam: bool = True  # the fused AdamW kernel (False: torch's per-tensor loop, vlrl's earlier optimizer)
 
 
 VARIANTS = [
-    Variant("before (generate, [prompt|completion] rows)", "generate", False, 1),
-    Variant("+ lean decode loop", "lean", False, 1),
-    Variant("+ shared prefix", "lean", True, 1),
-    Variant("+ decode shards per thread (= vlrl now)", "lean", True, None),
+    Variant("before (generate, [prompt|completion] rows)", "generate", False, 1, False),
+    Variant("+ lean decode loop", "lean", False, 1, False),
+    Variant("+ shared prefix", "lean", True, 1, False),
+    Variant("+ fused AdamW (= vlrl now)", "lean", True, 1, True),
+    Variant("vlrl now with decode shards per thread (decode_threads=2)", "lean", True, None, True),
 ]
 
 
@@ -168,6 +171,12 @@ class VlrlSide:
         if variant.engine == "generate":
             self.run.engine = GenerateEngine(self.run.model, self.run.processor)
         self.run.engine.decode_threads = variant.decode_threads  # type: ignore[attr-defined]
+        if not variant.fused_adam:
+            params = self.run.params
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in self.run.opt.param_groups]
+            self.run.opt = torch.optim.AdamW(groups, lr=s.lr, betas=tuple(cfg.adam_betas), fused=False)
+            self.run.sched = make_scheduler(self.run.opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            assert sum(len(g["params"]) for g in self.run.opt.param_groups) == len(params)
         engine: Any = self.run.engine
         engine.suppress_ids = sorted(set(engine.suppress_ids) | set(engine.stop_ids))
         self.run.loss.suppress_ids = sorted(set(self.run.loss.suppress_ids) | set(engine.stop_ids))

@@ -50,7 +50,7 @@ class DemoConfig:
     rl: bool = True  # false: stop after SFT (no RL, no sft_more)
     eval_batch_size: int = 128
     max_new_tokens: int = 8
-    threads: int = 1  # 0: torch's default
+    threads: int = 0  # 0: torch's default (all cores); 1 when other jobs share the cores
 
 
 class Stages:

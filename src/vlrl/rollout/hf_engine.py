@@ -10,7 +10,7 @@ Per chunk of B prompts, G completions each (`vlrl.rollout.prefix`):
      them, per-completion seeds, the sampling log-probs recorded) -- no `generate` machinery per token. The loop
      stops when every row has produced a stop token or `max_new_tokens` are out; rows that have stopped drop out
      of the batch once a quarter of the rows have (their cache rows are compacted away).
-On CPU with several threads, seeded prompts are decoded in shards by concurrent Python threads (`decode_threads`).
+On CPU, seeded prompts can be decoded in shards by concurrent Python threads (`decode_threads` > 1).
 A model's `generation_config.json` has no say in the distribution RL samples from.
 """
 
@@ -51,17 +51,19 @@ class HFEngine:
     max_prompts_per_call: prompts per prefill + decode loop (0 = all at once); bounds the KV-cache memory to
         max_prompts_per_call * G rows.
     decode_threads: on CPU, seeded prompts are split into this many shards decoded concurrently by Python threads,
-        each with one intra-op thread (torch's thread count is set to 1 for the rollout and restored). None: torch's
-        intra-op thread count. A decode step is many small ops: as one OpenMP team each op is a fork / join, which
-        costs a scheduler time slice per op whenever another process holds a core; independent shards never wait
-        for each other. The completions do not change (per-completion seeds; tested), only the batch shapes.
-        Unseeded sampling (the global RNG) and GPUs decode in one shard.
+        each with one intra-op thread (torch's thread count is set to 1 for the rollout and restored); 1 (default):
+        one batch on all of torch's intra-op threads; None: one shard per intra-op thread. A decode step is many
+        small ops; as one OpenMP team each op is a fork / join. On an idle machine one team is faster (measured
+        on the small model, 2 threads: rollout 1.29 s vs 1.43 s with 2 shards, benchmarks/README.md); when other
+        processes hold the cores each fork / join waits for a time slice and independent shards win (measured
+        6 s vs 0.4 s on the tiny model). The completions do not change (per-completion seeds; tested), only the
+        batch shapes. Unseeded sampling (the global RNG) and GPUs decode in one shard.
     """
 
     name = "hf"
 
     def __init__(self, model: Any, processor: Any, *, device: torch.device | str | None = None,
-                 max_prompts_per_call: int = 0, decode_threads: int | None = None) -> None:
+                 max_prompts_per_call: int = 0, decode_threads: int | None = 1) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer

@@ -108,6 +108,7 @@ class RLConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_prompts_per_call: int = 0  # prompts per generate call on a rank (0: all)
+    decode_threads: int = 1  # hf engine on CPU: decode shards in Python threads (>1 helps on a busy machine)
     reward_workers: int = 0  # reward worker processes (0: in-process)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     dynamic_max_tries: int = 4  # draws per step at most (the first included)
@@ -180,7 +181,7 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
     for name in ("batch_size", "group_size", "max_new_tokens", "ppo_epochs", "num_minibatches", "micro_batch_size",
-                 "dynamic_max_tries"):
+                 "dynamic_max_tries", "decode_threads"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if not cfg.rewards:
@@ -379,8 +380,10 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     params = set_trainable(model, "full", freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
     opt = make_optimizer(params, cfg.lr, cfg.weight_decay, betas=(cfg.adam_betas[0], cfg.adam_betas[1]))
     sched = make_scheduler(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    engine = make_engine(cfg.rollout_engine, model, processor, device=info.device,
-                         max_prompts_per_call=cfg.max_prompts_per_call)
+    engine_kw: dict[str, Any] = {"max_prompts_per_call": cfg.max_prompts_per_call}
+    if cfg.rollout_engine == "hf":
+        engine_kw["decode_threads"] = cfg.decode_threads
+    engine = make_engine(cfg.rollout_engine, model, processor, device=info.device, **engine_kw)
     samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template, skip_invalid=cfg.skip_invalid,
                            system_prompt=cfg.system_prompt)
     runner = RewardRunner(workers=cfg.reward_workers) if cfg.reward_workers > 0 else None
