@@ -9,7 +9,8 @@ Both trainers get the same random Qwen2-VL (`tiny` and/or `small`, built by `vlr
 with seed 0), the same synthetic counting prompts (one 112x112 image = 16 vision tokens, 49 prompt tokens),
 B prompts x G completions, `max_new_tokens` new tokens with EOS suppressed on both sides (every completion
 has exactly that length), temperature 1, mu = 1, fp32, the same weighted reward (vlrl's `accuracy` + 0.1 x
-`repetition`, called through the same code), AdamW at lr 1e-6, grad-norm clip 1.0, beta = 0 and 0.04.
+`repetition`, called through the same code), fused AdamW at lr 1e-6 (TRL's default `adamw_torch_fused`;
+vlrl's `make_optimizer`), grad-norm clip 1.0, beta = 0 and 0.04.
 
 TRL is configured as fast as its documentation allows on a CPU: `use_cpu=True`, `bf16=False`,
 `gradient_checkpointing=False`, the whole generation batch in one forward (`per_device_train_batch_size =

@@ -118,13 +118,23 @@ def val_history(run: Path) -> list[float]:
     return [r["val_accuracy"] for r in read_jsonl(run / "metrics.jsonl") if "val_accuracy" in r]
 
 
-def reward_trend(run: Path, k: int = 10) -> dict[str, float]:
-    """Mean of reward/mean over the first and the last k logged RL steps."""
-    rewards = [r["reward/mean"] for r in read_jsonl(run / "metrics.jsonl") if "reward/mean" in r]
+def reward_trend(run: Path, k: int = 10) -> dict[str, Any]:
+    """Mean reward over the first and the last k logged RL steps. The policy's own reward is
+    `reward/sampled_mean` (every sampled completion); `reward/mean` (the rows kept by dynamic sampling, which
+    drops the groups the policy already gets all right) is biased downwards as the policy improves, so it is
+    reported beside it (`kept_first`, `kept_last`)."""
+    records = read_jsonl(run / "metrics.jsonl")
+    key = "reward/sampled_mean" if any("reward/sampled_mean" in r for r in records) else "reward/mean"
+    rewards = [r[key] for r in records if key in r]
     if not rewards:
         return {}
     k = max(1, min(k, len(rewards) // 2))
-    return {"first": round(sum(rewards[:k]) / k, 4), "last": round(sum(rewards[-k:]) / k, 4), "steps": len(rewards)}
+    out: dict[str, Any] = {"key": key, "first": round(sum(rewards[:k]) / k, 4), "last": round(sum(rewards[-k:]) / k, 4),
+                           "steps": len(rewards)}
+    kept = [r["reward/mean"] for r in records if "reward/mean" in r]
+    if key != "reward/mean" and len(kept) == len(rewards):
+        out.update(kept_first=round(sum(kept[:k]) / k, 4), kept_last=round(sum(kept[-k:]) / k, 4))
+    return out
 
 
 def evaluate_tasks(cfg: DemoConfig, model_dir: Path, test: list[str], out: Path) -> dict[str, float]:

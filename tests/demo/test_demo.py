@@ -31,11 +31,25 @@ def test_demo_pipeline_writes_every_figure(tmp_path: Path) -> None:
         assert row["n"] == 6 and {"base", "sft", "rl", "sft_more"} <= set(row)
         assert row["sft_trained"] == (task in cfg.sft_tasks) and row["rl_trained"] == (task in cfg.rl_tasks)
     assert len(summary["sft_val_accuracy"]) == 1 and summary["rl_reward"]["steps"] == 2
+    assert summary["rl_reward"]["key"] == "reward/sampled_mean" and "kept_last" in summary["rl_reward"]
     assert set(summary["rl_trained_mean"]) == {"sft", "sft_more", "rl"}
     for stage in ("rl", "sft more", "eval rl", "eval sft more"):
         assert summary["stage_seconds"][stage] >= 0
     assert Path(summary["checkpoints"]["rl"]).name == "step-2"
     assert Path(summary["checkpoints"]["sft_more"]).is_dir()
+
+
+def test_reward_trend_reads_the_policy_reward_and_the_kept_rows(tmp_path: Path) -> None:
+    from vlrl.demo import reward_trend
+
+    rows = [{"step": i + 1, "reward/sampled_mean": 0.1 * i, "reward/mean": 0.5} for i in range(6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trend = reward_trend(tmp_path, k=2)  # first two: 0.0, 0.1; last two: 0.4, 0.5
+    assert trend == {"key": "reward/sampled_mean", "first": 0.05, "last": 0.45, "steps": 6, "kept_first": 0.5,
+                     "kept_last": 0.5}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"reward/mean": r["reward/sampled_mean"]}) + "\n"
+                                                    for r in rows))
+    assert reward_trend(tmp_path, k=3) == {"key": "reward/mean", "first": 0.1, "last": 0.4, "steps": 6}
 
 
 def test_demo_yaml_matches_the_config_defaults() -> None:
