@@ -1,6 +1,6 @@
 """One RL step of vlrl against one of TRL's `GRPOTrainer`, side by side on this machine (not a test).
 
-    .venv/bin/python benchmarks/rl_vs_trl.py --threads 2 1 --ablation --out benchmarks/results/rl_vs_trl.json
+    .venv/bin/python benchmarks/rl_vs_trl.py --threads 2 --ablation --out benchmarks/results/rl_vs_trl.json
 
 (defaults: sizes tiny small, beta 0 and 0.04, B = 4, G = 8, 32 new tokens, 1 warm-up + 5 timed steps per side,
 2 memory steps per child; `--threads 2 1` repeats everything at 2 and at 1 torch thread.)
