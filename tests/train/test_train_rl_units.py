@@ -194,3 +194,5 @@ def test_check_config_rejects_bad_names_and_options(tmp_path):
         check_config(RLConfig(**base, sft_coef=-1.0, sft_data=["d"]))
     with pytest.raises(ValueError, match="sft_loss_agg 'mean'; valid: token, sample"):
         check_config(RLConfig(**base, sft_coef=0.1, sft_data=["d"], sft_loss_agg="mean"))
+    with pytest.raises(ValueError, match="decode_threads must be >= 1, got 0"):
+        check_config(RLConfig(**base, decode_threads=0))
