@@ -155,7 +155,7 @@ VARIANTS = [
     Variant("+ lean decode loop", "lean", False, 1, False),
     Variant("+ shared prefix", "lean", True, 1, False),
     Variant("+ fused AdamW (= vlrl now)", "lean", True, 1, True),
-    Variant("vlrl now with decode shards per thread (decode_threads=2)", "lean", True, None, True),
+    Variant("vlrl now with one decode shard per torch thread", "lean", True, None, True),
 ]
 
 

@@ -101,8 +101,10 @@ def _rl_args(recipe: str, model: Path, data: Path, out: Path, steps: int, **kw: 
 
 def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path):
     # beta > 0 (reference model), dynamic sampling and two minibatches: every cross-rank path at once
-    # and demonstration replay (its batch split across ranks like the RL rows)
-    kw = dict(batch_size=4, dynamic_sampling="true", num_minibatches=2, log_samples=8, sft_coef=0.5, sft_batch_size=6)
+    # and demonstration replay (its batch split across ranks like the RL rows); the vision tower trains (the
+    # recipe freezes it) so its gradients are reduced across ranks too
+    kw = dict(batch_size=4, dynamic_sampling="true", num_minibatches=2, log_samples=8, sft_coef=0.5, sft_batch_size=6,
+              freeze_vision="false")
     one = _cli(_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "one", 2, **kw))
     out = one.communicate(timeout=600)[0]
     assert one.returncode == 0, out

@@ -54,7 +54,7 @@ class HFEngine:
         each with one intra-op thread (torch's thread count is set to 1 for the rollout and restored); 1 (default):
         one batch on all of torch's intra-op threads; None: one shard per intra-op thread. A decode step is many
         small ops; as one OpenMP team each op is a fork / join. On an idle machine one team is faster (measured
-        on the small model, 2 threads: rollout 1.29 s vs 1.43 s with 2 shards, benchmarks/README.md); when other
+        on the small model, 2 threads: rollout 1.46 s vs 1.59 s with 2 shards, benchmarks/README.md); when other
         processes hold the cores each fork / join waits for a time slice and independent shards win (measured
         6 s vs 0.4 s on the tiny model). The completions do not change (per-completion seeds; tested), only the
         batch shapes. Unseeded sampling (the global RNG) and GPUs decode in one shard.
