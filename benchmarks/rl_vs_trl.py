@@ -148,14 +148,16 @@ class Variant:
     shared_prefix: bool = True  # prompt once per group in training / reference forwards
     decode_threads: int | None = 1  # the hf engine's decode shards (None: one per torch thread)
     fused_adam: bool = True  # the fused AdamW kernel (False: torch's per-tensor loop, vlrl's earlier optimizer)
+    lean_step: bool = True  # the decode step on re-laid-out weights (`LeanStep`; False: the model's own forward)
 
 
 VARIANTS = [
-    Variant("before (generate, [prompt|completion] rows)", "generate", False, 1, False),
-    Variant("+ lean decode loop", "lean", False, 1, False),
-    Variant("+ shared prefix", "lean", True, 1, False),
-    Variant("+ fused AdamW (= vlrl now)", "lean", True, 1, True),
-    Variant("vlrl now with one decode shard per torch thread", "lean", True, None, True),
+    Variant("before (generate, [prompt|completion] rows)", "generate", False, 1, False, False),
+    Variant("+ lean decode loop", "lean", False, 1, False, False),
+    Variant("+ shared prefix", "lean", True, 1, False, False),
+    Variant("+ fused AdamW", "lean", True, 1, True, False),
+    Variant("+ lean decode step (= vlrl now)", "lean", True, 1, True, True),
+    Variant("vlrl now with one decode shard per torch thread", "lean", True, None, True, True),
 ]
 
 
@@ -172,6 +174,7 @@ class VlrlSide:
         if variant.engine == "generate":
             self.run.engine = GenerateEngine(self.run.model, self.run.processor)
         self.run.engine.decode_threads = variant.decode_threads  # type: ignore[attr-defined]
+        self.run.engine.lean_step = variant.lean_step  # type: ignore[attr-defined]
         if not variant.fused_adam:
             params = self.run.params
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in self.run.opt.param_groups]

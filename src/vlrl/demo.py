@@ -41,6 +41,7 @@ class DemoConfig:
     rl_tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "chart_grey"])  # trained by RL (a subset)
     n_train: int = 2000
     n_train_by_task: dict[str, int] = field(default_factory=lambda: {"counting": 4000})  # overrides n_train per task
+    task_params: dict[str, dict[str, int]] = field(default_factory=dict)  # generator parameters per task
     n_val: int = 300
     n_test: int = 1000
     seed: int = 0
@@ -77,7 +78,7 @@ def make_data(cfg: DemoConfig, root: Path) -> None:
     for i, task in enumerate(cfg.tasks):
         n_train = cfg.n_train_by_task.get(task, cfg.n_train)
         for split, n in (("train", n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
-            write_split(task, n, seed=cfg.seed + i, out_dir=root, split=split)
+            write_split(task, n, seed=cfg.seed + i, out_dir=root, split=split, **cfg.task_params.get(task, {}))
 
 
 def split_paths(root: Path, tasks: list[str], split: str) -> list[str]:
@@ -149,10 +150,13 @@ def evaluate_tasks(cfg: DemoConfig, model_dir: Path, test: list[str], out: Path)
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    for name, subset in (("sft_tasks", cfg.sft_tasks), ("rl_tasks", cfg.rl_tasks if cfg.rl else [])):
+    for name, subset in (("sft_tasks", cfg.sft_tasks), ("rl_tasks", cfg.rl_tasks if cfg.rl else []),
+                         ("task_params", list(cfg.task_params))):
         unknown = sorted(set(subset) - set(cfg.tasks))
         if unknown:
             raise ValueError(f"{name} {unknown} are not among tasks {cfg.tasks}")
+    for task, params in cfg.task_params.items():
+        get_task(task).params(params)  # an unknown parameter fails here, before anything is built
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo.yaml")
@@ -179,7 +183,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         extra["rl_reward"] = reward_trend(out / "rl")
         extra["rl_trained_mean"] = {
             k: round(sum(acc[k][t] for t in cfg.rl_tasks) / len(cfg.rl_tasks), 4) for k in ("sft", "sft_more", "rl")}
-    tasks = {t: {"n": cfg.n_test, "chance": round(get_task(t).chance(), 4), **{k: v[t] for k, v in acc.items()},
+    chance = {t: round(get_task(t).chance(**cfg.task_params.get(t, {})), 4) for t in cfg.tasks}
+    tasks = {t: {"n": cfg.n_test, "chance": chance[t], **{k: v[t] for k, v in acc.items()},
                  "sft_trained": t in cfg.sft_tasks, **({"rl_trained": t in cfg.rl_tasks} if cfg.rl else {})}
              for t in cfg.tasks}
     summary = {"tasks": tasks, "seconds": st.seconds, "stage_seconds": st.times, **extra, "checkpoints": checkpoints}

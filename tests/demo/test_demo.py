@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from vlrl.demo import RECIPES, DemoConfig, run_demo
@@ -21,6 +22,7 @@ def _short(recipe: str, tmp: Path, **over: object) -> str:
 def test_demo_pipeline_writes_every_figure(tmp_path: Path) -> None:
     cfg = DemoConfig(
         out=str(tmp_path / "demo"), n_train=16, n_train_by_task={}, n_val=4, n_test=6, threads=1,
+        task_params={"counting": {"max_count": 3}},
         align_recipe=_short("tiny-align.yaml", tmp_path, max_steps=2),
         sft_recipe=_short("tiny-sft.yaml", tmp_path, max_steps=3, eval_every=3, batch_size=4, micro_batch_size=4),
         rl_recipe=_short("tiny-grpo.yaml", tmp_path, max_steps=2, batch_size=2, group_size=2, eval_every=0))
@@ -30,6 +32,9 @@ def test_demo_pipeline_writes_every_figure(tmp_path: Path) -> None:
     for task, row in summary["tasks"].items():
         assert row["n"] == 6 and {"base", "sft", "rl", "sft_more"} <= set(row)
         assert row["sft_trained"] == (task in cfg.sft_tasks) and row["rl_trained"] == (task in cfg.rl_tasks)
+    assert summary["tasks"]["counting"]["chance"] == 0.3333 and summary["tasks"]["chart"]["chance"] == 0.2857
+    answers = {json.loads(line)["answer"] for line in (tmp_path / "demo" / "data" / "counting" / "train.jsonl").open()}
+    assert answers == {"1", "2", "3"}  # task_params reached the generator
     assert len(summary["sft_val_accuracy"]) == 1 and summary["rl_reward"]["steps"] == 2
     assert summary["rl_reward"]["key"] == "reward/sampled_mean" and "kept_last" in summary["rl_reward"]
     assert set(summary["rl_trained_mean"]) == {"sft", "sft_more", "rl"}
@@ -37,6 +42,14 @@ def test_demo_pipeline_writes_every_figure(tmp_path: Path) -> None:
         assert summary["stage_seconds"][stage] >= 0
     assert Path(summary["checkpoints"]["rl"]).name == "step-2"
     assert Path(summary["checkpoints"]["sft_more"]).is_dir()
+
+
+def test_bad_task_params_fail_before_anything_is_built(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown parameter.*max_count"):
+        run_demo(DemoConfig(out=str(tmp_path / "a"), task_params={"counting": {"max_cnt": 4}}))
+    with pytest.raises(ValueError, match=r"task_params \['compare'\] are not among tasks"):
+        run_demo(DemoConfig(out=str(tmp_path / "b"), task_params={"compare": {"size": 96}}))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_reward_trend_reads_the_policy_reward_and_the_kept_rows(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ Per chunk of B prompts, G completions each (`vlrl.rollout.prefix`):
      them, per-completion seeds, the sampling log-probs recorded) -- no `generate` machinery per token. The loop
      stops when every row has produced a stop token or `max_new_tokens` are out; rows that have stopped drop out
      of the batch once a quarter of the rows have (their cache rows are compacted away).
-On CPU, seeded prompts can be decoded in shards by concurrent Python threads (`decode_threads` > 1).
+On CPU, the decode step runs on a copy of the text decoder's weights laid out for small-batch products
+(`vlrl.rollout.lean_step.LeanStep`, built once per `generate` call; `lean_step=False` or an unsupported model:
+the model's own forward). On CPU, seeded prompts can be decoded in shards by concurrent Python threads (`decode_threads` > 1).
 A model's `generation_config.json` has no say in the distribution RL samples from.
 """
 
@@ -26,6 +28,7 @@ from torch import Tensor
 from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded
 from vlrl.models.processor import image_token_id, vision_token_ids
+from vlrl.rollout.lean_step import LeanStep
 from vlrl.rollout.prefix import continuation_mask, expand_cache, prefill, prompt_inputs, text_positions
 from vlrl.rollout.sampler import SeededSampler, row_seeds
 from vlrl.rollout.types import Completion, Group, SamplingParams
@@ -58,18 +61,22 @@ class HFEngine:
         processes hold the cores each fork / join waits for a time slice and independent shards win (measured
         6 s vs 0.4 s on the tiny model). The completions do not change (per-completion seeds; tested), only the
         batch shapes. Unseeded sampling (the global RNG) and GPUs decode in one shard.
+    lean_step: on CPU, decode with `LeanStep` when the model supports it (small model, 2 threads: rollout
+        -N% measured, benchmarks/README.md); it holds a copy of the text decoder's weights during `generate`.
     """
 
     name = "hf"
 
     def __init__(self, model: Any, processor: Any, *, device: torch.device | str | None = None,
-                 max_prompts_per_call: int = 0, decode_threads: int | None = 1) -> None:
+                 max_prompts_per_call: int = 0, decode_threads: int | None = 1, lean_step: bool = True) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.max_prompts_per_call = max_prompts_per_call
         self.decode_threads = decode_threads
+        self.lean_step = lean_step
+        self._step: LeanStep | None = None
         self.suppress_ids = vision_token_ids(self.tokenizer)
         self.stop_ids = stop_token_ids(model, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id)
@@ -108,6 +115,8 @@ class HFEngine:
 
         was_training, threads = self.model.training, torch.get_num_threads()
         self.model.eval()
+        use_lean = self.lean_step and self.device.type == "cpu" and LeanStep.supports(self.model)
+        self._step = LeanStep(self.model) if use_lean else None
         try:
             if workers == 1:
                 return [g for lo, hi in parts for g in run(lo, hi)]
@@ -115,6 +124,7 @@ class HFEngine:
             with ThreadPoolExecutor(workers) as pool:
                 return [g for groups in pool.map(lambda p: run(*p), parts) for g in groups]
         finally:
+            self._step = None
             torch.set_num_threads(threads)
             self.model.train(was_training)
 
@@ -147,6 +157,8 @@ class HFEngine:
         cache = expand_cache(cache, rows, capacity=prompt_len + max_new)
         mask = continuation_mask(inputs["attention_mask"].index_select(0, rows),
                                  torch.ones(len(rows), max_new, dtype=torch.long, device=self.device))  # [N, L + T]
+        step = self._step
+        bias = torch.zeros(mask.shape).masked_fill_(mask == 0, float("-inf")) if step is not None else None  # [N, L + T]
         next_pos = next_pos.index_select(0, rows)  # [N]
         stop = torch.tensor(self.stop_ids, device=self.device)
         out = torch.full((len(rows), max_new), self.pad_id, dtype=torch.long)  # [N, T]
@@ -167,10 +179,14 @@ class HFEngine:
                 keep = (~done).nonzero().squeeze(1)  # [n_keep]
                 live, tokens, done = live[keep.cpu()], tokens[keep], done[keep]
                 mask, next_pos = mask[keep], next_pos[keep]
+                bias = bias[keep] if bias is not None else None
                 cache.batch_select_indices(keep)
                 sampler.select_rows(keep)
-            out_t = self.model(input_ids=tokens[:, None], attention_mask=mask[:, : prompt_len + t + 1],
-                               position_ids=text_positions(next_pos, t, 1), past_key_values=cache, use_cache=True)
-            logits = out_t.logits[:, -1]  # [n_live, V]
+            if step is not None and bias is not None:
+                logits = step(tokens, next_pos + t, cache, bias[:, : prompt_len + t + 1])  # [n_live, V]
+            else:
+                out_t = self.model(input_ids=tokens[:, None], attention_mask=mask[:, : prompt_len + t + 1],
+                                   position_ids=text_positions(next_pos, t, 1), past_key_values=cache, use_cache=True)
+                logits = out_t.logits[:, -1]  # [n_live, V]
         sampler.logprobs = logps
         return out[:, : len(logps)]

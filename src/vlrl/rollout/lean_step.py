@@ -1,0 +1,165 @@
+"""One decode step of a Qwen-VL text decoder on weights laid out for small-batch matrix products.
+
+`nn.Linear` keeps its weight as [out, in] and computes x @ W.T. On this machine's CPU (MKL sgemm, fp32), at the
+decode loop's shapes (M = B*G rows = 32, K, N = 256 .. 4096) that transposed product is ~1.5x slower than x @ Wt
+with Wt = W.T made contiguous once (benchmarks/README.md). `LeanStep` copies the text decoder's weights once per
+rollout into that layout -- q/k/v fused into one [H, (nq + 2 nkv) * hd] matrix, gate/up into one [H, 2 I] --
+and runs the decode step itself: RMSNorm, rotary, grouped-query attention over the engine's pre-allocated KV
+buffers (q of length 1: two small batched products and a softmax), SwiGLU, the LM head. The math is the model's
+(fp32 in, the same operations); a test checks its logits against the model's own forward for every supported
+architecture. The prompt (images, 3-D M-RoPE positions) is still prefilled by the model itself; after the prompt
+every position is text and equal on the three M-RoPE axes, where M-RoPE is the plain 1-D rotary embedding.
+
+Supported: Qwen2-VL, Qwen2.5-VL and Qwen3-VL text decoders (SiLU MLP, full attention; Qwen3's per-head q/k
+norms), unsharded (not FSDP2's DTensor parameters). Anything else (`LeanStep.supports` is False) decodes through the model's own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class _Layer:
+    ln1: Tensor  # [H]
+    ln2: Tensor  # [H]
+    eps: float
+    qkv: Tensor  # [H, (nq + 2 * nkv) * hd]
+    qkv_bias: Tensor | None  # [(nq + 2 * nkv) * hd]
+    o: Tensor  # [nq * hd, H]
+    gate_up: Tensor  # [H, 2 * I]
+    down: Tensor  # [I, H]
+    q_norm: Tensor | None  # [hd] (Qwen3)
+    k_norm: Tensor | None
+    qk_eps: float
+
+
+def _text_model(model: Any) -> Any:
+    inner = getattr(model, "model", None)
+    return getattr(inner, "language_model", None)
+
+
+def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The models' RMSNorm (fp32 statistics)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LeanStep:
+    """Decode-step forward of `model`'s text decoder (see the module docstring). Build it after the weights last
+    changed (the engine builds one per rollout); it holds copies, not views."""
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        text = _text_model(model)
+        if text is None or not hasattr(model, "lm_head") or not hasattr(text, "layers"):
+            return False
+        cfg = text.config
+        if getattr(cfg, "hidden_act", None) != "silu" or getattr(cfg, "use_sliding_window", False):
+            return False
+        if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+            return False
+        rope = getattr(text, "rotary_emb", None)
+        if rope is None or not hasattr(rope, "inv_freq") or getattr(rope, "rope_type", "default") != "default":
+            return False
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            return False  # sharded (FSDP2): no local copy of the whole decoder
+        attn = text.layers[0].self_attn
+        if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+            return False
+        # Plain linear layers only, and no hooks anywhere in the decoder: an adapter (LoRA) or a hook changes what
+        # the model computes, and this step would silently skip it.
+        linears = [model.lm_head] + [m for layer in text.layers for m in
+                                     (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                      layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        if any(type(m) is not torch.nn.Linear for m in linears):
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in [model, *text.modules(), model.lm_head])
+
+    @torch.no_grad()
+    def __init__(self, model: Any) -> None:
+        if not self.supports(model):
+            raise TypeError(f"LeanStep does not support {type(model).__name__}")
+        text = _text_model(model)
+        attn0 = text.layers[0].self_attn
+        self.head_dim: int = attn0.head_dim
+        self.n_heads: int = text.config.num_attention_heads
+        self.n_kv: int = text.config.num_key_value_heads
+        self.scaling: float = float(attn0.scaling)
+        self.embed = text.embed_tokens.weight  # [V, H]: read by index, no copy needed
+        self.norm, self.norm_eps = text.norm.weight.detach().clone(), float(text.norm.variance_epsilon)
+        self.lm_head = model.lm_head.weight.detach().t().contiguous()  # [H, V]
+        rope = text.rotary_emb
+        self.inv_freq = rope.inv_freq.detach().float().clone()  # [hd / 2]
+        self.rope_scale = float(getattr(rope, "attention_scaling", 1.0))
+        self.layers = [self._layer(layer) for layer in text.layers]
+
+    @staticmethod
+    def _layer(layer: Any) -> _Layer:
+        a, m = layer.self_attn, layer.mlp
+
+        def t(*ws: Tensor) -> Tensor:  # [out_1 + out_2 + ..., in] -> [in, out_1 + out_2 + ...], one transpose copy
+            w = ws[0].detach() if len(ws) == 1 else torch.cat([w.detach() for w in ws], dim=0)
+            return w.t().contiguous()
+
+        biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            raise TypeError("q/k/v projections with and without bias")
+        q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+        return _Layer(
+            ln1=layer.input_layernorm.weight.detach().clone(), ln2=layer.post_attention_layernorm.weight.detach().clone(),
+            eps=float(layer.input_layernorm.variance_epsilon),
+            qkv=t(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
+            qkv_bias=None if biases[0] is None else torch.cat([b.detach() for b in biases]),
+            o=t(a.o_proj.weight),
+            gate_up=t(m.gate_proj.weight, m.up_proj.weight),
+            down=t(m.down_proj.weight),
+            q_norm=None if q_norm is None else q_norm.weight.detach().clone(),
+            k_norm=None if k_norm is None else k_norm.weight.detach().clone(),
+            qk_eps=float(q_norm.variance_epsilon) if q_norm is not None else 0.0,
+        )
+
+    def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [b, 1, hd] of 1-D text positions [b] (equal on the three M-RoPE axes)."""
+        freqs = positions[:, None].float() * self.inv_freq  # [b, hd / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, hd]
+        return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+
+    @torch.no_grad()
+    def __call__(self, tokens: Tensor, positions: Tensor, cache: Any, bias: Tensor) -> Tensor:
+        """Logits [b, V] of the next token after `tokens` [b] at `positions` [b]. `cache.layers[i].update(k, v)`
+        ([b, nkv, 1, hd] each) appends this step's keys / values and returns the filled [b, nkv, L, hd];
+        `bias` [b, L] is 0 where a row may attend and -inf at its prompt padding (L = positions filled after
+        this step's write)."""
+        b = tokens.shape[0]
+        hd, nq, nkv = self.head_dim, self.n_heads, self.n_kv
+        h = self.embed.index_select(0, tokens)  # [b, H]
+        cos, sin = self.rotary(positions)  # [b, 1, hd]
+        mask = bias[:, None, None, :]  # [b, 1, 1, L]
+        for i, ly in enumerate(self.layers):
+            x = _rms(h, ly.ln1, ly.eps)  # [b, H]
+            qkv = x @ ly.qkv if ly.qkv_bias is None else torch.addmm(ly.qkv_bias, x, ly.qkv)  # [b, (nq + 2 nkv) hd]
+            q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=1)
+            q, k, v = q.view(b, nq, hd), k.view(b, nkv, hd), v.view(b, nkv, hd)
+            if ly.q_norm is not None and ly.k_norm is not None:
+                q, k = _rms(q, ly.q_norm, ly.qk_eps), _rms(k, ly.k_norm, ly.qk_eps)
+            q = q * cos + _rotate_half(q) * sin  # [b, nq, hd]
+            k = k * cos + _rotate_half(k) * sin  # [b, nkv, hd]
+            keys, values = cache.layers[i].update(k[:, :, None], v[:, :, None])  # [b, nkv, L, hd]
+            qg = q.view(b, nkv, nq // nkv, hd)  # [b, nkv, g, hd]: the g query heads sharing each KV head
+            scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scaling + mask  # [b, nkv, g, L]
+            attn = torch.matmul(torch.softmax(scores, dim=-1), values)  # [b, nkv, g, hd]
+            h = h + attn.reshape(b, nq * hd) @ ly.o  # [b, H]
+            x = _rms(h, ly.ln2, ly.eps)
+            gate, up = (x @ ly.gate_up).chunk(2, dim=1)  # [b, I] each
+            h = h + (torch.nn.functional.silu(gate) * up) @ ly.down  # [b, H]
+        return _rms(h, self.norm, self.norm_eps) @ self.lm_head  # [b, V]
