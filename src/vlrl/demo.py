@@ -41,7 +41,7 @@ class DemoConfig:
     rl_tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "chart_grey"])  # trained by RL (a subset)
     n_train: int = 2000
     n_train_by_task: dict[str, int] = field(default_factory=lambda: {"counting": 4000})  # overrides n_train per task
-    task_params: dict[str, dict[str, int]] = field(default_factory=dict)  # generator parameters per task
+    task_params: dict[str, dict[str, int]] = field(default_factory=lambda: {"counting": {"max_count": 5}})
     n_val: int = 300
     n_test: int = 1000
     seed: int = 0
