@@ -97,3 +97,26 @@ def test_hooks_and_adapters_fall_back_to_the_models_forward(tiny_model_dir, mixe
     assert not LeanStep.supports(model)
     with pytest.raises(TypeError, match="does not support"):
         LeanStep(model)
+
+
+def test_reloaded_buffers_equal_a_fresh_build(tiny_model_dir, mixed_prompts):
+    """The engine keeps one LeanStep and reloads it: after the weights change, `load_` gives the same step as
+    a fresh build, and the engine's completions follow the new weights."""
+    model, processor = load_model_and_processor(tiny_model_dir)
+    model.eval()
+    engine = HFEngine(model, processor)
+    sampling = SamplingParams(max_new_tokens=6)
+    engine.generate(mixed_prompts[:2], 2, sampling, seeds=[0, 1])
+    kept = engine._step
+    assert kept is not None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    after = _completions(engine, mixed_prompts[:2], 2, sampling)
+    assert engine._step is kept  # same buffers, reloaded
+    fresh = _completions(HFEngine(model, processor, lean_step=False), mixed_prompts[:2], 2, sampling)
+    for x, y in zip(after, fresh):
+        assert torch.equal(x.token_ids, y.token_ids) and torch.allclose(x.logprobs, y.logprobs, atol=1e-5)
+    rebuilt = LeanStep(model)
+    for a, b in zip(kept._plan(model), rebuilt._plan(model)):
+        assert a[0] is not None and b[0] is not None and torch.equal(a[0], b[0])

@@ -55,8 +55,9 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 class LeanStep:
-    """Decode-step forward of `model`'s text decoder (see the module docstring). Build it after the weights last
-    changed (the engine builds one per rollout); it holds copies, not views."""
+    """Decode-step forward of `model`'s text decoder (see the module docstring). It holds copies, not views:
+    after the weights change, `load_(model)` copies them into the same buffers (the engine does so at every
+    `generate`; re-allocating ~100 MB per rollout on the small model cost page faults every step)."""
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -127,6 +128,38 @@ class LeanStep:
             k_norm=None if k_norm is None else k_norm.weight.detach().clone(),
             qk_eps=float(q_norm.variance_epsilon) if q_norm is not None else 0.0,
         )
+
+    def _plan(self, model: Any) -> list[tuple[Tensor | None, list[Tensor], bool]]:
+        """(buffer, the parameters stacked into it, whether they are transposed) for every copied weight."""
+        text = _text_model(model)
+        plan: list[tuple[Tensor | None, list[Tensor], bool]] = [
+            (self.lm_head, [model.lm_head.weight], True), (self.norm, [text.norm.weight], False)]
+        for ly, layer in zip(self.layers, text.layers, strict=True):
+            a, m = layer.self_attn, layer.mlp
+            plan += [(ly.ln1, [layer.input_layernorm.weight], False), (ly.ln2, [layer.post_attention_layernorm.weight], False),
+                     (ly.qkv, [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], True),
+                     (ly.o, [a.o_proj.weight], True), (ly.gate_up, [m.gate_proj.weight, m.up_proj.weight], True),
+                     (ly.down, [m.down_proj.weight], True)]
+            if ly.qkv_bias is not None:
+                plan.append((ly.qkv_bias, [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], False))
+            if ly.q_norm is not None and ly.k_norm is not None:
+                plan += [(ly.q_norm, [a.q_norm.weight], False), (ly.k_norm, [a.k_norm.weight], False)]
+        return plan
+
+    @torch.no_grad()
+    def load_(self, model: Any) -> None:
+        """Copy `model`'s current weights into this step's buffers (the same architecture and sizes it was built
+        from; the embedding is read in place)."""
+        self.embed = _text_model(model).embed_tokens.weight
+        for buf, sources, transposed in self._plan(model):
+            assert buf is not None
+            at = 0
+            for w in sources:
+                n = w.shape[0]
+                (buf[:, at : at + n] if transposed else buf[at : at + n]).copy_(w.detach().t() if transposed else w)
+                at += n
+            if at != (buf.shape[1] if transposed else buf.shape[0]):
+                raise ValueError(f"LeanStep.load_: a model of other sizes ({at} vs {tuple(buf.shape)})")
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin [b, 1, hd] of 1-D text positions [b] (equal on the three M-RoPE axes)."""
