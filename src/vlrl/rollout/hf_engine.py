@@ -12,7 +12,8 @@ Per chunk of B prompts, G completions each (`vlrl.rollout.prefix`):
      of the batch once a quarter of the rows have (their cache rows are compacted away).
 On CPU, the decode step runs on a copy of the text decoder's weights laid out for small-batch products
 (`vlrl.rollout.lean_step.LeanStep`, built at the first `generate` call and reloaded with the current weights at
-every later one; `lean_step=False` or an unsupported model: the model's own forward). On CPU, seeded prompts can be decoded in shards by concurrent Python threads (`decode_threads` > 1).
+every later one; `lean_step=False` or an unsupported model: the model's own forward). On CPU, seeded prompts
+can be decoded in shards by concurrent Python threads (`decode_threads` > 1).
 A model's `generation_config.json` has no say in the distribution RL samples from.
 """
 
@@ -57,13 +58,14 @@ class HFEngine:
         each with one intra-op thread (torch's thread count is set to 1 for the rollout and restored); 1 (default):
         one batch on all of torch's intra-op threads; None: one shard per intra-op thread. A decode step is many
         small ops; as one OpenMP team each op is a fork / join. On an idle machine one team is faster (measured
-        on the small model, 2 threads: rollout 1.46 s vs 1.59 s with 2 shards, benchmarks/README.md); when other
+        on the small model, 2 threads: rollout 1.09 s vs 1.48 s with 2 shards, benchmarks/README.md); when other
         processes hold the cores each fork / join waits for a time slice and independent shards win (measured
         6 s vs 0.4 s on the tiny model). The completions do not change (per-completion seeds; tested), only the
         batch shapes. Unseeded sampling (the global RNG) and GPUs decode in one shard.
     lean_step: on CPU, decode with `LeanStep` when the model supports it (measured with benchmarks/rl_vs_trl.py,
-        2 threads: rollout 1.45 -> 1.05 s on the small model, 0.34 -> 0.26 s on the tiny one). The engine then
-        keeps a copy of the text decoder's weights (~4 bytes per parameter) between calls.
+        2 threads: rollout 1.49 -> 1.09 s at beta 0 and 1.33 -> 1.13 s at 0.04 on the small model, 0.34 -> 0.25 s
+        on the tiny one). The engine then keeps a copy of the text decoder's weights (4 bytes per parameter in
+        fp32) between calls.
     """
 
     name = "hf"

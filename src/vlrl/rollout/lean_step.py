@@ -1,17 +1,18 @@
 """One decode step of a Qwen-VL text decoder on weights laid out for small-batch matrix products.
 
 `nn.Linear` keeps its weight as [out, in] and computes x @ W.T. On this machine's CPU (MKL sgemm, fp32), at the
-decode loop's shapes (M = B*G rows = 32, K, N = 256 .. 4096) that transposed product is ~1.5x slower than x @ Wt
-with Wt = W.T made contiguous once (benchmarks/README.md). `LeanStep` copies the text decoder's weights once per
-rollout into that layout -- q/k/v fused into one [H, (nq + 2 nkv) * hd] matrix, gate/up into one [H, 2 I] --
+decode loop's shapes (M = B*G rows = 32, K, N = 256 .. 4096) that transposed product ran 1.2-1.7x slower than
+x @ Wt with Wt = W.T made contiguous once (a 1-thread micro-benchmark; benchmarks/README.md has what it gave the
+rollout). `LeanStep` copies the text decoder's weights into that layout (buffers kept, reloaded per rollout) -- q/k/v fused into one [H, (nq + 2 nkv) * hd] matrix, gate/up into one [H, 2 I] --
 and runs the decode step itself: RMSNorm, rotary, grouped-query attention over the engine's pre-allocated KV
 buffers (q of length 1: two small batched products and a softmax), SwiGLU, the LM head. The math is the model's
-(fp32 in, the same operations); a test checks its logits against the model's own forward for every supported
-architecture. The prompt (images, 3-D M-RoPE positions) is still prefilled by the model itself; after the prompt
+(fp32 in, the same operations); tests check its completions and sampling log-probs against the model's own
+forward on every supported architecture. The prompt (images, 3-D M-RoPE positions) is still prefilled by the model itself; after the prompt
 every position is text and equal on the three M-RoPE axes, where M-RoPE is the plain 1-D rotary embedding.
 
 Supported: Qwen2-VL, Qwen2.5-VL and Qwen3-VL text decoders (SiLU MLP, full attention; Qwen3's per-head q/k
-norms), unsharded (not FSDP2's DTensor parameters). Anything else (`LeanStep.supports` is False) decodes through the model's own forward.
+norms), unsharded (not FSDP2's DTensor parameters), plain `nn.Linear` projections and no hooks. Anything else
+(`LeanStep.supports` is False) decodes through the model's own forward.
 """
 
 from __future__ import annotations
