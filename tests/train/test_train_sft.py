@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -47,8 +48,9 @@ def test_cached_encodings_train_the_same_weights(tiny_model_dir, synth_dir, tmp_
     """cache_encoded reuses each sample's encoding: 8 steps of 8 over 48 samples (epoch 2 starts at step 7, so
     cached encodings are used), and the weights equal an uncached run's exactly."""
     data = [str(synth_dir / "counting" / "train.jsonl")]
-    plain = run_sft(_cfg(tiny_model_dir, synth_dir, tmp_path / "plain", data=data, max_steps=8))
-    cached = run_sft(_cfg(tiny_model_dir, synth_dir, tmp_path / "cached", data=data, max_steps=8, cache_encoded=True))
+    cfg = dataclasses.replace(_cfg(tiny_model_dir, synth_dir, tmp_path / "plain", max_steps=8), data=data)
+    plain = run_sft(cfg)
+    cached = run_sft(dataclasses.replace(cfg, out=str(tmp_path / "cached"), cache_encoded=True))
     a, b = _weights(plain), _weights(cached)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -147,7 +149,7 @@ def test_sft_loss_equals_cross_entropy_over_the_full_logits(tiny_model_dir, synt
         want = want + (sum(terms) if agg == "token" else sum(terms) / len(terms))
     want = want / n_global
     want.backward()
-    assert abs(value - float(want)) < 1e-5 and torch.allclose(loss.detach(), want.detach(), atol=1e-5)
+    assert abs(value - float(want.detach())) < 1e-5 and torch.allclose(loss.detach(), want.detach(), atol=1e-5)
     for n, p in model.named_parameters():
         if p.grad is not None:
             assert torch.allclose(got[n], p.grad, atol=1e-6, rtol=1e-4), n
