@@ -93,7 +93,7 @@ def test_request_reaches_the_engine_as_a_sample(app_server: tuple[str, ScriptedE
 
 def test_generation_is_serialised_and_queue_bounded(app_server: tuple[str, ScriptedEngine]) -> None:
     url, engine = app_server
-    engine.delay = 0.3
+    engine.delay = 1.5  # long enough that all 6 requests arrive while the first one runs (0.3 s was flaky on a busy CI box)
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with ThreadPoolExecutor(max_workers=6) as pool:
         futures = [pool.submit(_post, url, body) for _ in range(6)]
