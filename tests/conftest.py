@@ -13,6 +13,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for a test (faster for the tiny model when the 2 cores are shared); restored after.
+    Modules use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vlrl.models.build import init_model

@@ -14,13 +14,7 @@ from vlrl.rollout.hf_engine import HFEngine
 from vlrl.rollout.lean_step import LeanStep
 from vlrl.train.batches import load_samples
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

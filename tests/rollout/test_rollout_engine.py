@@ -14,14 +14,7 @@ from vlrl.rollout import SamplingParams, make_engine, mix_seed
 from vlrl.rollout.hf_engine import HFEngine
 from vlrl.train.batches import load_samples
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: faster for this tiny model when the 2 cores are shared; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
 ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: faster for this tiny model when the 2 cores are shared; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_stream_indices_continue_global_batch():

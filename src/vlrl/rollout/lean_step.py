@@ -28,15 +28,51 @@ from torch import Tensor
 class _Layer:
     ln1: Tensor  # [H]
     ln2: Tensor  # [H]
-    eps: float
     qkv: Tensor  # [H, (nq + 2 * nkv) * hd]
-    qkv_bias: Tensor | None  # [(nq + 2 * nkv) * hd]
     o: Tensor  # [nq * hd, H]
     gate_up: Tensor  # [H, 2 * I]
     down: Tensor  # [I, H]
-    q_norm: Tensor | None  # [hd] (Qwen3)
-    k_norm: Tensor | None
-    qk_eps: float
+    eps: float = 0.0
+    qk_eps: float = 0.0
+    qkv_bias: Tensor | None = None  # [(nq + 2 * nkv) * hd]
+    q_norm: Tensor | None = None  # [hd] (Qwen3)
+    k_norm: Tensor | None = None
+
+
+Sources = dict[str, tuple[list[Tensor], bool]]  # buffer name -> (parameters stacked into it, stored transposed)
+
+
+def _layer_sources(layer: Any) -> Sources:
+    """Where each `_Layer` buffer comes from: the one mapping both the first build and every reload use."""
+    a, m = layer.self_attn, layer.mlp
+    src: Sources = {"ln1": ([layer.input_layernorm.weight], False), "ln2": ([layer.post_attention_layernorm.weight], False),
+                    "qkv": ([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], True), "o": ([a.o_proj.weight], True),
+                    "gate_up": ([m.gate_proj.weight, m.up_proj.weight], True), "down": ([m.down_proj.weight], True)}
+    biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
+    if any(b is None for b in biases) and not all(b is None for b in biases):
+        raise TypeError("q/k/v projections with and without bias")
+    if biases[0] is not None:
+        src["qkv_bias"] = (biases, False)
+    if getattr(a, "q_norm", None) is not None:
+        src["q_norm"], src["k_norm"] = ([a.q_norm.weight], False), ([a.k_norm.weight], False)
+    return src
+
+
+def _empty(sources: list[Tensor], transposed: bool) -> Tensor:
+    """A buffer for `sources` stacked along their first dimension ([in, sum out] when transposed)."""
+    n = sum(w.shape[0] for w in sources)
+    shape = (sources[0].shape[1], n) if transposed else (n, *sources[0].shape[1:])
+    return sources[0].new_empty(shape)
+
+
+def _copy_into(buf: Tensor, sources: list[Tensor], transposed: bool) -> None:
+    at = 0
+    for w in sources:
+        n = w.shape[0]
+        (buf[:, at : at + n] if transposed else buf[at : at + n]).copy_(w.detach().t() if transposed else w.detach())
+        at += n
+    if at != (buf.shape[1] if transposed else buf.shape[0]):
+        raise ValueError(f"LeanStep: a model of other sizes ({at} vs {tuple(buf.shape)})")
 
 
 def _text_model(model: Any) -> Any:
@@ -97,70 +133,35 @@ class LeanStep:
         self.n_heads: int = text.config.num_attention_heads
         self.n_kv: int = text.config.num_key_value_heads
         self.scaling: float = float(attn0.scaling)
-        self.embed = text.embed_tokens.weight  # [V, H]: read by index, no copy needed
-        self.norm, self.norm_eps = text.norm.weight.detach().clone(), float(text.norm.variance_epsilon)
-        self.lm_head = model.lm_head.weight.detach().t().contiguous()  # [H, V]
         rope = text.rotary_emb
         self.inv_freq = rope.inv_freq.detach().float().clone()  # [hd / 2]
         self.rope_scale = float(getattr(rope, "attention_scaling", 1.0))
-        self.layers = [self._layer(layer) for layer in text.layers]
+        self.norm_eps = float(text.norm.variance_epsilon)
+        self.norm = _empty([text.norm.weight], False)  # [H]
+        self.lm_head = _empty([model.lm_head.weight], True)  # [H, V]
+        self.layers = []
+        for layer in text.layers:
+            q_norm = getattr(layer.self_attn, "q_norm", None)
+            buffers = {name: _empty(ws, tr) for name, (ws, tr) in _layer_sources(layer).items()}
+            self.layers.append(_Layer(**buffers, eps=float(layer.input_layernorm.variance_epsilon),
+                                      qk_eps=float(q_norm.variance_epsilon) if q_norm is not None else 0.0))
+        self.load_(model)
 
-    @staticmethod
-    def _layer(layer: Any) -> _Layer:
-        a, m = layer.self_attn, layer.mlp
-
-        def t(*ws: Tensor) -> Tensor:  # [out_1 + out_2 + ..., in] -> [in, out_1 + out_2 + ...], one transpose copy
-            w = ws[0].detach() if len(ws) == 1 else torch.cat([w.detach() for w in ws], dim=0)
-            return w.t().contiguous()
-
-        biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
-        if any(b is None for b in biases) and not all(b is None for b in biases):
-            raise TypeError("q/k/v projections with and without bias")
-        q_norm, k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
-        return _Layer(
-            ln1=layer.input_layernorm.weight.detach().clone(), ln2=layer.post_attention_layernorm.weight.detach().clone(),
-            eps=float(layer.input_layernorm.variance_epsilon),
-            qkv=t(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
-            qkv_bias=None if biases[0] is None else torch.cat([b.detach() for b in biases]),
-            o=t(a.o_proj.weight),
-            gate_up=t(m.gate_proj.weight, m.up_proj.weight),
-            down=t(m.down_proj.weight),
-            q_norm=None if q_norm is None else q_norm.weight.detach().clone(),
-            k_norm=None if k_norm is None else k_norm.weight.detach().clone(),
-            qk_eps=float(q_norm.variance_epsilon) if q_norm is not None else 0.0,
-        )
-
-    def _plan(self, model: Any) -> list[tuple[Tensor | None, list[Tensor], bool]]:
+    def _plan(self, model: Any) -> list[tuple[Tensor, list[Tensor], bool]]:
         """(buffer, the parameters stacked into it, whether they are transposed) for every copied weight."""
         text = _text_model(model)
-        plan: list[tuple[Tensor | None, list[Tensor], bool]] = [
-            (self.lm_head, [model.lm_head.weight], True), (self.norm, [text.norm.weight], False)]
+        plan = [(self.lm_head, [model.lm_head.weight], True), (self.norm, [text.norm.weight], False)]
         for ly, layer in zip(self.layers, text.layers, strict=True):
-            a, m = layer.self_attn, layer.mlp
-            plan += [(ly.ln1, [layer.input_layernorm.weight], False), (ly.ln2, [layer.post_attention_layernorm.weight], False),
-                     (ly.qkv, [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], True),
-                     (ly.o, [a.o_proj.weight], True), (ly.gate_up, [m.gate_proj.weight, m.up_proj.weight], True),
-                     (ly.down, [m.down_proj.weight], True)]
-            if ly.qkv_bias is not None:
-                plan.append((ly.qkv_bias, [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias], False))
-            if ly.q_norm is not None and ly.k_norm is not None:
-                plan += [(ly.q_norm, [a.q_norm.weight], False), (ly.k_norm, [a.k_norm.weight], False)]
+            plan += [(getattr(ly, name), ws, tr) for name, (ws, tr) in _layer_sources(layer).items()]
         return plan
 
     @torch.no_grad()
     def load_(self, model: Any) -> None:
         """Copy `model`'s current weights into this step's buffers (the same architecture and sizes it was built
         from; the embedding is read in place)."""
-        self.embed = _text_model(model).embed_tokens.weight
+        self.embed = _text_model(model).embed_tokens.weight  # [V, H]
         for buf, sources, transposed in self._plan(model):
-            assert buf is not None
-            at = 0
-            for w in sources:
-                n = w.shape[0]
-                (buf[:, at : at + n] if transposed else buf[at : at + n]).copy_(w.detach().t() if transposed else w)
-                at += n
-            if at != (buf.shape[1] if transposed else buf.shape[0]):
-                raise ValueError(f"LeanStep.load_: a model of other sizes ({at} vs {tuple(buf.shape)})")
+            _copy_into(buf, sources, transposed)
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin [b, 1, hd] of 1-D text positions [b] (equal on the three M-RoPE axes)."""
