@@ -38,7 +38,7 @@ class DemoConfig:
     size: str = "tiny"
     tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "chart_grey"])  # generated and evaluated
     sft_tasks: list[str] = field(default_factory=lambda: ["counting", "chart"])  # trained by SFT (a subset)
-    rl_tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "chart_grey"])  # trained by RL (a subset)
+    rl_tasks: list[str] = field(default_factory=lambda: ["chart", "chart_grey"])  # trained by RL (a subset)
     n_train: int = 2000
     n_train_by_task: dict[str, int] = field(default_factory=lambda: {"counting": 4000})  # overrides n_train per task
     task_params: dict[str, dict[str, int]] = field(default_factory=lambda: {"counting": {"max_count": 5}})
