@@ -162,15 +162,28 @@ VARIANTS = [
 
 
 class VlrlSide:
-    """A vlrl RL run (`build_run`) stepped by hand with `rl_step`; EOS suppressed like vision tokens."""
+    """A vlrl RL run (`build_run`) stepped by hand with `rl_step`; EOS suppressed like vision tokens. Without a
+    `variant`, vlrl runs with its defaults (the side-by-side comparison); a variant overrides them (the ablation)."""
 
     def __init__(self, model_dir: Path, data: Path, beta: float, s: Settings, out: Path,
-                 variant: Variant = VARIANTS[-1]) -> None:
+                 variant: Variant | None = None) -> None:
         cfg = RLConfig(model=str(model_dir), data=[str(data)], out=str(out), rewards=list(REWARDS),
                        batch_size=s.batch, group_size=s.group, max_new_tokens=s.new_tokens, temperature=1.0,
                        beta=beta, lr=s.lr, micro_batch_size=s.micro_batch, seed=s.seed, max_steps=10_000,
-                       shared_prefix=variant.shared_prefix)
+                       **({"shared_prefix": variant.shared_prefix} if variant is not None else {}))
         self.run: RLRun = build_run(cfg, ONE, str(model_dir))
+        if variant is not None:
+            self._apply(variant, s, cfg)
+        engine: Any = self.run.engine
+        engine.suppress_ids = sorted(set(engine.suppress_ids) | set(engine.stop_ids))
+        self.run.loss.suppress_ids = sorted(set(self.run.loss.suppress_ids) | set(engine.stop_ids))
+        self.step_no = 0
+        self.position = 0
+        self.times: list[float] = []
+        self.stages: list[dict[str, float]] = []
+
+    def _apply(self, variant: Variant, s: Settings, cfg: RLConfig) -> None:
+        """Override vlrl's defaults with an ablation variant's settings."""
         if variant.engine == "generate":
             self.run.engine = GenerateEngine(self.run.model, self.run.processor)
         self.run.engine.decode_threads = variant.decode_threads  # type: ignore[attr-defined]
@@ -181,13 +194,6 @@ class VlrlSide:
             self.run.opt = torch.optim.AdamW(groups, lr=s.lr, betas=tuple(cfg.adam_betas), fused=False)
             self.run.sched = make_scheduler(self.run.opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
             assert sum(len(g["params"]) for g in self.run.opt.param_groups) == len(params)
-        engine: Any = self.run.engine
-        engine.suppress_ids = sorted(set(engine.suppress_ids) | set(engine.stop_ids))
-        self.run.loss.suppress_ids = sorted(set(self.run.loss.suppress_ids) | set(engine.stop_ids))
-        self.step_no = 0
-        self.position = 0
-        self.times: list[float] = []
-        self.stages: list[dict[str, float]] = []
 
     def step(self) -> None:
         t = time.perf_counter()

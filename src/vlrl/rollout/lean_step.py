@@ -65,11 +65,18 @@ def _empty(sources: list[Tensor], transposed: bool) -> Tensor:
     return sources[0].new_empty(shape)
 
 
+_STRIP = 256  # rows of W per transposed copy (measured: a [1536, 512] W.T copy took 1.8-2.3x as long in one piece)
+
+
 def _copy_into(buf: Tensor, sources: list[Tensor], transposed: bool) -> None:
     at = 0
     for w in sources:
-        n = w.shape[0]
-        (buf[:, at : at + n] if transposed else buf[at : at + n]).copy_(w.detach().t() if transposed else w.detach())
+        n, w = w.shape[0], w.detach()
+        if transposed:  # in strips: a strip's strided reads stay in cache
+            for k in range(0, n, _STRIP):
+                buf[:, at + k : at + min(n, k + _STRIP)].copy_(w[k : k + _STRIP].t())
+        else:
+            buf[at : at + n].copy_(w)
         at += n
     if at != (buf.shape[1] if transposed else buf.shape[0]):
         raise ValueError(f"LeanStep: a model of other sizes ({at} vs {tuple(buf.shape)})")
