@@ -3,11 +3,12 @@
 `nn.Linear` keeps its weight as [out, in] and computes x @ W.T. On this machine's CPU (MKL sgemm, fp32), at the
 decode loop's shapes (M = B*G rows = 32, K, N = 256 .. 4096) that transposed product ran 1.2-1.7x slower than
 x @ Wt with Wt = W.T made contiguous once (a 1-thread micro-benchmark; benchmarks/README.md has what it gave the
-rollout). `LeanStep` copies the text decoder's weights into that layout (buffers kept, reloaded per rollout) -- q/k/v fused into one [H, (nq + 2 nkv) * hd] matrix, gate/up into one [H, 2 I] --
-and runs the decode step itself: RMSNorm, rotary, grouped-query attention over the engine's pre-allocated KV
-buffers (q of length 1: two small batched products and a softmax), SwiGLU, the LM head. The math is the model's
-(fp32 in, the same operations); tests check its completions and sampling log-probs against the model's own
-forward on every supported architecture. The prompt (images, 3-D M-RoPE positions) is still prefilled by the model itself; after the prompt
+rollout). `LeanStep` copies the text decoder's weights into that layout (buffers kept, reloaded per rollout) --
+q/k/v fused into one [H, (nq + 2 nkv) * hd] matrix, gate/up into one [H, 2 I] -- and runs the decode step itself:
+RMSNorm, rotary, grouped-query attention over the engine's pre-allocated KV buffers (q of length 1: two small
+batched products and a softmax), SwiGLU, the LM head. The math is the model's (fp32 in, the same operations);
+tests check its completions and sampling log-probs against the model's own forward on every supported
+architecture. The prompt (images, 3-D M-RoPE positions) is still prefilled by the model itself; after the prompt
 every position is text and equal on the three M-RoPE axes, where M-RoPE is the plain 1-D rotary embedding.
 
 Supported: Qwen2-VL, Qwen2.5-VL and Qwen3-VL text decoders (SiLU MLP, full attention; Qwen3's per-head q/k
@@ -45,9 +46,12 @@ Sources = dict[str, tuple[list[Tensor], bool]]  # buffer name -> (parameters sta
 def _layer_sources(layer: Any) -> Sources:
     """Where each `_Layer` buffer comes from: the one mapping both the first build and every reload use."""
     a, m = layer.self_attn, layer.mlp
-    src: Sources = {"ln1": ([layer.input_layernorm.weight], False), "ln2": ([layer.post_attention_layernorm.weight], False),
-                    "qkv": ([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], True), "o": ([a.o_proj.weight], True),
-                    "gate_up": ([m.gate_proj.weight, m.up_proj.weight], True), "down": ([m.down_proj.weight], True)}
+    src: Sources = {"ln1": ([layer.input_layernorm.weight], False),
+                    "ln2": ([layer.post_attention_layernorm.weight], False),
+                    "qkv": ([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], True),
+                    "o": ([a.o_proj.weight], True),
+                    "gate_up": ([m.gate_proj.weight, m.up_proj.weight], True),
+                    "down": ([m.down_proj.weight], True)}
     biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
     if any(b is None for b in biases) and not all(b is None for b in biases):
         raise TypeError("q/k/v projections with and without bias")
