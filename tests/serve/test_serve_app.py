@@ -17,6 +17,7 @@ from serve_helpers import data_url, free_port, png_bytes
 
 from vlrl.data.sample import Sample
 from vlrl.rollout.types import SamplingParams
+from vlrl.serve import app as app_module
 from vlrl.serve.app import create_app
 from vlrl.serve.generate import Choice, ContextLengthError, GenerationResult
 from vlrl.serve.schemas import ServeLimits
@@ -28,6 +29,7 @@ class ScriptedEngine:
 
     def __init__(self) -> None:
         self.delay = 0.0
+        self.gate: threading.Event | None = None  # when set, generate waits for it (the test decides when it ends)
         self.fail: Exception | None = None
         self.active = 0
         self.max_active = 0
@@ -41,6 +43,8 @@ class ScriptedEngine:
             self.max_active = max(self.max_active, self.active)
         try:
             time.sleep(self.delay)
+            if self.gate is not None:
+                assert self.gate.wait(timeout=30)
             if self.fail is not None:
                 raise self.fail
             self.seen.append((sample, images, sampling, list(stop)))
@@ -91,20 +95,45 @@ def test_request_reaches_the_engine_as_a_sample(app_server: tuple[str, ScriptedE
     assert (sampling.n, sampling.max_new_tokens, sampling.temperature) == (3, 5, 0.5) and stop == ["END"]
 
 
-def test_generation_is_serialised_and_queue_bounded(app_server: tuple[str, ScriptedEngine]) -> None:
+def _wait_for(cond: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_generation_is_serialised_and_queue_bounded(app_server: tuple[str, ScriptedEngine],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request runs (held by a gate), five more arrive while their image checks are held too: exactly
+    max_waiting=2 are admitted and the other 3 refused with 429 at once, whatever the timing (a request
+    still checking its images holds its place in the queue); opening the gates completes the 3 admitted."""
     url, engine = app_server
-    engine.delay = 1.5  # long enough that all 6 requests arrive while the first one runs (0.3 s was flaky on a busy CI box)
+    engine.gate, checks = threading.Event(), threading.Event()
+    check_images = app_module.check_images
+
+    def held_check(urls: list[str], limits: ServeLimits) -> list[bytes]:
+        assert checks.wait(timeout=30)
+        return check_images(urls, limits)
+
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with ThreadPoolExecutor(max_workers=6) as pool:
-        futures = [pool.submit(_post, url, body) for _ in range(6)]
-        health = httpx.get(url + "/health", timeout=5)  # answered while the engine works
-        responses = [f.result(timeout=30) for f in futures]
-    assert health.status_code == 200
-    codes = sorted(r.status_code for r in responses)
+        first = pool.submit(_post, url, body)
+        _wait_for(lambda: engine.active == 1, "the first request to reach the engine")
+        monkeypatch.setattr(app_module, "check_images", held_check)
+        rest = [pool.submit(_post, url, body) for _ in range(5)]
+        _wait_for(lambda: sum(f.done() for f in rest) == 3, "three requests to be refused")
+        health = httpx.get(url + "/health", timeout=5).json()  # answered while the engine works
+        refused = [f.result() for f in rest if f.done()]
+        checks.set()
+        engine.gate.set()
+        responses = [first.result(timeout=30)] + [f.result(timeout=30) for f in rest]
+    assert (health["waiting"], health["busy"]) == (2, True)
+    assert [r.status_code for r in refused] == [429, 429, 429]
+    assert sorted(r.status_code for r in responses) == [200, 200, 200, 429, 429, 429]
     assert engine.max_active == 1
-    assert codes.count(200) >= 3 and 429 in codes  # one running + 2 waiting; the rest refused
-    busy = next(r for r in responses if r.status_code == 429).json()["error"]
+    busy = refused[0].json()["error"]
     assert busy["type"] == "rate_limit_error" and busy["code"] == "server_busy"
+    assert httpx.get(url + "/health", timeout=5).json()["waiting"] == 0
 
 
 def test_engine_errors_keep_the_error_shape(app_server: tuple[str, ScriptedEngine]) -> None:

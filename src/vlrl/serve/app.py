@@ -46,7 +46,7 @@ class _State:
     def __init__(self) -> None:
         self.lock = asyncio.Lock()  # queues requests on the event loop
         self.thread_lock = threading.Lock()  # serialises the model in the worker threads
-        self.waiting = 0
+        self.waiting = 0  # admitted requests not yet holding the lock (checking images or queued)
         self.completions = 0  # chat completions answered with 200
         self.errors = 0  # requests answered with an error
         self.started = time.time()
@@ -138,8 +138,16 @@ async def _complete(request: Request, engine: Engine, limits: ServeLimits, state
     if state.waiting >= limits.max_waiting:
         raise ApiError(429, f"server busy: {state.waiting} requests already waiting", type_="rate_limit_error",
                        code="server_busy")
-    raws = await asyncio.to_thread(check_images, urls, limits)  # bad images are refused before queueing
-    result = await _generate_serialized(engine, state, limits, sample, raws, sampling, stop, req.seed)
+    state.waiting += 1  # the slot is taken here, with no await since the check: concurrent requests see it
+    try:
+        raws = await asyncio.to_thread(check_images, urls, limits)  # bad images are refused before the lock
+        await state.lock.acquire()
+    finally:
+        state.waiting -= 1
+    try:
+        result = await _generate_locked(engine, state, limits, sample, raws, sampling, stop, req.seed)
+    finally:
+        state.lock.release()
     state.completions += 1
     return _response(result, sample.id, engine.model_id)
 
@@ -153,22 +161,15 @@ def _run_locked(engine: Engine, state: _State, limits: ServeLimits, sample: Samp
         return engine.generate(sample, images, sampling, stop, seed)
 
 
-async def _generate_serialized(engine: Engine, state: _State, limits: ServeLimits, sample: Sample, raws: list[bytes],
-                               sampling: SamplingParams, stop: list[str], seed: int | None) -> GenerationResult:
-    """One generation at a time; at most `max_waiting` requests queue for the lock (checked by the caller)."""
-    state.waiting += 1
-    try:
-        await state.lock.acquire()
-    finally:
-        state.waiting -= 1
+async def _generate_locked(engine: Engine, state: _State, limits: ServeLimits, sample: Sample, raws: list[bytes],
+                           sampling: SamplingParams, stop: list[str], seed: int | None) -> GenerationResult:
+    """Generate in a worker thread; the caller holds `state.lock` (one generation at a time)."""
     try:
         return await asyncio.to_thread(_run_locked, engine, state, limits, sample, raws, sampling, stop, seed)
     except ContextLengthError as exc:
         raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
     except ValueError as exc:  # the processor refused an input (e.g. an image of extreme aspect ratio)
         raise ApiError(400, f"the model's processor refused the input: {exc}") from None
-    finally:
-        state.lock.release()
 
 
 def _error_response(err: ApiError, state: _State) -> JSONResponse:
