@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vlrl.models.build import init_model
+from vlrl.models.cache_name import cache_arg
 from vlrl.models.loading import load_model_and_processor
 from vlrl.rollout import SamplingParams
 from vlrl.rollout.hf_engine import HFEngine
@@ -65,7 +66,7 @@ def test_lean_step_logits_equal_the_models_forward(tiny_model_dir, mixed_prompts
         mask = continuation_mask(inputs["attention_mask"], torch.ones(len(rows), 1, dtype=torch.long))  # [b, L + 1]
         c1, c2 = expand_cache(cache, rows, length + 1), expand_cache(cache, rows, length + 1)
         want = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=text_positions(next_pos, 0, 1),
-                     past_key_values=c1, use_cache=True).logits[:, -1]
+                     **cache_arg(c1), use_cache=True).logits[:, -1]
         bias = torch.zeros(mask.shape).masked_fill_(mask == 0, float("-inf"))
         got = LeanStep(model)(tokens, next_pos, c2, bias)
     assert (inputs["attention_mask"] == 0).any()  # some rows are left-padded

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from vlrl.data.sample import Sample
+from vlrl.models.cache_name import cache_arg
 from vlrl.models.inputs import Encoded
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout.lean_step import LeanStep
@@ -198,7 +199,7 @@ class HFEngine:
                 logits = step(tokens, next_pos + t, cache, bias[:, : prompt_len + t + 1])  # [n_live, V]
             else:
                 out_t = self.model(input_ids=tokens[:, None], attention_mask=mask[:, : prompt_len + t + 1],
-                                   position_ids=text_positions(next_pos, t, 1), past_key_values=cache, use_cache=True)
+                                   position_ids=text_positions(next_pos, t, 1), **cache_arg(cache), use_cache=True)
                 logits = out_t.logits[:, -1]  # [n_live, V]
         sampler.logprobs = logps
         return out[:, : len(logps)]

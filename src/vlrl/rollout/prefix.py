@@ -5,7 +5,7 @@ group's completions.
     first, cache, next_pos = prefill(model, prompts)                                  # [U, V], KV of [U, L]
     cache = expand_cache(cache, index, capacity)                                      # KV of [b, L], b = rows
     logits = model(input_ids=tokens, attention_mask=continuation_mask(...), position_ids=text_positions(...),
-                   past_key_values=cache, use_cache=True).logits
+                   **cache_arg(cache), use_cache=True).logits
 
 Used by the `hf` engine (prefill at B prompts, cache expanded to B*G rows and pre-allocated for the decode loop)
 and by the training and reference log-probs (`vlrl.train.logprobs`: prompt forward at the micro-batch's distinct
@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
+from vlrl.models.cache_name import cache_of
 from vlrl.models.inputs import Encoded, collate
 
 
@@ -62,7 +63,7 @@ def prefill(model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Cache, Tenso
     cache of the prompts, next_pos [U]). Gradients flow if enabled."""
     pos, next_pos = prompt_positions(model, inputs)
     out = model(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], out.past_key_values, next_pos
+    return out.logits[:, -1], cache_of(out), next_pos
 
 
 class BufferLayer(DynamicLayer):

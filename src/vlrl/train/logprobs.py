@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from vlrl.algos import entropy_from_logits
+from vlrl.models.cache_name import cache_arg
 from vlrl.rollout.prefix import (
     continuation_mask,
     expand_cache,
@@ -163,7 +164,7 @@ def _shared_prefix_logits(model: Any, batch: RowBatch, device: torch.device) -> 
     attention = continuation_mask(inputs["attention_mask"].index_select(0, index),
                                   batch.mask[:, :-1].to(device))  # [b, L + T - 1]
     out = model(input_ids=ids, attention_mask=attention, position_ids=text_positions(next_pos.index_select(0, index), 0,
-                t - 1), past_key_values=expand_cache(cache, index), use_cache=True)
+                t - 1), **cache_arg(expand_cache(cache, index)), use_cache=True)
     return torch.cat([logits0, out.logits], dim=1)  # [b, T, V]
 
 
