@@ -203,3 +203,29 @@ def test_sft_replay_adds_the_scaled_sft_gradient_of_its_step_batch(sft_model, sy
     a, b = _weights(final), _weights(plain_run)
     assert any(not torch.equal(a[k], b[k]) for k in a)
     assert "sft_replay/loss" not in read_metrics(tmp_path / "plain" / "metrics.jsonl")[0]
+
+
+def test_activation_checkpointing_makes_the_same_update(sft_model, synth_dir, tmp_path, one_thread):
+    """`gradient_checkpointing: true` (the real-model recipes) recomputes activations in the backward and trains on
+    the plain [prompt | completion] layout instead of the shared prefix: same rollouts, same weights after 2 steps."""
+    from vlrl.rollout.prefix import uses_activation_checkpointing
+    from vlrl.train.dist import init_distributed
+    from vlrl.train.rl import build_run
+
+    runs = {}
+    for flag in ("false", "true"):
+        over = _overrides(sft_model, synth_dir, tmp_path / "built", 1, threads=one_thread, gradient_checkpointing=flag)
+        model = build_run(load_config(RLConfig, RECIPES / "tiny-grpo.yaml", over), init_distributed(),
+                          str(sft_model)).model
+        assert uses_activation_checkpointing(model) == (flag == "true")
+        over = _overrides(sft_model, synth_dir, tmp_path / flag, 2, threads=one_thread, gradient_checkpointing=flag,
+                          beta=0.04)
+        runs[flag] = (run_rl(load_config(RLConfig, RECIPES / "tiny-grpo.yaml", over)), tmp_path / flag)
+    plain, ckpt = (_weights(runs[f][0]) for f in ("false", "true"))
+    before = _weights(sft_model)
+    assert any(not torch.equal(before[k], plain[k]) for k in before)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-4, atol=1e-6)
+    m_plain, m_ckpt = (read_metrics(runs[f][1] / "metrics.jsonl") for f in ("false", "true"))
+    assert [m["reward/mean"] for m in m_ckpt] == [m["reward/mean"] for m in m_plain]
+    assert [m["kl"] for m in m_ckpt] == pytest.approx([m["kl"] for m in m_plain], rel=1e-4, abs=1e-7)

@@ -123,7 +123,7 @@ def test_nograd_logprobs_and_update_match(setup):
 def test_activation_checkpointing_falls_back_to_the_plain_layout(setup):
     model, processor, groups = setup
     m = copy.deepcopy(model)
-    m.gradient_checkpointing_enable()
+    m.activation_checkpointing_enable()
     params = [p for p in m.parameters() if p.requires_grad]
     pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
     spec = LossSpec(POLICY_LOSSES.get("ppo_clip"), {}, "token-mean", 6, 0.0, "k3", None, False, 1.0,

@@ -376,7 +376,7 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     model, processor = load_model_and_processor(start_from, DTYPES[cfg.dtype], cfg.min_pixels, cfg.max_pixels)
     model.to(info.device).train()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     params = set_trainable(model, "full", freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
     opt = make_optimizer(params, cfg.lr, cfg.weight_decay, betas=(cfg.adam_betas[0], cfg.adam_betas[1]))
     sched = make_scheduler(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
