@@ -38,7 +38,7 @@ class ServeLimits:
     max_n: int = 8
     max_messages: int = 256
     max_stop: int = 4
-    max_waiting: int = 8  # requests queued behind the generation lock; more -> 429
+    max_waiting: int = 8  # requests admitted but not yet generating (checking images or queued); more -> 429
 
 
 class ApiError(Exception):
