@@ -67,3 +67,12 @@ def test_flag_before_override_is_a_switch_not_its_value():
 
     out = _flags_to_overrides(["--skip-invalid", "limit=5", "--model", "runs/m=1", "--data", "a", "--data", "b"])
     assert out == ["skip_invalid=true", "model=runs/m=1", 'data=["a", "b"]', "limit=5"]
+
+
+def test_score_report_on_the_regression_corpus(tmp_path: Path):
+    corpus = Path(__file__).parent / "rewards" / "corpus" / "vlrl_cases.jsonl"
+    out = vlrl("score", "--data", str(corpus), "--out", str(tmp_path / "scored.jsonl"), "--report").stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    assert rows["multiple_choice"][1:] == ["119", "119", "0", "0", "0", "1.0000"]  # n agree false+ false- none agreement
+    assert rows["all"][-1] == "1.0000"
+    assert all(json.loads(line)["agrees"] for line in (tmp_path / "scored.jsonl").read_text().splitlines())

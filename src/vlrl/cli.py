@@ -197,8 +197,11 @@ def cmd_score(rest: list[str]) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--reward", action="append", default=None, help="reward name (repeatable; default accuracy)")
+    p.add_argument("--report", action="store_true",
+                   help="compare with each line's 'expected' verdict: disagreement counts per problem type")
+    p.add_argument("--threshold", type=float, default=0.5, help="with --report: reward >= this counts as correct")
     a = p.parse_args(rest)
-    score_file(a.data, a.out, rewards=tuple(a.reward or ("accuracy",)))
+    score_file(a.data, a.out, rewards=tuple(a.reward or ("accuracy",)), report=a.report, threshold=a.threshold)
 
 
 def cmd_serve(rest: list[str]) -> None:

@@ -6,7 +6,9 @@ import pytest
 from math_verify import parse, verify
 
 from vlrl.data.sample import Sample
-from vlrl.rewards.accuracy import accuracy_reward, parse_choice, score_answer
+from vlrl.rewards.accuracy import accuracy_reward, score_answer
+from vlrl.rewards.choice import parse_choice
+from vlrl.rewards.mathcheck import parse_config
 
 OPTIONS = {"options": ["cat", "dog", "bird", "fish"]}
 
@@ -14,13 +16,14 @@ OPTIONS = {"options": ["cat", "dog", "bird", "fish"]}
 @pytest.mark.parametrize(
     "prediction",
     ["B", "(B)", "B.", "B)", "[B]", "Answer: B", "the answer is B", "The answer is (B).", "b", "option B", "dog",
-     "B. dog", "(B) dog", "**B**", "\\boxed{B}", "<think>A or B?</think><answer>B</answer>", "I choose option B."],
+     "B. dog", "(B) dog", "**B**", "\\boxed{B}", "<think>A or B?</think><answer>B</answer>", "I choose option B.",
+     "I think it is B"],
 )  # fmt: skip
 def test_multiple_choice_forms_right(prediction: str) -> None:
     assert score_answer(prediction, "B", "multiple_choice", metadata=OPTIONS) == 1.0
 
 
-@pytest.mark.parametrize("prediction", ["A", "(C)", "cat", "E", "I think it is B", "", "<answer></answer>"])
+@pytest.mark.parametrize("prediction", ["A", "(C)", "cat", "E", "Bob thinks so", "", "<answer></answer>"])
 def test_multiple_choice_forms_wrong(prediction: str) -> None:
     assert score_answer(prediction, "B", "multiple_choice", metadata=OPTIONS) == 0.0
 
@@ -45,7 +48,7 @@ def test_multiple_choice_gold_forms_and_dict_options() -> None:
      ("-\\frac{1}{2}", "-0.5"), ("50%", "50"), ("50%", "0.5"), ("0.5", "50%"), ("50", "50%"), ("1,234", "1234"),
      ("1,234,567.5", "1234567.5"), ("12 cm", "12"), ("$5", "5"), ("-$5", "-5"), ("€5.00", "5"), ("3 m^2", "3"),
      ("1.5e3", "1500"), ("1.5 \\times 10^{3}", "1500"), ("2.5E-3", "0.0025"), ("x = 7", "7"), ("\\boxed{8}", "8"),
-     ("The answer is 3.", "3"), ("<answer>12 apples</answer>", "12"), ("3.14159", "3.1416")],
+     ("The answer is 3.", "3"), ("<answer>12 apples</answer>", "12"), ("3.14160", "3.1416")],
 )  # fmt: skip
 def test_numerical_right(prediction: str, gold: str) -> None:
     assert score_answer(prediction, gold, "numerical") == 1.0
@@ -57,6 +60,8 @@ def test_numerical_right(prediction: str, gold: str) -> None:
         ("43", "42"),
         ("5 or 6", "5"),
         ("3.15", "3.1416"),
+        ("3.14159", "3.1416"),  # math-verify compares at 6 decimals; a tolerance is asked for by rel_tol
+        ("12346", "12345"),
         ("-3", "3"),
         ("1,2,3", "1"),
         ("abc", "1"),
@@ -70,7 +75,8 @@ def test_numerical_wrong(prediction: str, gold: str) -> None:
 def test_numerical_tolerance_and_bad_gold() -> None:
     assert score_answer("100.5", "100", "numerical") == 0.0
     assert score_answer("100.5", "100", "numerical", rel_tol=0.01) == 1.0
-    assert score_answer("1e-12", "0", "numerical") == 1.0  # abs_tol 1e-9
+    assert score_answer("3.14159", "3.1416", "numerical", rel_tol=1e-4) == 1.0
+    assert score_answer("1e-12", "0", "numerical", rel_tol=1e-4) == 1.0  # abs_tol 1e-9
     assert score_answer("3", "three", "numerical") is None
     assert score_answer("1e999999", "1", "numerical") == 0.0  # refused, not computed
     assert score_answer("9" * 10_000, "9", "numerical") == 0.0
@@ -173,3 +179,25 @@ def test_accuracy_reward_per_pair() -> None:
         ["<answer>3</answer>", "<answer>B</answer>", "3"], samples, completion_lengths=[1, 2, 3]
     )
     assert values == [1.0, 0.0, None]
+
+
+def test_latex_only_configuration_reads_no_plain_number() -> None:
+    """math-verify's test_latex_notation: with LaTeX extraction only, an inline `$ ... $` split over lines is no
+    answer; its default configuration (LaTeX + expressions) reads the 9, and so does vlrl's default."""
+    pred = "Answer $ \n 9 \n $"
+    assert score_answer(pred, "$9$", "math", math_targets=["latex"]) == 0.0
+    assert score_answer(pred, "$9$", "math") == float(verify(parse("$9$"), parse(pred))) == 1.0
+    with pytest.raises(ValueError, match="unknown math targets"):
+        score_answer("9", "9", "math", math_targets=["sympy"])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1 000", ("as_is", "1 000")), ("1000,99", ("as_is", "1000,99")), ("130°", ("as_is", "130°")),
+     ("12 cm", ("as_is", "12 cm")), ("1 000,99", ("as_is", "1000.99")), ("1.000,5 m", ("as_is", "1000.5 m")),
+     ("1.5e3", ("as_is", "1500")), ("2\\sqrt{3}", ("latex", "$2\\sqrt{3}$")), ("y=2x+1", ("latex", "$y=2x+1$")),
+     ("[1, 2)", ("latex", "$[1, 2)$")), ("1, 2, 3", ("latex", "$1, 2, 3$")), ("$9$", ("as_is", "$9$")),
+     ("so \\boxed{3}", ("as_is", "so \\boxed{3}")), ("a\nb", ("as_is", "a\nb"))],
+)  # fmt: skip
+def test_which_extraction_reads_a_bare_answer(text: str, expected: tuple[str, str]) -> None:
+    assert parse_config(text) == expected

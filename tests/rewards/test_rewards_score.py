@@ -162,3 +162,36 @@ def test_score_file_with_worker_pool(tmp_path: Path) -> None:
     b = score_file(src, tmp_path / "b.jsonl", workers=2, print_summary=False)
     assert a["by_problem_type"] == b["by_problem_type"]
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+def test_report_counts_disagreements_per_problem_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [
+        {"completion": "<answer>130</answer>", "answer": "130°", "problem_type": "math", "expected": 1},  # agree
+        {"completion": "<answer>131</answer>", "answer": "130°", "problem_type": "math", "expected": True},  # false-
+        {"completion": "<answer>7</answer>", "answer": "7", "problem_type": "math", "expected": 0},  # false+
+        {"completion": "C (145°)", "answer": "145°", "problem_type": "multiple_choice",
+         "options": ["125°", "135°", "145°"], "expected": 1},  # agree
+        {"completion": "<answer>7</answer>", "answer": "seven", "problem_type": "numerical", "expected": 0.0},  # None
+        {"completion": "<answer>yes</answer>", "answer": "yes", "problem_type": "yes_no"},  # unlabelled: not counted
+    ]  # fmt: skip
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write(src, rows)
+    summary = score_file(src, dst, report=True)
+    report = summary["agreement"]
+    assert report["all"] == {"n": 5, "agree": 2, "false_positive": 1, "false_negative": 1, "unscored": 1,
+                             "lines": [2, 3, 5], "agreement": 0.4}  # fmt: skip
+    assert report["by_problem_type"]["math"]["agreement"] == pytest.approx(1 / 3)
+    assert report["by_problem_type"]["multiple_choice"] == {"n": 1, "agree": 1, "false_positive": 0,
+        "false_negative": 0, "unscored": 0, "lines": [], "agreement": 1.0}  # fmt: skip
+    assert "yes_no" not in report["by_problem_type"]
+    lines = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [line.get("agrees") for line in lines] == [True, False, False, True, False, None]
+    out = capsys.readouterr().out
+    assert "disagreeing lines (first 20): 2, 3, 5" in out and "0.4000" in out
+
+
+def test_report_refuses_a_bad_expected_value(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    _write(src, [{"completion": "1", "answer": "1", "problem_type": "numerical", "expected": "yes"}])
+    with pytest.raises(ScoreInputError, match=r":1: field 'expected'"):
+        score_file(src, tmp_path / "out.jsonl", report=True, print_summary=False)

@@ -10,8 +10,9 @@ format_lenient, answer_format, tag_count in [0, 1]; overlong and repetition in [
 """
 
 from vlrl.rewards import format as _format  # noqa: F401  (registers the format rewards)
-from vlrl.rewards.accuracy import accuracy_reward, parse_choice, score_answer
+from vlrl.rewards.accuracy import accuracy_reward, score_answer
 from vlrl.rewards.boxes import COORD_SPACES, Box, parse_boxes
+from vlrl.rewards.choice import parse_choice
 from vlrl.rewards.extract import DEFAULT_MODES, extract_answer
 from vlrl.rewards.grounding import average_precision, grounding_score, iou, vlmr1_detection_score
 from vlrl.rewards.length import cosine_scaled, overlong_penalty, repetition_penalty

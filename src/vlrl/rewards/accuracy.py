@@ -1,26 +1,25 @@
 """Is the answer right? One check per problem type, used by both evaluation and RL training.
 
-`score_answer(prediction_text, answer, problem_type, metadata=...)` extracts the final answer from the
-completion (`vlrl.rewards.extract.extract_answer`, unless ``extract=False``) and compares it with the
-ground truth. A ground truth wrapped in ``<answer>...</answer>`` is unwrapped first.
+`score_answer(prediction_text, answer, problem_type, metadata=...)` finds the answer in the completion and
+compares it with the ground truth. A ground truth wrapped in ``<answer>...</answer>`` is unwrapped first.
+Which library decides:
 
-Returns a float in [0, 1], or None when the item cannot be scored: a ground truth the check cannot
-read (a numerical answer that is not a number, an unknown option letter, a grounding answer without
-a box, grounding metadata without ``image_size`` for a scaled coordinate space), or a math-verify
-time-out. A completion with no answer, an unreadable answer, or an answer longer than
-``max_answer_chars`` (a bound on parsing cost) scores 0.0.
-
-- ``multiple_choice``: the prediction is read as a letter from ``B``, ``(B)``, ``[B]``, ``B.``, ``B)``,
-  ``B: text``, ``Answer: B``, ``the answer is B``, ``option B``, or the text of an option
-  (``metadata["options"]``: a list in letter order A, B, ... or a dict letter -> text; a leading "A." in
-  an option text is ignored); the answer is a letter or an option text. 1.0 / 0.0.
-- ``numerical``: `vlrl.rewards.numbers` (integers, decimals, signs, fractions, percents, thousands
-  separators, units and currency stripped, scientific notation; bounded), equal within ``rel_tol``
-  (relative) or ``abs_tol`` (absolute). Percent rule: ``x%`` matches both ``x`` and ``x/100``.
-- ``math``: math-verify (`vlrl.rewards.mathcheck`) within ``math_timeout`` seconds; if math-verify
-  cannot parse an answer, the numerical check above, and if the answer is no number either, an exact
-  match of the answers with spaces, ``$`` and ``\\left``/``\\right`` removed.
-- ``yes_no``: the first word of each, mapped yes/y/true -> yes and no/n/false -> no (case-insensitive).
+- ``math`` and ``numerical``: math-verify (`vlrl.rewards.mathcheck`): the verdict is math-verify's whenever
+  it reads both sides, under ``math_timeout`` seconds, with ``math_targets`` (its extraction configs,
+  ``latex`` and ``expr``), ``float_rounding``, ``math_strict`` and ``math_set_relation`` passed to it. The prediction it reads is the
+  content of the last ``<answer>`` tag, or, when there is none, the whole completion without its closed
+  ``<think>`` blocks (math-verify's own extraction then takes ``\\boxed{}`` first, then the last expression);
+  with ``modes`` that allow neither ``answer_is`` nor ``last_line``, only a tag or ``\\boxed{}`` is read.
+  Only where math-verify reads nothing from one side, and ``expr`` is among the targets, the bounded number
+  reader `vlrl.rewards.numbers` compares the two as numbers; a ``math`` answer that is no number either
+  falls back to exact match with spaces, ``$`` and ``\\left``/``\\right`` removed. ``numerical`` with
+  ``rel_tol`` > 0 compares the numbers within that relative tolerance instead (ChartQA's relaxed accuracy
+  is 0.05); percent rule there: ``x%`` matches ``x`` and ``x/100``.
+- ``multiple_choice``: `vlrl.rewards.choice`: the letter (or option text) named in the first of the answer
+  tag, ``\\boxed{}``, "the answer is" / "答案是" line, last line or first line that names one
+  (``C (145°)``, ``(D) 8``, ``Option C``, ``\\boxed{C}``, ``I think it is B``); the gold is a letter or an
+  option's text (``metadata["options"]``: a list in letter order A, B, ... or a dict letter -> text).
+- ``yes_no``: the first word of the first such region, mapped yes/y/true/是/对 -> yes and no/n/false/否/不 -> no.
 - ``ocr``: ANLS (`vlrl.rewards.textmatch.anls`) after lower-casing and collapsing whitespace:
   1 - edit distance / max length, 0 when that normalised distance is >= ``anls_threshold`` (0.5).
 - ``free_form``: ``free_form_metric="exact"`` (default): SQuAD-normalised exact match;
@@ -28,6 +27,15 @@ time-out. A completion with no answer, an unreadable answer, or an answer longer
   For ``ocr`` and ``free_form``, ``metadata["answers"]`` may list further acceptable answers (max is taken).
 - ``grounding``: `vlrl.rewards.grounding.grounding_score` (IoU against the box(es); ``grounding_metric``
   "hit" = 1[IoU >= iou_threshold] (default), "iou", "mixed", "ap", "vlmr1").
+
+Returns a float in [0, 1], or None when the item cannot be scored: a ground truth the check cannot read
+(a numerical answer that is not a number, an unknown option letter, a grounding answer without a box,
+grounding metadata without ``image_size`` for a scaled coordinate space), or a math-verify time-out. A
+completion with no answer or an unreadable answer scores 0.0. Parsing cost is bounded by
+``max_answer_chars`` (2,000): a multiple-choice answer text longer than that is read from its last
+``max_answer_chars`` characters (where final answers stand), a math text from its last
+`MATH_CHARS_FACTOR` times as many (math-verify finds a "final answer is" that a model's rambling
+follows; its time is bounded by ``math_timeout``); an OCR or free-form answer longer than that scores 0.0.
 
 The registered reward ``accuracy`` applies `score_answer` to each (completion, sample) pair.
 """
@@ -40,9 +48,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vlrl.data.sample import PROBLEM_TYPES
-from vlrl.rewards.extract import DEFAULT_MODES, extract_answer
+from vlrl.rewards.choice import choice_score, clean, options_of
+from vlrl.rewards.extract import DEFAULT_MODES, answer_regions, check_modes, extract_answer, without_thinking
 from vlrl.rewards.grounding import GROUNDING_METRICS, MULTI_BOX_METRICS, grounding_score
-from vlrl.rewards.mathcheck import has_absurd_number, math_equal
+from vlrl.rewards.mathcheck import TARGETS, has_absurd_number, is_number, math_equal
 from vlrl.rewards.numbers import numbers_match, parse_number
 from vlrl.rewards.registry import register_reward
 from vlrl.rewards.textmatch import anls, normalize_free_form, normalize_ocr, rouge_l_f1
@@ -51,65 +60,18 @@ if TYPE_CHECKING:
     from vlrl.data.sample import Sample
 
 FREE_FORM_METRICS = ("exact", "rouge_l")
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_LETTER_ONLY = re.compile(r"[\(\[]?\s*([A-Za-z])\s*[\)\]]?\s*[.:)]?")
-_PREFIX = re.compile(
-    r"^(?:(?:the\s+)?(?:final\s+|correct\s+)?(?:answer|option|choice)\s*(?:is\b)?\s*[:：]?\s*)+",
+MATH_CHARS_FACTOR = 10
+_YES = {"yes", "y", "true", "是", "对", "正确"}
+_NO = {"no", "n", "false", "否", "不", "不是", "错", "错误"}
+_YES_NO_PREFIX = re.compile(
+    r"^(?:(?:the\s+)?(?:final\s+|correct\s+)?answer\s*(?:is\b)?\s*[:：]?\s*|(?:正确)?答案\s*(?:是|为)?\s*[:：]?\s*)+",
     re.IGNORECASE,
 )
-_LETTER_THEN_TEXT = re.compile(r"[\(\[]?([A-Z])(?:[\)\].:]|\s*[\)\]]\s*[.:]?)\s*\S")
-_KEYWORD_LETTER = re.compile(
-    r"(?i:answer|option|choice)\s*(?:(?i:is)\s*)?[:：]?\s*[\(\[]?([A-Z])[\)\]]?(?![A-Za-z])"
-)
-_OPTION_PREFIX = re.compile(r"^\s*[\(\[]?[A-Z][\)\].:]\s*")
-_DECORATION = re.compile(r"\\(?:text|textbf|mathrm|boxed)\s*\{([^{}]*)\}|\*\*|\$")
-_YES = {"yes", "y", "true"}
-_NO = {"no", "n", "false"}
-
-
-def _options(metadata: dict[str, Any]) -> dict[str, str]:
-    raw = metadata.get("options")
-    if isinstance(raw, dict):
-        return {str(k).strip().upper(): str(v) for k, v in raw.items()}
-    if isinstance(raw, (list, tuple)):
-        return {_LETTERS[i]: str(v) for i, v in enumerate(raw[: len(_LETTERS)])}
-    return {}
-
-
-def parse_choice(text: str, options: dict[str, str] | None = None) -> str | None:
-    """The option letter a short answer names (see module doc), or None. Letters outside `options` are refused."""
-    options = options or {}
-    valid = set(options) if options else set(_LETTERS)
-    s = text
-    for _ in range(3):  # \boxed{\text{B}}: inner wrapper first, then the outer one
-        s = _DECORATION.sub(lambda m: m.group(1) or "", s)
-    s = re.sub(r"\s+", " ", s).strip()
-    letter: str | None = None
-    for candidate in (s, _PREFIX.sub("", s)):
-        m = _LETTER_ONLY.fullmatch(candidate)
-        if m:
-            letter = m.group(1).upper()
-            break
-        m = _LETTER_THEN_TEXT.match(candidate)
-        if m:
-            letter = m.group(1)
-            break
-    if letter is None and options:
-        target = normalize_free_form(_PREFIX.sub("", s))
-        hits = [
-            k
-            for k, v in options.items()
-            if target and normalize_free_form(_OPTION_PREFIX.sub("", v)) == target
-        ]
-        letter = hits[0] if len(hits) == 1 else None
-    if letter is None:
-        found = _KEYWORD_LETTER.findall(s)
-        letter = found[-1] if found else None
-    return letter if letter in valid else None
+_WORD = re.compile(r"[A-Za-z]+|不是|正确|错误|[是对否不错]")
 
 
 def _yes_no(text: str) -> str | None:
-    words = re.findall(r"[A-Za-z]+", _PREFIX.sub("", text.strip().lstrip("*").strip())[:200])
+    words = _WORD.findall(_YES_NO_PREFIX.sub("", clean(text))[:200])
     if not words:
         return None
     word = words[0].lower()
@@ -126,25 +88,60 @@ def _loose_math(text: str) -> str:
     return re.sub(r"\s+|\$|\\left|\\right|\\!|\\,", "", text).rstrip(".")
 
 
+def _tail(text: str, limit: int) -> str:
+    """The last `limit` characters of `text`, from a line start when one is in reach."""
+    if len(text) <= limit:
+        return text
+    tail = text[-limit:]
+    newline = tail.find("\n")
+    return tail[newline + 1 :] if 0 <= newline < limit // 2 else tail
+
+
+def _math_region(text: str, modes: Sequence[str], extract: bool, limit: int) -> str | None:
+    """What math-verify reads of a completion (see module doc)."""
+    if not extract:
+        return _tail(str(text).strip(), limit) or None
+    if "answer_tag" in modes:
+        tagged = extract_answer(text, ("answer_tag",))
+        if tagged is not None:
+            return _tail(tagged, limit)
+    if "answer_is" in modes or "last_line" in modes:
+        whole = without_thinking(text).strip()
+        return _tail(whole, limit) or None
+    if "boxed" in modes:
+        return extract_answer(text, ("boxed",))
+    return None
+
+
 def _score_math(
-    pred: str, gold: str, rel_tol: float, abs_tol: float, math_timeout: float | None
-) -> float | None:
+    pred: str, gold: str, *, numerical: bool, math_timeout: float | None, targets: tuple[str, ...],
+    float_rounding: int, strict: bool, set_relation: bool, abs_tol: float,
+) -> float | None:  # fmt: skip
     if has_absurd_number(gold):
         return None
     if has_absurd_number(pred):
         return 0.0
-    verdict = math_equal(pred, gold, timeout=math_timeout)
-    if verdict == "equal":
-        return 1.0
-    if verdict == "different":
-        return 0.0
+    verdict = math_equal(pred, gold, timeout=math_timeout, targets=targets, float_rounding=float_rounding,
+                         strict=strict, set_relation=set_relation)  # fmt: skip
     if verdict == "timeout":
         return None
+    if verdict != "unparsed":
+        return float(verdict == "equal")
+    if "expr" not in targets:  # the caller asked for LaTeX only: plain numbers are not answers
+        return 0.0
     gold_number = parse_number(gold)
-    if gold_number is not None:
-        pred_number = parse_number(pred)
-        return float(pred_number is not None and numbers_match(pred_number, gold_number, rel_tol, abs_tol))
-    return float(_loose_math(pred) == _loose_math(gold) != "")
+    if gold_number is None:
+        return None if numerical else float(_loose_math(pred) == _loose_math(gold) != "")
+    pred_number = parse_number(pred) or parse_number(extract_answer(pred) or "")
+    return float(pred_number is not None and numbers_match(pred_number, gold_number, 0.0, abs_tol))
+
+
+def _score_tolerant(pred: str, gold: str, rel_tol: float, abs_tol: float) -> float | None:
+    gold_number = parse_number(gold)
+    if gold_number is None:
+        return None
+    pred_number = parse_number(pred) or parse_number(extract_answer(pred) or "")
+    return float(pred_number is not None and numbers_match(pred_number, gold_number, rel_tol, abs_tol))
 
 
 def _check_options(
@@ -174,9 +171,13 @@ def score_answer(
     metadata: dict[str, Any] | None = None,
     extract: bool = True,
     modes: Sequence[str] = DEFAULT_MODES,
-    rel_tol: float = 1e-4,
+    rel_tol: float = 0.0,
     abs_tol: float = 1e-9,
     math_timeout: float | None = 5.0,
+    math_targets: Sequence[str] = TARGETS,
+    float_rounding: int = 6,
+    math_strict: bool = True,
+    math_set_relation: bool = False,
     anls_threshold: float = 0.5,
     free_form_metric: str = "exact",
     grounding_metric: str = "hit",
@@ -188,6 +189,7 @@ def score_answer(
 ) -> float | None:
     """Correctness of `prediction_text` against `answer` for `problem_type`; see the module doc."""
     _check_options(problem_type, free_form_metric, grounding_metric, multi_box_metric)
+    check_modes(modes)
     meta = metadata or {}
     gold = str(answer)
     if "<answer>" in gold.lower():
@@ -199,26 +201,38 @@ def score_answer(
             multi_box_metric=multi_box_metric, iou_threshold=iou_threshold, alpha=iou_alpha,
             fix_degenerate=fix_degenerate,
         )  # fmt: skip
-    pred = extract_answer(prediction_text, modes) if extract else str(prediction_text).strip()
-    if not pred or len(pred) > max_answer_chars:
+    if not isinstance(prediction_text, str):
         return 0.0
+    if problem_type in ("math", "numerical"):
+        region = _math_region(prediction_text, modes, extract, MATH_CHARS_FACTOR * max_answer_chars)
+        if problem_type == "numerical" and rel_tol > 0:
+            return (
+                None if parse_number(gold) is None else _score_tolerant(region or "", gold, rel_tol, abs_tol)
+            )
+        if problem_type == "numerical" and not is_number(gold, timeout=math_timeout):
+            return None
+        if not region:
+            return 0.0
+        return _score_math(
+            region, gold, numerical=problem_type == "numerical", math_timeout=math_timeout,
+            targets=tuple(math_targets), float_rounding=float_rounding, strict=math_strict,
+            set_relation=math_set_relation, abs_tol=abs_tol,
+        )  # fmt: skip
+    if extract:
+        regions = answer_regions(prediction_text, modes)
+    else:
+        regions = [prediction_text.strip()] if prediction_text.strip() else []
     if problem_type == "multiple_choice":
-        options = _options(meta)
-        gold_letter = parse_choice(gold, options)
-        if gold_letter is None:
-            return None
-        return float(parse_choice(pred, options) == gold_letter)
-    if problem_type == "numerical":
-        gold_number = parse_number(gold)
-        if gold_number is None:
-            return None
-        pred_number = parse_number(pred)
-        return float(pred_number is not None and numbers_match(pred_number, gold_number, rel_tol, abs_tol))
-    if problem_type == "math":
-        return _score_math(pred, gold, rel_tol, abs_tol, math_timeout)
+        return choice_score([_tail(r, max_answer_chars) for r in regions], gold, options_of(meta))
     if problem_type == "yes_no":
         gold_yn = _yes_no(gold)
-        return None if gold_yn is None else float(_yes_no(pred) == gold_yn)
+        if gold_yn is None:
+            return None
+        found = next((yn for yn in map(_yes_no, regions) if yn is not None), None)
+        return float(found == gold_yn)
+    pred = regions[0] if regions else ""
+    if not pred or len(pred) > max_answer_chars:
+        return 0.0
     golds = _alternatives(gold, meta)
     if problem_type == "ocr":
         return max(anls(normalize_ocr(pred), normalize_ocr(g), anls_threshold) for g in golds)

@@ -8,9 +8,13 @@
   Nested braces are fine up to `MAX_BRACE_DEPTH`; only the last `MAX_BOXED_CANDIDATES` openings are
   tried, and a candidate is abandoned after `MAX_BOXED_CHARS` characters, so hostile input such as
   10,000 nested ``\\boxed{`` costs linear time.
-- ``answer_is``: the rest of the line after the last "the (final) answer is" / "Answer:" (case-insensitive),
-  without a trailing full stop or markdown bold.
+- ``answer_is``: the rest of the line after the last "the (final) answer is" / "Answer:" / "答案是" / "答案："
+  (case-insensitive), without a trailing full stop or markdown bold.
 - ``last_line``: the last non-empty line.
+
+`answer_regions(text, modes)` returns every mode's result in order (the first non-empty line after the last
+one), for checks that take the first region naming an answer (multiple choice, yes/no);
+`without_thinking(text)` drops closed ``<think>`` blocks.
 
 Every mode is linear in the text length (no backtracking regex over the whole text). An empty
 match (``<answer></answer>``) counts as "not found" and the next mode is tried. The result is
@@ -32,8 +36,10 @@ _OPEN_TAG = re.compile(r"<answer>", re.IGNORECASE)
 _CLOSE_TAG = re.compile(r"</answer>", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(
-    r"(?:\bthe\s+(?:final\s+|correct\s+)?answer\s+is\b\s*:?|\banswer\s*[:：])", re.IGNORECASE
+    r"(?:\bthe\s+(?:final\s+|correct\s+)?answer\s+is\b\s*:?|\banswer\s*[:：]|(?:正确)?答案\s*(?:是|为|[:：])\s*[:：]?)",
+    re.IGNORECASE,
 )
+_THINK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
 
 
 def _answer_tag(text: str) -> str | None:
@@ -114,6 +120,34 @@ def check_modes(modes: Sequence[str]) -> None:
     for mode in modes:
         if mode not in _MODES:
             raise ValueError(f"unknown extraction mode {mode!r}; valid: {', '.join(VALID_MODES)}")
+
+
+def _first_line(text: str) -> str | None:
+    for line in text.splitlines():
+        if line.strip():
+            return line
+    return None
+
+
+def answer_regions(text: str, modes: Sequence[str] = DEFAULT_MODES) -> list[str]:
+    """Every place an answer may stand, in `modes` order, stripped and without repeats; with ``last_line``
+    the first non-empty line follows it (a free-text response may give its answer first, then explain)."""
+    check_modes(modes)
+    if not isinstance(text, str):
+        return []
+    found: list[str] = []
+    for mode in modes:
+        for fn in (_MODES[mode], _first_line) if mode == "last_line" else (_MODES[mode],):
+            region = fn(text)
+            if region is not None and region.strip() and region.strip() not in found:
+                found.append(region.strip())
+    return found
+
+
+def without_thinking(text: str) -> str:
+    """`text` without its closed ``<think>...</think>`` blocks, unless nothing would be left."""
+    rest = _THINK.sub("\n", text)
+    return rest if rest.strip() else text
 
 
 def extract_answer(text: str, modes: Sequence[str] = DEFAULT_MODES) -> str | None:

@@ -40,7 +40,7 @@ _UNIT_POWER = re.compile(r"(?<=[A-Za-z])\s*\^\s*\{?\s*\d{1,3}\s*\}?|[²³]")
 _DROP = re.compile(r"\\left|\\right|\\[,!;: ]|\\quad|\\qquad|[$€£¥]|\\\(|\\\)|\\\[|\\\]")
 _EQUALS = re.compile(r"=|≈|\\approx|\\eq\b")
 _NUMBER = re.compile(
-    r"(?<![\d.])(?:(?P<sign>[-+])\s*)?(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)"
+    r"(?<![\d.A-Za-z])(?:(?P<sign>[-+])\s*)?(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)"
     r"(?:\s*[eE]\s*(?P<exp>[-+]?\d+))?"
     r"(?:\s*/\s*(?P<den>\d+(?:\.\d+)?))?"
     r"(?P<pct>\s*%)?"

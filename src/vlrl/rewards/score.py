@@ -8,7 +8,9 @@ Input: one JSON object per line (blank lines are skipped) with
   (multiple choice: list in letter order or dict letter -> text), ``answers`` (further acceptable
   answers for ocr / free_form), ``image_size`` [w, h], ``coord_space`` (pixel / resized / norm1000 /
   norm1), ``min_pixels``, ``max_pixels``, ``factor`` (grounding), ``completion_length`` (tokens), ``task``;
-- optional ``id``.
+- optional ``id``;
+- optional ``expected``: the correct verdict from another grader or a person (``true``/``false``, 1/0, or a
+  number in [0, 1]), for ``--report``.
 
 A malformed line raises `ScoreInputError` naming the file, the line number and the field.
 
@@ -19,6 +21,12 @@ null if any of them could not score; with several rewards, ``rewards`` maps each
 Returns (and with ``print_summary`` prints) ``{"n", "mean_reward", "n_none", "by_problem_type": {type:
 {"n", "mean_reward", "n_none"}}, "rewards", "seconds"}``, where ``mean_reward`` is the mean over the
 lines whose ``reward`` is not null (null if there is none), so it can be recomputed from the output.
+
+With ``report=True`` the summary also holds ``"agreement"``: per problem type and over all lines that carry
+``expected``, ``{"n", "agree", "false_positive", "false_negative", "unscored", "agreement", "lines"}``. A line
+agrees when (reward >= ``threshold``) == (expected >= 0.5); a null reward counts as a disagreement
+(``unscored``); ``lines`` lists the line numbers of the first 20 disagreements. Each output line then also
+holds ``agrees``.
 """
 
 from __future__ import annotations
@@ -80,6 +88,17 @@ def _check_metadata(meta: dict[str, Any], problem_type: str, path: Path, lineno:
             raise _fail(path, lineno, f"field {key!r} must be a positive integer")
 
 
+def _expected(record: dict[str, Any], path: Path, lineno: int) -> float | None:
+    if "expected" not in record:
+        return None
+    value = record["expected"]
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and 0.0 <= value <= 1.0:
+        return float(value)
+    raise _fail(path, lineno, f"field 'expected' must be true/false or a number in [0, 1], got {value!r}")
+
+
 def _sample(record: Any, path: Path, lineno: int) -> tuple[Sample, str]:
     if not isinstance(record, dict):
         raise _fail(path, lineno, f"expected a JSON object, got {type(record).__name__}")
@@ -104,6 +123,7 @@ def _sample(record: Any, path: Path, lineno: int) -> tuple[Sample, str]:
         raise _fail(path, lineno, "field 'metadata' must be an object")
     meta = {**meta, **{k: record[k] for k in META_FIELDS if k in record}}
     _check_metadata(meta, problem_type, path, lineno)
+    _expected(record, path, lineno)
     sample = Sample(
         id=str(record.get("id", lineno)),
         images=[],
@@ -116,7 +136,8 @@ def _sample(record: Any, path: Path, lineno: int) -> tuple[Sample, str]:
 
 
 def read_score_input(path: str | Path) -> tuple[list[dict[str, Any]], list[Sample], list[str]]:
-    """(records, samples, completions) of a score input file; raises `ScoreInputError` on a bad line."""
+    """(records, samples, completions) of a score input file; raises `ScoreInputError` on a bad line.
+    Each sample's ``metadata["line"]`` is its line number."""
     path = Path(path)
     records: list[dict[str, Any]] = []
     samples: list[Sample] = []
@@ -130,6 +151,7 @@ def read_score_input(path: str | Path) -> tuple[list[dict[str, Any]], list[Sampl
             except json.JSONDecodeError as exc:
                 raise _fail(path, lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
             sample, completion = _sample(record, path, lineno)
+            sample.metadata.setdefault("line", lineno)
             records.append(record)
             samples.append(sample)
             completions.append(completion)
@@ -158,6 +180,41 @@ def _summary(problem_types: list[str], rewards: list[float | None]) -> dict[str,
     return {**stats(rewards), "by_problem_type": {pt: stats(v) for pt, v in sorted(by_type.items())}}
 
 
+def _agreement(
+    records: list[dict[str, Any]], samples: list[Sample], rewards: list[float | None], threshold: float
+) -> dict[str, Any]:
+    def empty() -> dict[str, Any]:
+        return {"n": 0, "agree": 0, "false_positive": 0, "false_negative": 0, "unscored": 0, "lines": []}
+
+    groups: dict[str, dict[str, Any]] = {}
+    total = empty()
+    for record, sample, reward in zip(records, samples, rewards):
+        if "expected" not in record:
+            continue
+        want = float(record["expected"]) >= 0.5
+        kind = "unscored" if reward is None else "agree" if (reward >= threshold) == want else (
+            "false_positive" if want is False else "false_negative")  # fmt: skip
+        for group in (groups.setdefault(sample.problem_type, empty()), total):
+            group["n"] += 1
+            group[kind] += 1
+            if kind != "agree" and len(group["lines"]) < 20:
+                group["lines"].append(sample.metadata["line"])
+    for group in (*groups.values(), total):
+        group["agreement"] = group["agree"] / group["n"] if group["n"] else None
+    return {"by_problem_type": dict(sorted(groups.items())), "all": total, "threshold": threshold}
+
+
+def _print_agreement(report: dict[str, Any]) -> None:
+    print(f"\nagreement with 'expected' (reward >= {report['threshold']} counts as correct)")
+    print(f"{'problem_type':<18}{'n':>7}{'agree':>7}{'false+':>8}{'false-':>8}{'none':>6}{'agreement':>11}")
+    for pt, g in (*report["by_problem_type"].items(), ("all", report["all"])):
+        value = "-" if g["agreement"] is None else f"{g['agreement']:.4f}"
+        print(f"{pt:<18}{g['n']:>7}{g['agree']:>7}{g['false_positive']:>8}{g['false_negative']:>8}"
+              f"{g['unscored']:>6}{value:>11}")  # fmt: skip
+    if report["all"]["lines"]:
+        print("disagreeing lines (first 20): " + ", ".join(map(str, report["all"]["lines"])))
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     def fmt(mean: float | None) -> str:
         return "-" if mean is None else f"{mean:.4f}"
@@ -178,6 +235,8 @@ def score_file(
     timeout: float = 10.0,
     runner: RewardRunner | None = None,
     print_summary: bool = True,
+    report: bool = False,
+    threshold: float = 0.5,
 ) -> dict[str, Any]:
     """Score every line of `in_path`, write `out_path`, return the summary (see module doc).
 
@@ -204,10 +263,18 @@ def score_file(
             row = {**record, "reward": value, "extracted": extract_answer(completions[i], modes)}
             if len(specs) > 1:
                 row["rewards"] = values
+            if report and "expected" in record:
+                row["agrees"] = value is not None and (value >= threshold) == (
+                    float(record["expected"]) >= 0.5
+                )
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     summary = _summary([s.problem_type for s in samples], line_rewards)
     summary["rewards"] = [spec.key for spec in specs]
+    if report:
+        summary["agreement"] = _agreement(records, samples, line_rewards, threshold)
     summary["seconds"] = round(time.perf_counter() - start, 3)
     if print_summary:
         _print_summary(summary)
+        if report:
+            _print_agreement(summary["agreement"])
     return summary
