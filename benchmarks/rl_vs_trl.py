@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from vlrl.data.loading import load_samples
 from vlrl.data.sample import Sample
 from vlrl.data.synth import write_split
 from vlrl.models.build import init_model
@@ -64,7 +65,6 @@ from vlrl.models.processor import ImageOnlyProcessor, vision_token_ids
 from vlrl.rewards.registry import RewardSpec, combine
 from vlrl.rollout.hf_engine import HFEngine
 from vlrl.rollout.sampler import SeededSampler
-from vlrl.train.batches import load_samples
 from vlrl.train.dist import DistInfo
 from vlrl.train.optim import make_scheduler
 from vlrl.train.rl import RLConfig, RLRun, build_run, rl_step
@@ -327,8 +327,8 @@ def step_flops(model_dir: Path, data: Path, beta: float, s: Settings) -> float:
     + 1 reference if beta > 0). Completion cost = forward of B*G prompt+completion rows minus B*G prompt rows."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from vlrl.models.inputs import encode_for_generation
     from vlrl.models.processor import image_token_id, load_processor
-    from vlrl.train.batches import encode_for_generation
 
     model = load_model(model_dir).eval()
     proc = load_processor(model_dir)

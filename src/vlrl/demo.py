@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from vlrl.config import load_config, save_config
+from vlrl.data.loading import load_samples
 from vlrl.data.synth import get_task, write_split
 from vlrl.eval.evaluate import evaluate_samples, write_results
 from vlrl.eval.report import format_table
 from vlrl.models.build import init_model
 from vlrl.models.loading import load_model_and_processor
-from vlrl.train.batches import load_samples
 from vlrl.train.rl import RLConfig, run_rl
 from vlrl.train.sft import SFTConfig, run_sft
 

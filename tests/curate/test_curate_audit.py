@@ -11,9 +11,8 @@ import pytest
 from vlrl.curate.audit import PARQUET_COLUMNS, convert, dataset_stats, validate_samples
 from vlrl.data.formats import read_file
 from vlrl.data.registry import load_dataset
-from vlrl.models.inputs import encode_prompt
+from vlrl.models.inputs import encode_prompt, sample_images
 from vlrl.models.processor import image_token_id, load_processor
-from vlrl.train.batches import sample_images
 
 
 def test_validate_mathv_counts_all_304_and_flags_over_budget(tiny_model_dir, mathv_dir):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlrl.data.loading import load_samples
 from vlrl.models.build import init_model
 from vlrl.models.cache_name import cache_arg
 from vlrl.models.loading import load_model_and_processor
 from vlrl.rollout import SamplingParams
 from vlrl.rollout.hf_engine import HFEngine
 from vlrl.rollout.lean_step import LeanStep
-from vlrl.train.batches import load_samples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -51,8 +51,8 @@ def test_lean_decode_equals_the_models_forward(arch, tmp_path, mixed_prompts):
 
 def test_lean_step_logits_equal_the_models_forward(tiny_model_dir, mixed_prompts):
     """One decode step, directly: LeanStep's logits vs the model's forward on the same prompt cache."""
+    from vlrl.models.inputs import encode_for_generation
     from vlrl.rollout.prefix import continuation_mask, expand_cache, prefill, prompt_inputs, text_positions
-    from vlrl.train.batches import encode_for_generation
 
     model, processor = load_model_and_processor(tiny_model_dir)
     model.eval()

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlrl.data.loading import load_samples
 from vlrl.models.inputs import collate
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout import SamplingParams, make_engine, mix_seed
 from vlrl.rollout.hf_engine import HFEngine
-from vlrl.train.batches import load_samples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

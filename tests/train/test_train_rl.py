@@ -173,7 +173,7 @@ def test_kl_in_reward_frozen_vision_eval_and_time_budget(sft_model, synth_dir, t
 def test_sft_replay_adds_the_scaled_sft_gradient_of_its_step_batch(sft_model, synth_dir, tmp_path, one_thread):
     """PPO-ptx: the replay term is sft_coef x the SFT loss of `global_batch(step)` of sft_data, its gradient
     added to the RL gradient of the step's first update."""
-    from vlrl.train.batches import global_batch
+    from vlrl.data.order import global_batch
     from vlrl.train.dist import init_distributed
     from vlrl.train.rl import build_run, replay_backward
     from vlrl.train.sft import sft_backward

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from vlrl.algos import POLICY_LOSSES, agg_loss
+from vlrl.data.loading import load_samples
+from vlrl.data.order import global_batch
 from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rewards.registry import RewardSpec
 from vlrl.rollout import Completion, Group, SamplingParams, make_engine
-from vlrl.train.batches import global_batch, load_samples
 from vlrl.train.dist import DistInfo
 from vlrl.train.logprobs import build_rows, row_logprobs, rows_logprobs_nograd
 from vlrl.train.rl import RLConfig, check_config

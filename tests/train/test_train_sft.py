@@ -120,10 +120,10 @@ def test_sft_loss_equals_cross_entropy_over_the_full_logits(tiny_model_dir, synt
     shifted labels, cross-entropy per target token, aggregated by hand. Loss and gradients agree."""
     import torch.nn.functional as F
 
-    from vlrl.models.inputs import IGNORE_INDEX, collate
+    from vlrl.data.loading import load_samples
+    from vlrl.models.inputs import IGNORE_INDEX, collate, encode_for_sft
     from vlrl.models.loading import load_model_and_processor
     from vlrl.models.processor import image_token_id
-    from vlrl.train.batches import encode_for_sft, load_samples
     from vlrl.train.sft import _micro_loss
 
     model, processor = load_model_and_processor(tiny_model_dir)

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from vlrl.algos import POLICY_LOSSES
-from vlrl.models.inputs import collate, encode_prompt
+from vlrl.data.loading import load_samples
+from vlrl.models.inputs import collate, encode_for_generation, encode_prompt
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout import Completion, Group
 from vlrl.rollout.prefix import prompt_inputs, prompt_positions, text_positions
-from vlrl.train.batches import encode_for_generation, load_samples
 from vlrl.train.dist import DistInfo
 from vlrl.train.logprobs import build_rows, length_order, row_logprobs, rows_logprobs_nograd
 from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update

@@ -40,13 +40,13 @@ from vlrl.curate.filter import PASS1_MODES, item_stats, parse_band
 from vlrl.curate.report import FilterSpec, finish
 from vlrl.curate.store import ResultLog, merge_parts, part_path, read_results
 from vlrl.data.errors import DataError
+from vlrl.data.loading import templated
 from vlrl.data.registry import load_dataset
 from vlrl.data.sample import Sample
 from vlrl.rewards.registry import RewardSpec
 from vlrl.rollout.base import RolloutEngine, make_engine
 from vlrl.rollout.sampler import mix_seed
 from vlrl.rollout.types import Group, SamplingParams
-from vlrl.train.batches import templated
 from vlrl.train.dist import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from vlrl.train.rl_rollout import score_groups
 

@@ -14,13 +14,13 @@ import torch
 from tqdm import tqdm
 
 from vlrl.config import save_config
+from vlrl.data.loading import load_samples
 from vlrl.data.sample import Sample
 from vlrl.models.loading import load_model_and_processor
 from vlrl.rewards.accuracy import score_answer
 from vlrl.rewards.extract import extract_answer
 from vlrl.rollout.hf import generate_texts
 from vlrl.rollout.types import SamplingParams
-from vlrl.train.batches import load_samples
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vlrl.data.images import load_image
 from vlrl.data.sample import IMAGE_PLACEHOLDER, Sample
 
 IGNORE_INDEX = -100
@@ -103,3 +104,31 @@ def collate(items: Sequence[Encoded], pad_id: int, image_token_id: int, padding_
         batch["pixel_values"] = torch.cat(pix)  # [sum P, D]
         batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in items if e.image_grid_thw is not None])
     return batch
+
+
+def sample_images(sample: Sample) -> list[Image.Image]:
+    """The sample's images, loaded under the data layer's pixel and decompression-bomb limits."""
+    return [load_image(p) for p in sample.images]
+
+
+def encode_for_sft(processor: Any, samples: Sequence[Sample]) -> list[Encoded]:
+    """Prompt + demonstration of each sample, labels on the demonstration only."""
+    return [encode_sft(processor, s.messages, sample_images(s), sft_response(s)) for s in samples]
+
+
+def encode_for_sft_cached(
+    processor: Any, samples: Sequence[Sample], indices: Sequence[int], cache: dict[int, Encoded] | None
+) -> list[Encoded]:
+    """`encode_for_sft` of `samples[i] for i in indices`, each sample encoded once per `cache` (a dict the caller
+    keeps for the run: SFT sees every sample once per epoch, so templating and image processing need not be
+    repeated). The cache holds every sample's pixel values (fp32). `cache=None`: no caching."""
+    if cache is None:
+        return encode_for_sft(processor, [samples[i] for i in indices])
+    missing = [i for i in dict.fromkeys(indices) if i not in cache]
+    cache.update(zip(missing, encode_for_sft(processor, [samples[i] for i in missing])))
+    return [cache[i] for i in indices]
+
+
+def encode_for_generation(processor: Any, samples: Sequence[Sample]) -> list[Encoded]:
+    """The prompt of each sample, for generation."""
+    return [encode_prompt(processor, s.messages, sample_images(s)) for s in samples]

@@ -8,10 +8,9 @@ from typing import Any
 import torch
 
 from vlrl.data.sample import Sample
-from vlrl.models.inputs import collate
+from vlrl.models.inputs import collate, encode_for_generation
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout.types import SamplingParams
-from vlrl.train.batches import encode_for_generation
 
 
 @torch.no_grad()

@@ -28,13 +28,12 @@ from torch import Tensor
 
 from vlrl.data.sample import Sample
 from vlrl.models.cache_name import cache_arg
-from vlrl.models.inputs import Encoded
+from vlrl.models.inputs import Encoded, encode_for_generation
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout.lean_step import LeanStep
 from vlrl.rollout.prefix import continuation_mask, expand_cache, prefill, prompt_inputs, text_positions
 from vlrl.rollout.sampler import SeededSampler, row_seeds
 from vlrl.rollout.types import Completion, Group, SamplingParams
-from vlrl.train.batches import encode_for_generation
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:

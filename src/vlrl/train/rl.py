@@ -62,6 +62,8 @@ from tqdm import tqdm
 
 from vlrl.algos import ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES, kl_penalized_rewards
 from vlrl.config import save_config
+from vlrl.data.loading import load_samples
+from vlrl.data.order import global_batch
 from vlrl.models.loading import load_model, load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rewards.registry import RewardSpec
@@ -69,7 +71,6 @@ from vlrl.rewards.runner import RewardRunner
 from vlrl.rollout.base import RolloutEngine, make_engine
 from vlrl.rollout.types import SamplingParams
 from vlrl.train import checkpoint as ckpt
-from vlrl.train.batches import global_batch, load_samples
 from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
 from vlrl.train.logging import MetricsLogger
 from vlrl.train.logprobs import rows_logprobs_nograd

@@ -2,7 +2,7 @@
 (DAPO) drop zero-variance groups and refill.
 
 Distribution: every draw of k prompts is the same on every rank (positions `position .. position + k - 1`
-of the endless shuffled-epoch stream, `train/batches.py`); each rank samples a contiguous share of them,
+of the endless shuffled-epoch stream, `data/order.py`); each rank samples a contiguous share of them,
 whole groups, with per-prompt seeds `mix_seed(run seed, position)`. Which groups are kept is decided from
 all-reduced per-group flags, so every rank agrees on the step's global group order. A prompt's completions
 depend on (run seed, its position, the weights) only: the same on any world size and after a resume.
@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from vlrl.data.order import epoch_order, shard
 from vlrl.data.sample import Sample
 from vlrl.rewards.registry import RewardSpec, combine
 from vlrl.rollout.base import RolloutEngine
 from vlrl.rollout.sampler import mix_seed
 from vlrl.rollout.types import Group, SamplingParams
-from vlrl.train.batches import epoch_order, shard
 from vlrl.train.dist import DistInfo, all_reduce_sum, is_distributed
 
 

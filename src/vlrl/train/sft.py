@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vlrl.config import save_config
-from vlrl.models.inputs import IGNORE_INDEX, Encoded, collate
+from vlrl.data.loading import load_samples
+from vlrl.data.order import global_batch, shard
+from vlrl.models.inputs import IGNORE_INDEX, Encoded, collate, encode_for_sft_cached
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id
 from vlrl.train import checkpoint as ckpt
-from vlrl.train.batches import encode_for_sft_cached, global_batch, load_samples, shard
 from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
 from vlrl.train.logging import MetricsLogger
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
