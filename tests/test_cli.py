@@ -48,7 +48,7 @@ def test_unknown_config_key_is_rejected_with_valid_keys(tmp_path: Path):
 
 def test_unknown_command_lists_commands():
     proc = vlrl("bogus", check=False)
-    assert proc.returncode == 2 and "sft" in proc.stdout and "eval" in proc.stdout
+    assert proc.returncode == 2 and "sft" in proc.stderr and "eval" in proc.stderr and "unknown command" in proc.stderr
 
 
 def test_bad_data_gives_file_line_field_and_no_traceback(tmp_path: Path):

@@ -2,7 +2,16 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from vlrl.config import ConfigError, load_config, save_config
+from vlrl.config import (
+    ConfigError,
+    KeyDoc,
+    build,
+    config_keys,
+    describe_config,
+    field_comments,
+    load_config,
+    save_config,
+)
 
 
 @dataclass
@@ -76,3 +85,74 @@ class Outer:
 def test_nested_validation_error_becomes_config_error():
     with pytest.raises(ConfigError, match=r"config.items\[0\]: unknown name 'z'; valid: a, b"):
         load_config(Outer, None, ["items=[{name: z}]"])
+
+
+@dataclass
+class Judge:
+    url: str  # where the judge listens
+    timeout: float = 5.0  # seconds per call
+
+
+def make_judge() -> Judge:
+    return Judge(url="http://localhost")
+
+
+@dataclass
+class Section:
+    on: bool = False  # turn the section on
+    judge: Judge = field(default_factory=make_judge)  # the judge
+
+
+@dataclass
+class Documented:
+    name: str  # the run's name
+    # heading: not a field's description
+    lr: float = 1e-3  # learning rate,
+    #   continued on the next line
+    # another heading, right below a field: not a continuation
+    tags: list[str] = field(default_factory=lambda: ["a", "b"])  # labels
+    limit: int | None = None
+    sec: Section = field(default_factory=Section)  # nested
+
+    def method(self) -> int:
+        local: int = 1  # a method's local, not a field
+        return local
+
+
+def test_field_comments_reads_trailing_comments_and_continuations():
+    assert field_comments(Documented) == {
+        "name": "the run's name",
+        "lr": "learning rate, continued on the next line",
+        "tags": "labels",
+        "sec": "nested",
+    }
+
+
+def test_config_keys_dots_sections_with_the_defaults_the_config_gets():
+    assert config_keys(Documented) == [
+        KeyDoc("name", "str", None, "the run's name"),
+        KeyDoc("lr", "float", "0.001", "learning rate, continued on the next line"),
+        KeyDoc("tags", "list[str]", "[a, b]", "labels"),
+        KeyDoc("limit", "int | None", "null", ""),
+        KeyDoc("sec.on", "bool", "false", "turn the section on"),
+        KeyDoc("sec.judge.url", "str", "http://localhost", "where the judge listens"),
+        KeyDoc("sec.judge.timeout", "float", "5.0", "seconds per call"),
+    ]
+
+
+def test_describe_config_prints_key_type_default_and_description():
+    text = describe_config(Documented)
+    assert text.splitlines()[:4] == [
+        "  name: str  (required)",
+        "      the run's name",
+        "  lr: float = 0.001",
+        "      learning rate, continued on the next line",
+    ]
+    assert "  sec.judge.timeout: float = 5.0\n      seconds per call" in text
+
+
+def test_a_given_key_of_a_section_keeps_the_default_sections_other_keys():
+    cfg = build(Documented, {"name": "n", "sec": {"judge": {"timeout": 9}}})
+    assert cfg.sec.judge.timeout == 9.0 and cfg.sec.judge.url == "http://localhost" and cfg.sec.on is False
+    with pytest.raises(ConfigError, match="unknown key"):
+        build(Documented, {"name": "n", "sec": {"judge": {"bogus": 1}}})

@@ -2,6 +2,9 @@
 
 Config-driven commands (`sft`, `eval`, ...) take `--config FILE.yaml` plus overrides written either as
 `key=value` (dotted for nested keys) or as `--key value`; a repeated `--key` makes a list.
+
+`vlrl --help` lists the commands (each one's docstring summary); `vlrl <command> --help` prints a config
+command's keys with their types, defaults and descriptions (the config dataclass's field comments).
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlrl.config import ConfigError, load_config
+from vlrl.config import ConfigError, KeyDoc, config_keys, describe_config, load_config
 from vlrl.data.errors import DataError
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a `key=value` word: never the value of a preceding --switch
+HELP_FLAGS = ("-h", "--help")
 
 
 def _flags_to_overrides(rest: list[str], list_keys: tuple[str, ...] = ()) -> list[str]:
@@ -54,7 +58,39 @@ def _needs_quotes(v: str) -> bool:
     return any(c in v for c in ":#{}[],&*!|>'\"%@`") or v.strip() != v
 
 
-def _run_config_command(cls: type, fn: Callable[[Any], Any], rest: list[str], list_keys: tuple[str, ...] = ()) -> Any:
+def _example(key: KeyDoc) -> str:
+    return f"{key.key}={'true' if key.type == 'bool' else key.default or 'VALUE'}"
+
+
+def _how_to_pass(keys: list[KeyDoc]) -> list[str]:
+    """How to set `keys` on the command line, with examples taken from the keys themselves."""
+    number = next((k for k in keys if k.type in ("int", "float")), keys[0])
+    snake = next((k.key for k in keys if "_" in k.key and "." not in k.key), number.key)
+    dotted = next((k for k in keys if "." in k.key), None)
+    lines = ["Values come from --config FILE.yaml (a YAML mapping of the keys below), then from the command",
+             "line, which overrides the file. A value is read as YAML: 3e-4, true, null, [a, b], {k: v}.",
+             f"  key=value          e.g. {_example(number)}"]
+    if dotted is not None:
+        lines.append(f"  section.key=value  a key of a nested section, e.g. {_example(dotted)}")
+    switch = "--" + snake.replace("_", "-")
+    lines += [f"  --key value        the same as key=value ({switch} sets {snake}); a repeated --key makes",
+              "                     a list, and a --key with no value after it means key=true"]
+    return lines
+
+
+def _config_help(command: str, cls: type) -> str:
+    """`vlrl <command> --help` of a config-driven command: how to pass values, then every key of `cls`."""
+    lines = [f"usage: vlrl {command} [--config FILE.yaml] [key=value ...] [--key value ...]", "",
+             _summary(COMMANDS[command]), "", *_how_to_pass(config_keys(cls)), "",
+             "keys (name: type = default, then what it sets):", describe_config(cls)]
+    return "\n".join(lines)
+
+
+def _run_config_command(command: str, cls: type, fn: Callable[[Any], Any], rest: list[str],
+                        list_keys: tuple[str, ...] = ()) -> Any:
+    if any(tok in HELP_FLAGS for tok in rest):  # as argparse's --help: print, exit 0, run nothing
+        print(_config_help(command, cls))
+        raise SystemExit(0)
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config")
     known, rest = parser.parse_known_args(rest)
@@ -63,24 +99,27 @@ def _run_config_command(cls: type, fn: Callable[[Any], Any], rest: list[str], li
 
 
 def cmd_sft(rest: list[str]) -> None:
+    """supervised fine-tuning: the merger alone (stage align) or the whole VLM (stage full)"""
     from vlrl.train.sft import SFTConfig, run_sft
 
-    final = _run_config_command(SFTConfig, run_sft, rest, list_keys=("data", "val_data"))
+    final = _run_config_command("sft", SFTConfig, run_sft, rest, list_keys=("data", "val_data"))
     print(f"final checkpoint: {final}")
 
 
 def cmd_rl(rest: list[str]) -> None:
+    """RL fine-tuning with verifiable rewards: GRPO, GSPO, DAPO, Dr.GRPO, Trust-GRPO"""
     from vlrl.train.rl import RLConfig, run_rl
 
-    final = _run_config_command(RLConfig, run_rl, rest, list_keys=("data", "val_data"))
+    final = _run_config_command("rl", RLConfig, run_rl, rest, list_keys=("data", "val_data"))
     print(f"final checkpoint: {final}")
 
 
 def cmd_eval(rest: list[str]) -> None:
+    """accuracy of a model on datasets, with the answer checks that RL trains with"""
     from vlrl.eval.evaluate import EvalConfig, run_eval
     from vlrl.eval.report import print_result
 
-    summary = _run_config_command(EvalConfig, run_eval, rest, list_keys=("data",))
+    summary = _run_config_command("eval", EvalConfig, run_eval, rest, list_keys=("data",))
     print_result(summary)
 
 
@@ -94,17 +133,19 @@ def _bool_flags(rest: list[str], flags: tuple[str, ...]) -> list[str]:
 
 
 def cmd_curate(rest: list[str]) -> None:
+    """keep the items of a dataset that a model sometimes solves (rollout-based difficulty filtering)"""
     from vlrl.curate.filter import format_report
     from vlrl.curate.run import CurateConfig, run_curate
 
     rest = _bool_flags(rest, ("--rank-by-gap", "--parquet", "--skip-invalid"))
-    report = _run_config_command(CurateConfig, run_curate, rest, list_keys=("data", "reward"))
+    report = _run_config_command("curate", CurateConfig, run_curate, rest, list_keys=("data", "reward"))
     if report:  # rank 0
         print(format_report(report))
         print(f"kept: {', '.join(report['files']['kept'])}")
 
 
 def cmd_init_model(rest: list[str]) -> None:
+    """build a randomly initialised tiny/small Qwen-family VLM (for tests and the CPU demo)"""
     from vlrl.models.build import ARCHS, SIZES, count_parameters, init_model
     from vlrl.models.loading import load_model
 
@@ -119,6 +160,7 @@ def cmd_init_model(rest: list[str]) -> None:
 
 
 def cmd_data(rest: list[str]) -> None:
+    """datasets: synth (synthetic tasks), validate (token budget, images), stats, convert"""
     from vlrl.data.synth import TASKS, synth_main
 
     p = argparse.ArgumentParser(prog="vlrl data")
@@ -176,6 +218,7 @@ def _data_audit(a: argparse.Namespace) -> None:
 
 
 def cmd_infer(rest: list[str]) -> None:
+    """print a model's answer to one question (with images)"""
     from vlrl.eval.infer import infer
 
     p = argparse.ArgumentParser(prog="vlrl infer", description="Print the model's answer to one question.")
@@ -191,6 +234,7 @@ def cmd_infer(rest: list[str]) -> None:
 
 
 def cmd_score(rest: list[str]) -> None:
+    """score the completions of a jsonl file with vlrl's rewards"""
     from vlrl.rewards.score import score_file
 
     p = argparse.ArgumentParser(prog="vlrl score", description="Score completions with vlrl's rewards.")
@@ -205,6 +249,7 @@ def cmd_score(rest: list[str]) -> None:
 
 
 def cmd_serve(rest: list[str]) -> None:
+    """serve a local model behind an OpenAI-compatible chat-completions endpoint"""
     from vlrl.serve.server import main as serve_main
 
     serve_main(rest)
@@ -223,11 +268,28 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 }
 
 
+def _summary(fn: Callable[..., Any]) -> str:
+    """The first line of a command function's docstring: what the command does."""
+    return fn.__doc__.strip().splitlines()[0] if fn.__doc__ and fn.__doc__.strip() else ""
+
+
+def usage() -> str:
+    """`vlrl --help`: every command with one line on what it does."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: vlrl <command> [args]      (vlrl <command> --help: that command's options)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {_summary(fn)}" for name, fn in COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: vlrl <command> [args]\ncommands: " + ", ".join(COMMANDS))
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in HELP_FLAGS:
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"{usage()}\n\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+        return 2
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -7,6 +7,11 @@ directory. Values in overrides are parsed as YAML scalars (`lr=3e-4`, `freeze_vi
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import re
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -100,6 +105,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
+def _onto_default_section(f: dataclasses.Field[Any], tp: Any, value: Any) -> Any:
+    """A given section's keys laid over the section's default instance (a parent's default factory), so that
+    `trust.judge.timeout=5` keeps the default judge's other keys."""
+    if not (isinstance(value, dict) and _is_section(tp) and f.default_factory is not dataclasses.MISSING):
+        return value
+    return _merge(dataclasses.asdict(f.default_factory()), value)
+
+
 def build(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     """Build dataclass `cls` from a dict; unknown keys and missing required keys are errors."""
     hints = typing.get_type_hints(cls)
@@ -107,6 +120,7 @@ def build(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}")
+    values = {k: _onto_default_section(fields[k], hints[k], v) for k, v in values.items()}
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
@@ -139,3 +153,131 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --- describing a config (`vlrl <command> --help`) ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One settable key of a config dataclass, as `config_keys` finds it."""
+
+    key: str  # dotted path from the top of the config, e.g. "trust.judge.timeout"
+    type: str  # the field's type, module prefixes dropped, e.g. "list[RewardSpec]"
+    default: str | None  # the default as YAML would write it; None when the key is required
+    help: str  # the field's `# comment` (see `field_comments`); "" when it has none
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's description, read from the source of `cls` (and of its dataclass bases): the trailing
+    `# comment` on the line that declares the field, continued by the comment-only lines right below it
+    whose text starts with two or more spaces after the `#` (`#   continued`). A comment line with one space
+    (`# rollout`) is a heading, not a continuation."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_class_comments(klass))
+    return out
+
+
+def _class_comments(klass: type) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):  # no source file (a class built at run time)
+        return {}
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    notes: dict[str, list[str]] = {}
+    depth, line_start = 0, True
+    owner: str | None = None  # the field declared by the current logical line
+    last: tuple[str, int] | None = None  # (field, line of its latest comment) that a continuation may extend
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.INDENT:
+            depth += 1
+        elif tok.type == tokenize.DEDENT:
+            depth -= 1
+        elif tok.type == tokenize.NEWLINE:
+            line_start, owner = True, None
+        elif tok.type == tokenize.COMMENT:
+            text = tok.string[1:]
+            if owner is not None:
+                notes.setdefault(owner, []).append(text.strip())
+                last = (owner, tok.start[0])
+            elif line_start and last and tok.start[0] == last[1] + 1 and text.startswith("  "):
+                notes[last[0]].append(text.strip())
+                last = (last[0], tok.start[0])
+            else:
+                last = None
+        elif tok.type not in (tokenize.NL, tokenize.ENCODING) and line_start:
+            line_start = False
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+            is_field = depth == 1 and tok.type == tokenize.NAME and nxt is not None and nxt.string == ":"
+            owner = tok.string if is_field else None
+            last = None
+    return {name: " ".join(parts) for name, parts in notes.items()}
+
+
+def type_name(tp: Any) -> str:
+    """`int`, `str | None`, `list[RewardSpec]`, `dict[str, Any]`: a type as a reader writes it."""
+    if typing.get_origin(tp) is None and isinstance(tp, type):
+        return tp.__name__
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*)", r"\1", str(tp))
+
+
+def show_value(value: Any) -> str:
+    """A default value as YAML flow style writes it: null, true, [0.9, 0.95], {name: accuracy}."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value else '""'
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {show_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp) and isinstance(tp, type)
+
+
+def _default_of(f: dataclasses.Field[Any], section: Any) -> Any:
+    """The value a key takes when not given: from the enclosing section's default instance when there is one
+    (a parent's default factory may fill a field that has no default of its own), else the field's default."""
+    if section is not None:
+        return getattr(section, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def config_keys(cls: type, prefix: str = "", section: Any = None) -> list[KeyDoc]:
+    """Every settable key of config dataclass `cls`, in declaration order; the fields of a nested dataclass
+    section are listed as dotted keys (`trust.judge.timeout`), each with the default a loaded config gets."""
+    hints = typing.get_type_hints(cls)
+    notes = field_comments(cls)
+    out: list[KeyDoc] = []
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], prefix + f.name
+        default = _default_of(f, section)
+        if _is_section(tp):
+            out += config_keys(tp, key + ".", None if default is dataclasses.MISSING else default)
+            continue
+        text = None if default is dataclasses.MISSING else show_value(default)
+        out.append(KeyDoc(key, type_name(tp), text, notes.get(f.name, "")))
+    return out
+
+
+def describe_config(cls: type) -> str:
+    """The keys of config dataclass `cls`, two lines each: `  key: type = default` (`  key: type  (required)`)
+    and the indented description."""
+    lines = []
+    for doc in config_keys(cls):
+        head = f"  {doc.key}: {doc.type}" + ("  (required)" if doc.default is None else f" = {doc.default}")
+        lines += [head, f"      {doc.help}".rstrip()]
+    return "\n".join(lines)

@@ -59,11 +59,11 @@ SAMPLING_KEYS = ("model", "n", "seed", "max_new_tokens", "temperature", "top_p",
 @dataclass
 class CurateConfig:
     model: str  # HF model folder (usually the SFT checkpoint RL will start from)
-    data: list[str]  # dataset registry names or paths
-    out: str  # output directory
+    data: list[str]  # datasets to curate: registry names or data file paths
+    out: str  # output directory (samples, stats, kept records, report); re-running resumes
     n: int = 8  # completions sampled per item
-    band: list[float] | str = field(default_factory=lambda: [0.0, 1.0])  # LOW < mean < HIGH (and min < max);
-    # written [LOW, HIGH] or "LOW,HIGH" (`--band 0,0.6`)
+    band: list[float] | str = field(default_factory=lambda: [0.0, 1.0])  # keep items with LOW <
+    #   mean reward < HIGH and min < max; written [LOW, HIGH] or "LOW,HIGH" (`--band 0,0.6`)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy")])  # as in the RL config
     reward: list[str] = field(default_factory=list)  # shorthand: reward names, weight 1 (replaces `rewards`)
     threshold: float = 0.5  # a completion passes when its (weighted) reward >= threshold
@@ -71,21 +71,21 @@ class CurateConfig:
     rank_by_gap: bool = False  # order the kept items by pass@N - pass@1, largest first
     max_keep: int | None = None  # keep at most this many (after ranking)
     parquet: bool = False  # also write kept.parquet
-    registry: str | None = None
+    registry: str | None = None  # registry file that dataset names resolve in (null: $VLRL_DATA_REGISTRY)
     template: str = "none"  # prompt template, as in RL and eval (`vlrl.data.templates`)
-    system_prompt: str | None = None
-    skip_invalid: bool = False
-    limit: int | None = None  # first `limit` items of each dataset
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    dtype: str = "float32"
-    rollout_engine: str = "hf"
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    system_prompt: str | None = None  # replaces (or inserts) each prompt's system turn; null: keep the data's
+    skip_invalid: bool = False  # drop invalid data records (counted) instead of stopping at the first
+    limit: int | None = None  # first `limit` items of each dataset; null: all
+    min_pixels: int | None = None  # images smaller than this many pixels are upscaled; null: processor's own
+    max_pixels: int | None = None  # images larger than this many pixels are downscaled; null: processor's own
+    dtype: str = "float32"  # model weights: float32 | bfloat16 | float16
+    rollout_engine: str = "hf"  # hf (in-process generate) | vllm
+    max_new_tokens: int = 32  # completion length limit in tokens (longer ones are truncated)
+    temperature: float = 1.0  # sampling temperature of the n completions (> 0)
+    top_p: float = 1.0  # nucleus sampling: smallest token set with this probability mass (1.0: off)
+    top_k: int = 0  # sample among the k most likely tokens (0: off)
     batch_size: int = 8  # items per engine call on a rank (a batch is also the unit of resume)
-    seed: int = 0
+    seed: int = 0  # each item's sampling seed is mix_seed(seed, hash of its id)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
 
     def __post_init__(self) -> None:

@@ -25,19 +25,18 @@ from vlrl.rollout.types import SamplingParams
 
 @dataclass
 class EvalConfig:
-    model: str
-    data: list[str]
-    out: str  # results.json path; predictions go beside it
-    registry: str | None = None
-    template: str = "none"
-    system_prompt: str | None = None
-    skip_invalid: bool = False
-    limit: int | None = None
-    batch_size: int = 64
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # greedy
-    threads: int = 0
-
+    model: str  # HF model folder (or checkpoint) to evaluate
+    data: list[str]  # datasets to evaluate on: registry names or data file paths
+    out: str  # results JSON path; OUT.predictions.jsonl and OUT.config.yaml (OUT: its stem) go beside it
+    registry: str | None = None  # registry file that dataset names resolve in (null: $VLRL_DATA_REGISTRY)
+    template: str = "none"  # prompt template: none | answer | thinking | fast (a registry entry's own wins)
+    system_prompt: str | None = None  # replaces (or inserts) each prompt's system turn; null: keep the data's
+    skip_invalid: bool = False  # drop invalid data records (counted) instead of stopping at the first
+    limit: int | None = None  # first this many records of each dataset; null: all
+    batch_size: int = 64  # prompts per generate call
+    max_new_tokens: int = 32  # answer length limit in tokens
+    temperature: float = 0.0  # sampling temperature of the answers (0: greedy)
+    threads: int = 0  # torch intra-op threads (0: leave torch's default)
 
 @dataclass
 class EvalResult:

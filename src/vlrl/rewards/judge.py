@@ -63,40 +63,31 @@ IMAGE_CACHE_SIZE = 16  # encoded images kept (a group's G completions share one 
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    """Where the judge is and how to call it. Hashable: one client per distinct config.
+    """Where the judge is and how to call it. Hashable: one client per distinct config. Each field's
+    trailing comment documents it (`vlrl rl --help` prints them as `trust.judge.*`).
 
-    base_url: the endpoint's base, e.g. "http://127.0.0.1:8000/v1" ("/chat/completions" is appended unless
-        present). model: the judge model's name at that endpoint.
-    api_key_env: name of the environment variable holding the API key (unset/empty: no Authorization).
-    timeout: seconds for connecting, for each read and for the whole body of one response (the body deadline
-        is checked as data arrives, so a server that sends nothing is caught by the read time-out).
-    max_retries / backoff / max_backoff: retries after the first attempt; the k-th waits
-        min(max_backoff, backoff * 2**k) seconds (+ up to 10 % jitter), or the server's Retry-After if shorter.
-    max_concurrency: requests in flight at once.
-    temperature / max_tokens: the judge's sampling.
-    cache_path: a jsonl file of cached replies (read at start, appended to), or None for memory only.
-    cache_size: entries kept in memory (least recently used dropped first).
-    image_max_pixels / max_images: images are downscaled to at most this many pixels; at most this many sent.
-    max_response_chars: the judged completion is cut to this many characters.
-    weights: (format, reasoning, answer) weights of the "accuracy" template.
+    timeout: the body deadline is checked as data arrives, so a server that sends nothing is caught by the
+    read time-out. Retries: the k-th waits min(max_backoff, backoff * 2**k) seconds (+ up to 10 % jitter),
+    or the server's Retry-After if shorter.
     """
 
-    base_url: str
-    model: str
-    api_key_env: str = "VLRL_JUDGE_API_KEY"
-    timeout: float = 60.0
-    max_retries: int = 3
-    backoff: float = 1.0
-    max_backoff: float = 30.0
-    max_concurrency: int = 8
-    temperature: float = 0.0
-    max_tokens: int = 512
-    cache_path: str | None = None
-    cache_size: int = 100_000
-    image_max_pixels: int = 1280 * 28 * 28
-    max_images: int = 4
-    max_response_chars: int = 16_000
-    weights: tuple[float, float, float] = (0.1, 0.3, 0.6)
+    base_url: str  # endpoint base, e.g. http://127.0.0.1:8000/v1 (/chat/completions appended unless present)
+    model: str  # the judge model's name at that endpoint
+    api_key_env: str = "VLRL_JUDGE_API_KEY"  # environment variable holding the API key (unset/empty: no key)
+    timeout: float = 60.0  # seconds for connecting, for each read and for the whole body of one response
+    max_retries: int = 3  # retries after the first attempt
+    backoff: float = 1.0  # seconds: the k-th retry waits min(max_backoff, backoff * 2**k)
+    max_backoff: float = 30.0  # seconds: the longest wait between retries
+    max_concurrency: int = 8  # requests in flight at once
+    temperature: float = 0.0  # the judge's sampling temperature
+    max_tokens: int = 512  # the judge's reply length limit, in tokens
+    cache_path: str | None = None  # jsonl of cached replies (read at start, appended to); null: memory only
+    cache_size: int = 100_000  # cached replies kept in memory (least recently used dropped first)
+    image_max_pixels: int = 1280 * 28 * 28  # images are downscaled to at most this many pixels
+    max_images: int = 4  # images sent per request, at most
+    max_response_chars: int = 16_000  # the judged completion is cut to this many characters
+    weights: tuple[float, float, float] = (0.1, 0.3, 0.6)  # (format, reasoning, answer) weights of the
+    #   "accuracy" template
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):

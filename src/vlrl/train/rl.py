@@ -86,28 +86,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class RLConfig:
     model: str  # HF model folder to start from (usually an SFT checkpoint)
-    data: list[str]  # dataset registry names or paths
-    out: str  # run directory
-    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy")])  # name, weight, kwargs
+    data: list[str]  # training datasets: registry names or data file paths
+    out: str  # run directory (config.yaml, metrics.jsonl, samples.jsonl, checkpoints/); re-running resumes
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy")])  # the rewards
+    #   summed with weights, each {name, weight, kwargs, label} (label: tells two specs of one reward apart)
     ref_model: str | None = None  # frozen KL reference (default: `model`); loaded only when beta > 0
-    registry: str | None = None
-    template: str = "none"
-    system_prompt: str | None = None
-    skip_invalid: bool = False
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    gradient_checkpointing: bool = False
-    max_steps: int = 100
-    max_seconds: float | None = None  # stop after this wall time (checkpointed)
+    registry: str | None = None  # registry file that dataset names resolve in (null: $VLRL_DATA_REGISTRY)
+    template: str = "none"  # prompt template: none | answer | thinking | fast (a registry entry's own wins)
+    system_prompt: str | None = None  # replaces (or inserts) each prompt's system turn; null: keep the data's
+    skip_invalid: bool = False  # drop invalid data records (counted) instead of stopping at the first
+    min_pixels: int | None = None  # images smaller than this many pixels are upscaled; null: processor's own
+    max_pixels: int | None = None  # images larger than this many pixels are downscaled; null: processor's own
+    dtype: str = "float32"  # weights of the policy and reference: float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, slower)
+    max_steps: int = 100  # RL steps to train; also the length of the LR schedule
+    max_seconds: float | None = None  # stop after this many seconds of wall time (checkpointed); null: none
     # rollout
-    rollout_engine: str = "hf"
+    rollout_engine: str = "hf"  # hf (in-process generate) | vllm
     batch_size: int = 8  # B: prompts per step, global
     group_size: int = 8  # G: completions per prompt
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_new_tokens: int = 32  # completion length limit in tokens (longer ones are truncated)
+    temperature: float = 1.0  # sampling temperature (> 0); the training log-probs use the same
+    top_p: float = 1.0  # nucleus sampling: smallest token set with this probability mass (1.0: off)
+    top_k: int = 0  # sample among the k most likely tokens (0: off)
     max_prompts_per_call: int = 0  # prompts per generate call on a rank (0: all)
     decode_threads: int = 1  # hf engine on CPU: decode shards in Python threads (>1 helps on a busy machine)
     reward_workers: int = 0  # reward worker processes (0: in-process)
@@ -115,50 +116,51 @@ class RLConfig:
     dynamic_max_tries: int = 4  # draws per step at most (the first included)
     mask_truncated: bool = False  # DAPO overlong filtering: truncated completions get no loss
     # algorithm
-    advantage: str = "grpo"  # ADVANTAGES name
-    advantage_kwargs: dict[str, Any] = field(default_factory=dict)
-    loss: str = "ppo_clip"  # POLICY_LOSSES name
-    eps_low: float | None = None  # None: the loss's own default
-    eps_high: float | None = None
-    dual_clip: float | None = None  # ppo_clip only
-    agg_mode: str = "seq-mean-token-mean"  # AGG_MODES name
+    advantage: str = "grpo"  # advantage estimator, a vlrl.algos.ADVANTAGES name (e.g. grpo, dr_grpo, rloo)
+    advantage_kwargs: dict[str, Any] = field(default_factory=dict)  # the estimator's keyword arguments
+    #   (e.g. {scale: batch} for grpo)
+    loss: str = "ppo_clip"  # policy loss, a vlrl.algos.POLICY_LOSSES name (e.g. ppo_clip, gspo)
+    eps_low: float | None = None  # lower clip: ratio >= 1 - eps_low; null: the loss's own default
+    eps_high: float | None = None  # upper clip: ratio <= 1 + eps_high; null: the loss's own default
+    dual_clip: float | None = None  # ppo_clip only: dual-clip bound c > 1 for negative advantages; null: off
+    agg_mode: str = "seq-mean-token-mean"  # loss reduction over tokens and rows, a vlrl.algos.AGG_MODES name
     beta: float = 0.0  # KL coefficient; 0 = no reference model
-    kl_estimator: str | None = None  # None: k3 in the loss, k1 in the reward
+    kl_estimator: str | None = None  # k1 | k2 | k3; null: k3 in the loss, k1 in the reward
     kl_in_reward: bool = False  # subtract beta * KL from the rewards instead of adding it to the loss
-    kl_clamp: float | None = None
+    kl_clamp: float | None = None  # clamp per-token KL estimates to [-kl_clamp, kl_clamp]; null: no clamp
     trust: TrustConfig = field(default_factory=TrustConfig)  # Trust-GRPO (SophiaVL-R1): judge process rewards
-    ppo_epochs: int = 1  # μ
+    ppo_epochs: int = 1  # passes over each step's rollouts (GRPO's μ)
     num_minibatches: int = 1  # optimizer steps per epoch
     micro_batch_size: int = 8  # rows (completions) per forward on a rank
     share_vision: bool = True  # encode each prompt's images once for its G rows in training forwards
     shared_prefix: bool = True  # run each prompt once per group in training / reference forwards, its KV cache
     #   expanded to the group's rows (same log-probs and gradients; off: [prompt | completion] per row)
     # optimisation
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    freeze_vision: bool = False
-    freeze_merger: bool = False
+    lr: float = 1e-6  # peak learning rate (AdamW), after warm-up; cosine decay to min_lr_ratio * lr
+    weight_decay: float = 0.0  # AdamW weight decay (biases and norm weights get none)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW [beta1, beta2]
+    warmup_steps: int = 0  # steps of linear LR warm-up to lr
+    min_lr_ratio: float = 0.0  # the cosine schedule ends at min_lr_ratio * lr at max_steps
+    max_grad_norm: float = 1.0  # clip the global gradient L2 norm to this before each optimizer step
+    freeze_vision: bool = False  # the vision tower (not its merger) stays frozen
+    freeze_merger: bool = False  # the vision-language merger stays frozen
     # demonstration replay (InstructGPT's PPO-ptx, Ouyang et al. 2022): each step also backpropagates
     # sft_coef x the SFT loss of sft_batch_size samples of sft_data, so RL does not erase what SFT taught on
     # prompts it does not sample; 0 = off
-    sft_data: list[str] = field(default_factory=list)
-    sft_coef: float = 0.0
-    sft_batch_size: int = 16  # global, per step
-    sft_loss_agg: str = "sample"  # as SFTConfig.loss_agg
+    sft_data: list[str] = field(default_factory=list)  # demonstration datasets: registry names or paths
+    sft_coef: float = 0.0  # weight of the replayed SFT loss in each step's gradient (0: off)
+    sft_batch_size: int = 16  # demonstrations per step, over all ranks
+    sft_loss_agg: str = "sample"  # token | sample: the replayed loss's reduction, as SFT's loss_agg
     # bookkeeping
-    seed: int = 0
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    log_every: int = 1
+    seed: int = 0  # seed of the prompt order, the rollouts' sampling and torch's RNG
+    save_every: int = 50  # checkpoint every this many steps (and at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept in out/checkpoints, older ones deleted (0: keep all)
+    log_every: int = 1  # a metrics.jsonl line every this many steps (and at the last and validation steps)
     log_samples: int = 8  # completions written to samples.jsonl per logged step
-    val_data: list[str] = field(default_factory=list)
-    val_limit: int = 200
-    eval_every: int = 0
-    val_max_new_tokens: int = 32
+    val_data: list[str] = field(default_factory=list)  # validation splits, evaluated every `eval_every` steps
+    val_limit: int = 200  # first this many records of each validation dataset
+    eval_every: int = 0  # greedy validation accuracy every this many steps and at the end (0: never)
+    val_max_new_tokens: int = 32  # answer length limit of the validation generations, in tokens
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
 
     @property

@@ -32,35 +32,35 @@ from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
 @dataclass
 class SFTConfig:
     model: str  # HF model folder to start from
-    data: list[str]  # dataset registry names or paths
-    out: str  # run directory
-    stage: str = "full"  # align | full
-    registry: str | None = None
-    template: str = "none"
-    system_prompt: str | None = None
-    skip_invalid: bool = False
-    max_steps: int = 100
-    max_seconds: float | None = None  # stop after this wall time (the equal-time control of the demo)
-    batch_size: int = 32  # global, per optimizer step
-    micro_batch_size: int = 8  # per rank per forward
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # beta2 0.95: forgets early grad spikes
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
+    data: list[str]  # training datasets: registry names or data file paths
+    out: str  # run directory (config.yaml, metrics.jsonl, checkpoints/); re-running resumes from it
+    stage: str = "full"  # align: only the vision-language merger trains; full: every parameter
+    registry: str | None = None  # registry file that dataset names resolve in (null: $VLRL_DATA_REGISTRY)
+    template: str = "none"  # prompt template: none | answer | thinking | fast (a registry entry's own wins)
+    system_prompt: str | None = None  # replaces (or inserts) each prompt's system turn; null: keep the data's
+    skip_invalid: bool = False  # drop invalid data records (counted) instead of stopping at the first
+    max_steps: int = 100  # optimizer steps to train; also the length of the LR schedule
+    max_seconds: float | None = None  # stop after this many seconds of wall time (checkpointed); null: none
+    batch_size: int = 32  # samples per optimizer step, over all ranks
+    micro_batch_size: int = 8  # samples per forward on a rank (gradients accumulate over a rank's share)
+    lr: float = 1e-3  # peak learning rate (AdamW), after warm-up; cosine decay to min_lr_ratio * lr
+    weight_decay: float = 0.0  # AdamW weight decay (biases and norm weights get none)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW [beta1, beta2]; beta2 0.95
+    #   forgets early gradient spikes
+    warmup_steps: int = 10  # steps of linear LR warm-up to lr
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at min_lr_ratio * lr at max_steps
+    max_grad_norm: float = 1.0  # clip the global gradient L2 norm to this before each optimizer step
     loss_agg: str = "token"  # token: every target token weighs the same; sample: every sample does
     cache_encoded: bool = False  # keep each sample's encoding (token ids, pixel values) after its first use
-    freeze_vision: bool = False
-    seed: int = 0
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    freeze_vision: bool = False  # stage full: the vision tower (not its merger) stays frozen
+    seed: int = 0  # seed of the data order and of torch's RNG
+    save_every: int = 50  # checkpoint every this many steps (and at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept in out/checkpoints, older ones deleted (0: keep all)
+    log_every: int = 10  # a metrics.jsonl line every this many steps (and at the last and validation steps)
     val_data: list[str] = field(default_factory=list)  # validation splits, evaluated every `eval_every` steps
-    val_limit: int = 200
-    eval_every: int = 0
+    val_limit: int = 200  # first this many records of each validation dataset
+    eval_every: int = 0  # greedy validation accuracy every this many steps and at the end (0: never)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
-
 
 LOSS_AGGS = ("token", "sample")
 

@@ -49,26 +49,19 @@ def default_judge() -> JudgeConfig:
 
 @dataclass
 class TrustConfig:
-    """The `trust:` section of an RL config (Trust-GRPO; off unless `enabled`).
+    """The `trust:` section of an RL config (Trust-GRPO; off unless `enabled`). Each field's trailing comment
+    documents it (`vlrl rl --help` prints them)."""
 
-    alpha: weight of the process reward; anneal_steps: T of the annealed weight alpha * exp(-step / T).
-    outcome_reward: key (label or name) of the `rewards:` entry whose raw values say right / wrong.
-    right / wrong: a group whose outcomes are all >= right, or all <= wrong, is not judged (`needs_judge`).
-    threshold: outcomes >= threshold are "correct" in gamma's mu_c, the others "wrong" (mu_w).
-    template: the judge's prompt template ("process": SophiaVL-R1's thinking-reward rubric).
-    judge: `JudgeConfig` fields: base_url, model, timeout, max_retries, backoff, max_concurrency, max_tokens,
-        cache_path (a jsonl of replies that later runs and resumes reuse), ...
-    """
-
-    enabled: bool = False
-    alpha: float = 0.3
-    anneal_steps: float = 500.0
-    outcome_reward: str = "accuracy"
-    right: float = 0.9
-    wrong: float = 0.1
-    threshold: float = 0.5
-    template: str = "process"
-    judge: JudgeConfig = field(default_factory=default_judge)
+    enabled: bool = False  # mix the judge's process rewards into the rewards (Trust-GRPO)
+    alpha: float = 0.3  # weight of the process reward (>= 0), annealed as alpha * exp(-step / anneal_steps)
+    anneal_steps: float = 500.0  # T of the annealed weight alpha * exp(-step / T), in steps (> 0)
+    outcome_reward: str = "accuracy"  # key (label or name) of the `rewards:` entry whose raw values say
+    #   right / wrong
+    right: float = 0.9  # a group whose outcomes are all >= right is not judged (`needs_judge`)
+    wrong: float = 0.1  # a group whose outcomes are all <= wrong is not judged (wrong < right)
+    threshold: float = 0.5  # outcomes >= threshold are "correct" in gamma's mu_c, the others "wrong" (mu_w)
+    template: str = "process"  # the judge's prompt template (process: SophiaVL-R1's thinking-reward rubric)
+    judge: JudgeConfig = field(default_factory=default_judge)  # the judge's endpoint and how to call it
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
