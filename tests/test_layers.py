@@ -1,4 +1,4 @@
-"""Imports run downward only: a module of `src/vlrl` imports from its own layer or below (shared/DESIGN.md).
+"""Imports run downward only: a module of `src/vlrl` imports from its own layer or below.
 
 Layers, top to bottom: cli -> demo, curate, serve -> train -> eval -> rollout -> rewards, models -> data, algos,
 config. Every `import vlrl.x` / `from vlrl.x import ...` counts, inside functions and `TYPE_CHECKING` blocks too.
@@ -51,8 +51,11 @@ def test_the_checker_finds_an_upward_import() -> None:
 
 
 def test_every_layer_is_known() -> None:
-    parts = {p.stem if p.suffix == ".py" else p.name for p in SRC.iterdir() if not p.name.startswith("__")}
-    assert parts - {"py.typed"} == set(LAYERS)
+    """Every top-level module and package has a layer; a folder without Python files (`recipes/`, package data)
+    is not code and has none."""
+    modules = {p.stem for p in SRC.glob("*.py")}
+    packages = {p.name for p in SRC.iterdir() if p.is_dir() and any(p.rglob("*.py"))}
+    assert {m for m in modules | packages if not m.startswith("__")} == set(LAYERS)
 
 
 def test_no_module_imports_from_a_layer_above_it() -> None:

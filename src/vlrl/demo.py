@@ -3,8 +3,8 @@
 SFT trains on `sft_tasks`; RL starts from the SFT checkpoint and trains on `rl_tasks` (which may include a task
 SFT never demonstrated: the reward carries it); `sft_more` is the control: the SFT checkpoint trained further
 on its own data for the same wall time as the RL stage. Each stage calls the same functions as the `vlrl`
-commands, with the recipes in `recipes/`; every stage's time is printed, and the summary goes to
-`{out}/summary.json`.
+commands, with the recipes shipped in the package (`vlrl.recipes_dir()`, `recipes/` in a checkout); every
+stage's time is printed, and the summary goes to `{out}/summary.json`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from vlrl import recipes_dir
 from vlrl.config import load_config, save_config
 from vlrl.data.loading import load_samples
 from vlrl.data.synth import get_task, write_split
@@ -27,8 +28,6 @@ from vlrl.models.build import init_model
 from vlrl.models.loading import load_model_and_processor
 from vlrl.train.rl import RLConfig, run_rl
 from vlrl.train.sft import SFTConfig, run_sft
-
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 @dataclass
@@ -88,7 +87,7 @@ def split_paths(root: Path, tasks: list[str], split: str) -> list[str]:
 def sft_stage(recipe: str, model: Path, data: list[str], out: Path, **over: Any) -> Path:
     overrides = [f"model={model}", f"data=[{', '.join(data)}]", f"out={out}"]
     overrides += [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in over.items()]
-    cfg = load_config(SFTConfig, RECIPES / recipe, overrides)
+    cfg = load_config(SFTConfig, recipes_dir() / recipe, overrides)
     return run_sft(cfg)
 
 
@@ -97,14 +96,14 @@ def rl_stage(recipe: str, model: Path, data: list[str], val: list[str], sft_data
     replay (`sft_coef`) draws from."""
     overrides = [f"model={model}", f"data=[{', '.join(data)}]", f"val_data=[{', '.join(val)}]", f"out={out}",
                  f"sft_data=[{', '.join(sft_data)}]"]
-    return run_rl(load_config(RLConfig, RECIPES / recipe, overrides))
+    return run_rl(load_config(RLConfig, recipes_dir() / recipe, overrides))
 
 
 def sft_more_stage(recipe: str, sft: Path, data: list[str], out: Path, seconds: float) -> Path:
     """The equal-time control: the SFT checkpoint trained further on its own data with its own recipe for
     `seconds`, at the learning rate the SFT run ended with, held constant (as if SFT had simply run longer;
     a fresh warm-up to the peak rate would first undo some of what SFT reached)."""
-    sft_cfg = load_config(SFTConfig, RECIPES / recipe, [f"model={sft}", f"data=[{', '.join(data)}]", f"out={out}"])
+    sft_cfg = load_config(SFTConfig, recipes_dir() / recipe, [f"model={sft}", f"data=[{', '.join(data)}]", f"out={out}"])
     end_lr = sft_cfg.lr * sft_cfg.min_lr_ratio
     return sft_stage(recipe, sft, data, out, max_steps=1_000_000, max_seconds=round(seconds, 1), eval_every=0,
                      lr=end_lr, min_lr_ratio=1.0, warmup_steps=0)
@@ -200,7 +199,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m vlrl.demo")
-    p.add_argument("--config", default=str(RECIPES / "demo.yaml"))
+    p.add_argument("--config", default=str(recipes_dir() / "demo.yaml"))
     p.add_argument("overrides", nargs="*", help="key=value")
     a = p.parse_args(argv)
     from transformers.utils import logging as hf_logging

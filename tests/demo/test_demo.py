@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlrl.demo import RECIPES, DemoConfig, run_demo
+from vlrl import recipes_dir
+from vlrl.demo import DemoConfig, run_demo
 
 
 def _short(recipe: str, tmp: Path, **over: object) -> str:
-    cfg = yaml.safe_load((RECIPES / recipe).read_text())
+    cfg = yaml.safe_load((recipes_dir() / recipe).read_text())
     cfg.update(over)
     path = tmp / recipe
     path.write_text(yaml.safe_dump(cfg))
-    return str(path)  # absolute: RECIPES / path is path
+    return str(path)  # absolute: recipes_dir() / path is path
 
 
 def test_demo_pipeline_writes_every_figure(tmp_path: Path) -> None:
@@ -68,4 +69,4 @@ def test_reward_trend_reads_the_policy_reward_and_the_kept_rows(tmp_path: Path) 
 def test_demo_yaml_matches_the_config_defaults() -> None:
     from vlrl.config import load_config
 
-    assert load_config(DemoConfig, RECIPES / "demo.yaml", []) == DemoConfig()
+    assert load_config(DemoConfig, recipes_dir() / "demo.yaml", []) == DemoConfig()

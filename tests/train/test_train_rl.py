@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlrl import recipes_dir
 from vlrl.config import load_config
 from vlrl.train.logging import read_metrics
 from vlrl.train.rl import RLConfig, run_rl
@@ -22,7 +23,7 @@ from vlrl.train.sft import SFTConfig, run_sft
 
 pytestmark = pytest.mark.slow
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = recipes_dir()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlrl import recipes_dir
 from vlrl.config import load_config
 from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded
@@ -35,7 +36,7 @@ from vlrl.train.trust import PROCESS_KEY, TrustConfig, TrustStage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
 from serve_helpers import Served, free_port, start_server  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny-trust-grpo.yaml"
+RECIPE = recipes_dir() / "tiny-trust-grpo.yaml"
 G = 4
 
 

@@ -1,4 +1,4 @@
-"""vlrl.algos: the RL math as pure tensor functions, registered by name (DESIGN.md, convention 2).
+"""vlrl.algos: the RL math as pure tensor functions, registered by name.
 
 Nothing here reads a config object or a global; every knob is an explicit argument. Typical use in the
 train loop:

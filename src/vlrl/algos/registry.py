@@ -1,7 +1,7 @@
 """A tiny name -> function registry shared by every algorithm family in `vlrl.algos`.
 
-Algorithms are registered pure functions looked up by the name a config gives (DESIGN.md, convention 2,
-after verl's `core_algos` registries). An unknown name raises `UnknownNameError`, which is both a `KeyError`
+Algorithms are registered pure functions looked up by the name a config gives (after verl's `core_algos`
+registries). An unknown name raises `UnknownNameError`, which is both a `KeyError`
 and a `ValueError` and whose message lists every valid name, so a typo in a recipe fails loudly and helpfully.
 """
 

@@ -48,8 +48,8 @@ class Size:
     vocab: int
 
 
-# tiny: the model of ../shared/calibration.md (3.85 M parameters; learns counting on 2 cores in minutes).
-# small: ~31 M (text 512 x 8 layers, vision 256 x 6), the benchmark size of the speed issue.
+# tiny: 3.85 M parameters (text 256 x 4 layers, vision 128 x 4), small enough for the CPU demo to train end to end.
+# small: ~31 M (text 512 x 8 layers, vision 256 x 6), the second size of the side-by-side RL benchmark.
 SIZE_TABLE = {
     "tiny": Size(256, 4, 4, 2, 512, 128, 4, 4, 1536),
     "small": Size(512, 8, 8, 4, 1536, 256, 6, 4, 4096),

@@ -139,7 +139,8 @@ def image_token_id(processor: Any) -> int:
 
 
 def vision_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids of the vision tokens a model must never sample (a random model does; calibration.md)."""
+    """Ids of the vision tokens a model must never sample: image placeholders, not text, to which a random or
+    weak model still gives probability."""
     from vlrl.models.tokenizer import VISION_TOKENS
 
     unk = tokenizer.unk_token_id

@@ -29,7 +29,7 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 # Reasoning tags are ordinary (non-special) added tokens: decoding with skip_special_tokens keeps them,
-# so a reward always sees `<answer>` (TRL decodes with skip_special_tokens; calibration.md).
+# so a reward always sees `<answer>` (TRL decodes with skip_special_tokens).
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 

@@ -1,6 +1,6 @@
 """Rewards: answer extraction, accuracy by problem type, grounding IoU, format, length, repetition.
 
-Every reward follows one protocol (DESIGN.md convention 5): ``fn(completions, samples, **kwargs) ->
+Every reward follows one protocol: ``fn(completions, samples, **kwargs) ->
 list[float | None]``, None meaning "could not score" (counted, never a crash). Importing this package
 registers the built-in rewards; it does not import torch or any model code (math-verify / sympy are
 imported lazily on the first math comparison).

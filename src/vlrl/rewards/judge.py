@@ -19,7 +19,7 @@ The API key is read from the environment variable `api_key_env` (default VLRL_JU
 is built and sent as `Authorization: Bearer ...`. It is never logged, written to the cache, shown by a repr
 or put in an exception message.
 
-Importing this module registers the rewards (DESIGN.md convention 5; configuration keywords = `JudgeConfig`
+Importing this module registers the rewards (configuration keywords = `JudgeConfig`
 fields):
 `judge_process`, `judge_accuracy`, and `judge` whose `template` keyword (default "process") a sample may
 override with `metadata["judge_template"]`, so one run can judge each dataset with its own template.

@@ -1,6 +1,6 @@
 """Reward registry and the weighted combination of several rewards.
 
-Protocol (DESIGN.md convention 5): a reward is ``fn(completions: list[str], samples: list[Sample], **kwargs)
+Protocol: a reward is ``fn(completions: list[str], samples: list[Sample], **kwargs)
 -> list[float | None]``, one value per completion, ``completions[i]`` answering ``samples[i]``; None means
 "could not score" (counted, never a crash). Configuration keywords are keyword parameters of ``fn``;
 runtime keywords that the trainer passes to every reward (e.g. ``completion_lengths``) reach only the

@@ -57,15 +57,13 @@ class HFEngine:
     decode_threads: on CPU, seeded prompts are split into this many shards decoded concurrently by Python threads,
         each with one intra-op thread (torch's thread count is set to 1 for the rollout and restored); 1 (default):
         one batch on all of torch's intra-op threads; None: one shard per intra-op thread. A decode step is many
-        small ops; as one OpenMP team each op is a fork / join. On an idle machine one team is faster (measured
-        on the small model, 2 threads: rollout 1.08 s vs 1.34 s with 2 shards, benchmarks/README.md); when other
-        processes hold the cores each fork / join waits for a time slice and independent shards win (measured
-        6 s vs 0.4 s on the tiny model). The completions do not change (per-completion seeds; tested), only the
-        batch shapes. Unseeded sampling (the global RNG) and GPUs decode in one shard.
-    lean_step: on CPU, decode with `LeanStep` when the model supports it (measured with benchmarks/rl_vs_trl.py,
-        2 threads: rollout 1.38 -> 1.03 s at beta 0 and 1.34 -> 1.08 s at 0.04 on the small model, 0.32 -> 0.23 s
-        on the tiny one). The engine then keeps a copy of the text decoder's weights (4 bytes per parameter in
-        fp32) between calls.
+        small ops; as one OpenMP team each op is a fork / join. On an idle machine one team is faster; when other
+        processes hold the cores each fork / join waits for a time slice and independent shards win
+        (benchmarks/README.md has the measurements). The completions do not change (per-completion seeds;
+        tested), only the batch shapes. Unseeded sampling (the global RNG) and GPUs decode in one shard.
+    lean_step: on CPU, decode with `LeanStep` when the model supports it: its weight layout suits the decode
+        step's few-row matrix products, so the rollout is faster (benchmarks/README.md). The engine then keeps a
+        copy of the text decoder's weights (4 bytes per parameter in fp32) between calls.
     """
 
     name = "hf"

@@ -1,15 +1,15 @@
 """One decode step of a Qwen-VL text decoder on weights laid out for small-batch matrix products.
 
-`nn.Linear` keeps its weight as [out, in] and computes x @ W.T. On this machine's CPU (MKL sgemm, fp32), at the
-decode loop's shapes (M = B*G rows = 32, K, N = 256 .. 4096) that transposed product ran 1.2-1.7x slower than
-x @ Wt with Wt = W.T made contiguous once (a 1-thread micro-benchmark; benchmarks/README.md has what it gave the
-rollout). `LeanStep` copies the text decoder's weights into that layout (buffers kept, reloaded per rollout) --
-q/k/v fused into one [H, (nq + 2 nkv) * hd] matrix, gate/up into one [H, 2 I] -- and runs the decode step itself:
-RMSNorm, rotary, grouped-query attention over the engine's pre-allocated KV buffers (q of length 1: two small
-batched products and a softmax), SwiGLU, the LM head. The math is the model's (fp32 in, the same operations);
-tests check its completions and sampling log-probs against the model's own forward on every supported
-architecture. The prompt (images, 3-D M-RoPE positions) is still prefilled by the model itself; after the prompt
-every position is text and equal on the three M-RoPE axes, where M-RoPE is the plain 1-D rotary embedding.
+`nn.Linear` keeps its weight as [out, in] and computes x @ W.T. At the decode loop's shapes (few rows: M = B*G)
+the CPU's fp32 GEMM (MKL sgemm) runs that transposed product slower than x @ Wt with Wt = W.T made contiguous
+once (benchmarks/README.md has the measurements). `LeanStep` copies the text decoder's weights into that layout
+(buffers kept, reloaded per rollout) -- q/k/v fused into one [H, (nq + 2 nkv) * hd] matrix, gate/up into one
+[H, 2 I] -- and runs the decode step itself: RMSNorm, rotary, grouped-query attention over the engine's
+pre-allocated KV buffers (q of length 1: two small batched products and a softmax), SwiGLU, the LM head. The math
+is the model's (fp32 in, the same operations); tests check its completions and sampling log-probs against the
+model's own forward on every supported architecture. The prompt (images, 3-D M-RoPE positions) is still prefilled
+by the model itself; after the prompt every position is text and equal on the three M-RoPE axes, where M-RoPE is
+the plain 1-D rotary embedding.
 
 Supported: Qwen2-VL, Qwen2.5-VL and Qwen3-VL text decoders (SiLU MLP, full attention; Qwen3's per-head q/k
 norms), unsharded (not FSDP2's DTensor parameters), plain `nn.Linear` projections and no hooks. Anything else
@@ -69,7 +69,7 @@ def _empty(sources: list[Tensor], transposed: bool) -> Tensor:
     return sources[0].new_empty(shape)
 
 
-_STRIP = 256  # rows of W per transposed copy (measured: a [1536, 512] W.T copy took 1.8-2.3x as long in one piece)
+_STRIP = 256  # rows of W per transposed copy: a whole matrix's strided reads fall out of cache, a strip's do not
 
 
 def _copy_into(buf: Tensor, sources: list[Tensor], transposed: bool) -> None:
@@ -105,7 +105,7 @@ def _rotate_half(x: Tensor) -> Tensor:
 class LeanStep:
     """Decode-step forward of `model`'s text decoder (see the module docstring). It holds copies, not views:
     after the weights change, `load_(model)` copies them into the same buffers (the engine does so at every
-    `generate`; re-allocating ~100 MB per rollout on the small model cost page faults every step)."""
+    `generate`; allocating fresh buffers at every rollout would page-fault them in again every step)."""
 
     @staticmethod
     def supports(model: Any) -> bool:

@@ -7,8 +7,8 @@ the world size and on how prompts are chunked. RL needs the same prompt to get t
 whatever rank or batch it lands in (exact world-size invariance, exact resume).
 
 At each step, for every row `SeededSampler` (placed last when used as a `LogitsProcessor`)
-  1. suppresses the vision tokens (a random or weak VLM samples them; calibration.md) by adding a [V] bias of
-     0 / -inf built once,
+  1. suppresses the vision tokens (image placeholders, not text, which a random or weak VLM still samples) by
+     adding a [V] bias of 0 / -inf built once,
   2. applies HF's own warpers in HF's order: temperature, top-k, top-p,
   3. records log_softmax of these processed logits at the chosen token (the *sampling log-prob*),
   4. draws the token with the exponential-race form of the Gumbel-max trick,
@@ -94,7 +94,7 @@ class SeededSampler(LogitsProcessor):
 
     def _noise(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """-log E with E = -log U ~ Exp(1), U ~ Uniform[0, 1) i.i.d. `[N, V]`: row r from generator r (or all from
-        the global RNG). (`torch.rand` + log is ~5x faster on CPU than `exponential_` with a generator.)"""
+        the global RNG). (`torch.rand` + log, because `exponential_` with a generator is slower on CPU.)"""
         if self.seeds is None:
             uniform = torch.rand(shape, device=device)
         else:

@@ -70,7 +70,7 @@ def _micro_loss(model: Any, batch: dict[str, torch.Tensor], agg: str, n_global: 
     count. `sample`: sum over samples of their mean target-token CE / global sample count (each task then
     weighs by its samples, not by its answer lengths). Returns (loss to backprop, its value).
     Logits are computed only where a target follows (`logits_to_keep` as a boolean mask): the LM head over every
-    prompt position was ~12% of the tiny model's FLOPs for nothing."""
+    prompt position would spend compute on logits that no loss reads."""
     labels = batch.pop("labels")  # [b, L]
     keep = torch.zeros_like(labels, dtype=torch.bool)  # [b, L]: position p predicts token p + 1
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX

@@ -112,8 +112,8 @@ class Chart(Task):
 
 
 class ChartMin(Chart):
-    """As `chart`, asking for the shortest bar (at least 10% of the plot height below the rest). The demo's
-    RL stage trains on it: SFT never shows this question, the reward does."""
+    """As `chart`, asking for the shortest bar (at least 10% of the plot height below the rest): a question
+    `chart`'s demonstrations never ask, for an RL stage whose reward teaches what SFT did not."""
 
     name = "chart_min"
     superlative = "shortest"
