@@ -201,3 +201,12 @@ def test_latex_only_configuration_reads_no_plain_number() -> None:
 )  # fmt: skip
 def test_which_extraction_reads_a_bare_answer(text: str, expected: tuple[str, str]) -> None:
     assert parse_config(text) == expected
+
+
+def test_an_answer_tag_is_the_answer_even_when_unreadable() -> None:
+    """A letter elsewhere in the completion does not rescue a garbled tag (seen in an RL rollout of the demo)."""
+    options = {"options": ["A", "B", "C", "D"]}
+    assert score_answer("<answer>D</answer> 678<answer>4", "D", "multiple_choice", metadata=options) == 0.0
+    assert score_answer("<answer>4</answer>\nD", "D", "multiple_choice", metadata=options) == 0.0
+    assert score_answer("Answer: D\n(B) looks wrong", "D", "multiple_choice", metadata=options) == 1.0
+    assert score_answer("D. the tallest bar\nThe others are shorter.", "D", "multiple_choice", metadata=options) == 1.0

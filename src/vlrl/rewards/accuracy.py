@@ -15,11 +15,12 @@ Which library decides:
   falls back to exact match with spaces, ``$`` and ``\\left``/``\\right`` removed. ``numerical`` with
   ``rel_tol`` > 0 compares the numbers within that relative tolerance instead (ChartQA's relaxed accuracy
   is 0.05); percent rule there: ``x%`` matches ``x`` and ``x/100``.
-- ``multiple_choice``: `vlrl.rewards.choice`: the letter (or option text) named in the first of the answer
-  tag, ``\\boxed{}``, "the answer is" / "答案是" line, last line or first line that names one
+- ``multiple_choice``: `vlrl.rewards.choice`: the letter (or option text) named where the answer stands: the
+  last answer tag if there is one, else ``\\boxed{}``, else the "the answer is" / "答案是" line, else the last
+  line, then the first line
   (``C (145°)``, ``(D) 8``, ``Option C``, ``\\boxed{C}``, ``I think it is B``); the gold is a letter or an
   option's text (``metadata["options"]``: a list in letter order A, B, ... or a dict letter -> text).
-- ``yes_no``: the first word of the first such region, mapped yes/y/true/是/对 -> yes and no/n/false/否/不 -> no.
+- ``yes_no``: the first word of that region (the last line, then the first), mapped yes/y/true/是/对 -> yes and no/n/false/否/不 -> no.
 - ``ocr``: ANLS (`vlrl.rewards.textmatch.anls`) after lower-casing and collapsing whitespace:
   1 - edit distance / max length, 0 when that normalised distance is >= ``anls_threshold`` (0.5).
 - ``free_form``: ``free_form_metric="exact"`` (default): SQuAD-normalised exact match;

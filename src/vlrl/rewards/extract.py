@@ -12,8 +12,8 @@
   (case-insensitive), without a trailing full stop or markdown bold.
 - ``last_line``: the last non-empty line.
 
-`answer_regions(text, modes)` returns every mode's result in order (the first non-empty line after the last
-one), for checks that take the first region naming an answer (multiple choice, yes/no);
+`answer_regions(text, modes)` returns the first mode's result (for ``last_line``: the last and the first non-empty
+line), for checks that take the first region naming an answer (multiple choice, yes/no);
 `without_thinking(text)` drops closed ``<think>`` blocks.
 
 Every mode is linear in the text length (no backtracking regex over the whole text). An empty
@@ -130,18 +130,22 @@ def _first_line(text: str) -> str | None:
 
 
 def answer_regions(text: str, modes: Sequence[str] = DEFAULT_MODES) -> list[str]:
-    """Every place an answer may stand, in `modes` order, stripped and without repeats; with ``last_line``
-    the first non-empty line follows it (a free-text response may give its answer first, then explain)."""
+    """Where the answer stands, by the first mode (in `modes` order) that finds one: a one-item list, except
+    for ``last_line``, which also gives the first non-empty line (a free-text response may state its answer
+    first, then explain). A later mode is never consulted once an earlier one found text: a completion whose
+    ``<answer>`` tag holds no readable answer is not rescued by a letter elsewhere in it."""
     check_modes(modes)
     if not isinstance(text, str):
         return []
-    found: list[str] = []
     for mode in modes:
-        for fn in (_MODES[mode], _first_line) if mode == "last_line" else (_MODES[mode],):
-            region = fn(text)
-            if region is not None and region.strip() and region.strip() not in found:
-                found.append(region.strip())
-    return found
+        found = _MODES[mode](text)
+        if found is None or not found.strip():
+            continue
+        if mode != "last_line":
+            return [found.strip()]
+        first = _first_line(text)
+        return list(dict.fromkeys(r.strip() for r in (found, first) if r is not None and r.strip()))
+    return []
 
 
 def without_thinking(text: str) -> str:
