@@ -127,7 +127,8 @@ class GenerateEngine(HFEngine):
     `num_return_sequences=G` (the prompt prefilled at B*G rows, images encoded once), the same `SeededSampler` as
     its last logits processor, `generate`'s own warpers neutral."""
 
-    def _decode(self, encoded: Any, n: int, max_new: int, sampler: SeededSampler, step: Any = None) -> torch.Tensor:
+    def _decode(self, encoded: Any, n: int, max_new: int, sampler: SeededSampler, step: Any = None, *,
+                deadline: float | None = None) -> torch.Tensor:
         from transformers import LogitsProcessorList
 
         batch = {k: v.to(self.device) for k, v in collate(encoded, self.pad_id, self.image_id, "left").items()}

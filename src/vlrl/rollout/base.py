@@ -9,6 +9,9 @@
 `seeds` (one per prompt, optional) makes each prompt's G completions a function of (its seed, its logits)
 only, whatever batch, rank or world size it is sampled in: the trainer derives them from the run seed and
 the prompt's position in the data stream, so a resumed or re-sharded run samples the same completions.
+`encoded` (one `Encoded` per prompt, optional) replaces the engine's own encoding of the prompts: a caller holding
+its images in memory (the server) passes its encoding instead of `Sample.images` paths. `max_seconds` bounds the
+call's wall time: the completions still running then end without a stop token (`truncated`, finish "length").
 """
 
 from __future__ import annotations
@@ -19,18 +22,22 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from vlrl.data.sample import Sample
+from vlrl.models.inputs import Encoded
 from vlrl.rollout.types import Group, SamplingParams
 
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the RL loop needs from a sampler."""
+    """What RL, curate and the server need from a sampler."""
 
     def generate(
-        self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None
+        self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None,
+        encoded: Sequence[Encoded] | None = None, max_seconds: float | None = None,
     ) -> list[Group]:
         """`n` completions for each prompt, one `Group` per prompt in the prompts' order. `seeds`, when
-        given, holds one seed per prompt; equal (prompt, seed, weights) give equal completions."""
+        given, holds one seed per prompt; equal (prompt, seed, weights) give equal completions. `encoded`, when
+        given, holds each prompt's encoding (then `Sample.images` are not read); `max_seconds` bounds the wall
+        time (see the module docstring)."""
         ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:

@@ -9,16 +9,19 @@ Per chunk of B prompts, G completions each (`vlrl.rollout.prefix`):
      `SeededSampler.sample` (vision tokens masked by a bias built once, temperature / top-k / top-p as HF applies
      them, per-completion seeds, the sampling log-probs recorded) -- no `generate` machinery per token. The loop
      stops when every row has produced a stop token or `max_new_tokens` are out; rows that have stopped drop out
-     of the batch once a quarter of the rows have (their cache rows are compacted away).
+     of the batch once a quarter of the rows have (their cache rows are compacted away), or when the call's
+     `max_seconds` are out (checked after each token: every row has at least one).
 On CPU, the decode step runs on a copy of the text decoder's weights laid out for small-batch products
 (`vlrl.rollout.lean_step.LeanStep`, built at the first `generate` call and reloaded with the current weights at
-every later one; `lean_step=False` or an unsupported model: the model's own forward). On CPU, seeded prompts
+every later one, or only after `sync_weights` with `reload_weights=False`; `lean_step=False` or an unsupported
+model: the model's own forward). On CPU, seeded prompts
 can be decoded in shards by concurrent Python threads (`decode_threads` > 1).
 A model's `generation_config.json` has no say in the distribution RL samples from.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -64,12 +67,16 @@ class HFEngine:
     lean_step: on CPU, decode with `LeanStep` when the model supports it: its weight layout suits the decode
         step's few-row matrix products, so the rollout is faster (benchmarks/README.md). The engine then keeps a
         copy of the text decoder's weights (4 bytes per parameter in fp32) between calls.
+    reload_weights: copy the model's weights into that `LeanStep` at every `generate` (True: the policy may have
+        changed in place since the last call); False: at the first call and after `sync_weights` only, for a
+        model whose weights stay fixed (the server).
     """
 
     name = "hf"
 
     def __init__(self, model: Any, processor: Any, *, device: torch.device | str | None = None,
-                 max_prompts_per_call: int = 0, decode_threads: int | None = 1, lean_step: bool = True) -> None:
+                 max_prompts_per_call: int = 0, decode_threads: int | None = 1, lean_step: bool = True,
+                 reload_weights: bool = True) -> None:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -77,8 +84,10 @@ class HFEngine:
         self.max_prompts_per_call = max_prompts_per_call
         self.decode_threads = decode_threads
         self.lean_step = lean_step
+        self.reload_weights = reload_weights
         self._step: LeanStep | None = None  # kept between calls (its buffers are reused), reloaded at each call
         self._step_of: Any = None  # the module it was built from
+        self._synced = False  # sync_weights was called since the step's last load
         self.suppress_ids = vision_token_ids(self.tokenizer)
         self.stop_ids = stop_token_ids(model, self.tokenizer)
         self.pad_id = int(self.tokenizer.pad_token_id)
@@ -86,8 +95,10 @@ class HFEngine:
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """No-op for the weights: this engine samples with the training module itself, so every optimizer
-        step is already visible. (Passing another module makes the engine sample from that one.)"""
+        step is already visible. (Passing another module makes the engine sample from that one.) The `LeanStep`
+        copy is reloaded at the next `generate` (also with `reload_weights=False`)."""
         self.model = model
+        self._synced = True
 
     def _workers(self, n_prompts: int, seeded: bool) -> int:
         if self.device.type != "cpu" or not seeded:
@@ -96,15 +107,22 @@ class HFEngine:
         return max(1, min(wanted, n_prompts))
 
     def generate(
-        self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None
+        self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None,
+        encoded: Sequence[Encoded] | None = None, max_seconds: float | None = None,
     ) -> list[Group]:
+        """`RolloutEngine.generate`: `encoded` replaces the encoding of `prompts`; `max_seconds` ends the decode
+        loop of a chunk once that wall time has passed since this call began."""
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
         if n < 1:
             raise ValueError(f"n (completions per prompt) must be >= 1, got {n}")
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        if encoded is not None and len(encoded) != len(prompts):
+            raise ValueError(f"{len(encoded)} encoded prompts for {len(prompts)} prompts")
         if not prompts:
             return []
-        encoded = encode_for_generation(self.processor, prompts)
+        if encoded is None:
+            encoded = encode_for_generation(self.processor, prompts)
         workers = self._workers(len(prompts), seeds is not None)
         chunk = self.max_prompts_per_call if self.max_prompts_per_call > 0 else len(prompts)
         chunk = min(chunk, -(-len(prompts) // workers))
@@ -113,7 +131,7 @@ class HFEngine:
         @torch.no_grad()
         def run(lo: int, hi: int) -> list[Group]:  # grad mode is per thread
             part = None if seeds is None else list(seeds[lo:hi])
-            return self._generate_chunk(prompts[lo:hi], encoded[lo:hi], n, sampling, part, step)
+            return self._generate_chunk(prompts[lo:hi], encoded[lo:hi], n, sampling, part, step, deadline)
 
         was_training, threads = self.model.training, torch.get_num_threads()
         self.model.eval()
@@ -134,14 +152,16 @@ class HFEngine:
             return None
         if self._step is None or self._step_of is not self.model:
             self._step, self._step_of = LeanStep(self.model), self.model
-        else:
+        elif self.reload_weights or self._synced:
             self._step.load_(self.model)
+        self._synced = False
         return self._step
 
     def _generate_chunk(self, prompts: Sequence[Sample], encoded: Sequence[Encoded], n: int,
-                        sampling: SamplingParams, seeds: list[int] | None, step: LeanStep | None = None) -> list[Group]:
+                        sampling: SamplingParams, seeds: list[int] | None, step: LeanStep | None = None,
+                        deadline: float | None = None) -> list[Group]:
         sampler = SeededSampler(sampling, self.suppress_ids, row_seeds(seeds, n) if seeds is not None else None)
-        new = self._decode(encoded, n, sampling.max_new_tokens, sampler, step)  # [N, T]
+        new = self._decode(encoded, n, sampling.max_new_tokens, sampler, step, deadline=deadline)  # [N, T]
         logps = sampler.stacked(new.shape[1]).cpu()  # [N, T]
         stop = torch.isin(new, torch.tensor(self.stop_ids))  # [N, T]
         has_stop = stop.any(dim=1)  # [N]; False = truncated
@@ -159,8 +179,9 @@ class HFEngine:
         return groups
 
     def _decode(self, encoded: Sequence[Encoded], n: int, max_new: int, sampler: SeededSampler,
-                step: LeanStep | None = None) -> Tensor:
-        """Prefill the prompts at batch B, expand to B*n rows, decode up to `max_new` tokens: [B*n, T] (CPU)."""
+                step: LeanStep | None = None, *, deadline: float | None = None) -> Tensor:
+        """Prefill the prompts at batch B, expand to B*n rows, decode up to `max_new` tokens, or fewer once
+        `time.monotonic()` passes `deadline`: [B*n, T] (CPU)."""
         inputs = {k: v.to(self.device) for k, v in prompt_inputs(encoded, self.pad_id, self.image_id).items()}
         rows = torch.arange(len(encoded), device=self.device).repeat_interleave(n)  # [N]: row -> prompt
         first, cache, next_pos = prefill(self.model, inputs)  # [B, V], KV of [B, L], [B]
@@ -183,7 +204,7 @@ class HFEngine:
             logps.append(step_logp)
             out[live, t] = tokens.cpu()
             done |= torch.isin(tokens, stop)
-            if t == max_new - 1 or bool(done.all()):
+            if t == max_new - 1 or bool(done.all()) or (deadline is not None and time.monotonic() >= deadline):
                 break
             if 4 * int(done.sum()) >= len(live):  # a quarter of the rows have stopped: drop them from the batch
                 keep = (~done).nonzero().squeeze(1)  # [n_keep]

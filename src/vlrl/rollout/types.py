@@ -34,7 +34,8 @@ class Completion:
     text: the tokens decoded with special tokens skipped (the stop token is not in the text).
     logprobs [T] (float32): log-probability of each sampled token under the distribution it was drawn from,
         i.e. log_softmax of the *processed* logits (vision tokens suppressed, then temperature, top-k, top-p).
-    truncated: no stop token within `max_new_tokens` (DAPO's "overlong" completions).
+    truncated: no stop token: `max_new_tokens` ran out (DAPO's "overlong" completions), or the call's
+        `max_seconds` did.
     """
 
     token_ids: torch.Tensor  # [T]
@@ -47,6 +48,11 @@ class Completion:
         """T, the number of completion tokens (stop token included)."""
         return int(self.token_ids.numel())
 
+    @property
+    def finish_reason(self) -> str:
+        """Why it ended, as OpenAI's API says it: "stop" (a stop token) or "length" (truncated)."""
+        return "length" if self.truncated else "stop"
+
 
 @dataclass
 class Group:
@@ -54,7 +60,8 @@ class Group:
 
     sample: the prompt's `Sample` (rewards read its answer, problem type and metadata).
     prompt: the prompt encoded once for all G completions: input_ids [L], pixel_values [P, D] or None,
-        image_grid_thw [I, 3] or None (labels None). The trainer reuses it, so images are processed once.
+        image_grid_thw [I, 3] or None (labels None); the caller's own when it passed `encoded`. The trainer reuses
+        it, so images are processed once.
     completions: G `Completion`s, in sampling order.
     seed: the seed its sampling was derived from (None: drawn from the global torch RNG).
     """

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from vlrl.data.sample import Sample
+from vlrl.models.inputs import Encoded
 from vlrl.rollout.types import Group, SamplingParams
 
 
@@ -29,7 +30,14 @@ class VLLMEngine:
         raise NotImplementedError("rollout engine 'vllm' is not implemented yet; use rollout_engine=hf")
 
     def generate(
-        self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None
+        self,
+        prompts: Sequence[Sample],
+        n: int,
+        sampling: SamplingParams,
+        *,
+        seeds: Sequence[int] | None = None,
+        encoded: Sequence[Encoded] | None = None,
+        max_seconds: float | None = None,
     ) -> list[Group]:
         raise NotImplementedError
 

@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI-compatible `/v1/chat/completions`, `/v1/models` and `/health` for one local model.
 
 `create_app(engine, limits)` takes any object with `model_id` and
-`generate(sample, images, sampling, stop, seed) -> GenerationResult` (`serve.generate.HFEngine` for a
+`generate(sample, images, sampling, stop, seed) -> GenerationResult` (`serve.generate.ServedModel` for a
 local HF model). Generation is serialised by one lock and runs in a worker thread, so the event loop keeps
 answering `/health` and rejecting bad requests while the model works.
 

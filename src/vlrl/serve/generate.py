@@ -1,24 +1,25 @@
-"""Generation for the server: `rollout.hf.generate_texts` with in-memory PIL images and token counts.
+"""Generation for the server: the `hf` rollout engine (`vlrl.rollout.hf_engine.HFEngine`, the one RL and curate
+use) behind `ServedModel.generate(sample, images, sampling, stop, seed)`.
 
-`generate_texts` loads a `Sample`'s images from paths and returns strings only; the server receives images
-inline and must report usage and finish reasons, so this variant takes the decoded images and keeps the
-token ids. Same encoding (`encode_prompt` + left-padded `collate`) and the same sampling arguments
-(vision tokens suppressed, `<|im_end|>` as end of sequence).
+The server receives images inline, so it encodes each request itself (`encode_sample`: literal "<image>" text
+restored after the placeholders became image slots) and passes that encoding to the engine, with one seed per
+request (the request's `seed`, else a fresh random one) and the wall-time bound `max_time`. Stop strings cut the
+decoded text; usage counts come from the completions' token ids.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from PIL import Image
 
 from vlrl.data.sample import IMAGE_PLACEHOLDER, Sample
-from vlrl.models.inputs import Encoded, collate, to_chat
-from vlrl.models.processor import image_token_id, vision_token_ids
-from vlrl.rollout.types import SamplingParams
+from vlrl.models.inputs import Encoded, to_chat
+from vlrl.rollout.base import make_engine
+from vlrl.rollout.types import Completion, SamplingParams
 from vlrl.serve.schemas import LITERAL_IMAGE
 
 
@@ -72,78 +73,22 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-def _choices(tok: Any, rows: torch.Tensor, stop: Sequence[str]) -> list[Choice]:
-    """Decode generated rows [n, T]; a row ends at its first eos ("stop") or runs out ("length")."""
-    out = []
-    for row in rows.tolist():
-        n_tokens, reason = len(row), "length"
-        if tok.eos_token_id in row:
-            n_tokens, reason = row.index(tok.eos_token_id) + 1, "stop"
-        text = tok.decode(row[:n_tokens], skip_special_tokens=True)
-        text, stopped = _cut_at_stop(text, stop)
-        if stopped:
-            reason = "stop"
-            n_tokens = len(tok(text, add_special_tokens=False)["input_ids"])
-        out.append(Choice(text=text, completion_tokens=n_tokens, finish_reason=reason))
-    return out
+def _choice(tok: Any, completion: Completion, stop: Sequence[str]) -> Choice:
+    """A completion as a `Choice`: its text cut at the first stop string ("stop"), else as the engine ended it
+    ("stop" at a stop token, "length" when max_tokens or max_time ran out). Usage: the completion's tokens (its
+    stop token included), or the tokens of the text kept before a stop string."""
+    text, stopped = _cut_at_stop(completion.text, stop)
+    if stopped:
+        return Choice(text=text, completion_tokens=len(tok(text, add_special_tokens=False)["input_ids"]),
+                      finish_reason="stop")
+    return Choice(text=text, completion_tokens=completion.length, finish_reason=completion.finish_reason)
 
 
-@torch.no_grad()
-def generate_chat(
-    model: Any,
-    processor: Any,
-    sample: Sample,
-    images: list[Image.Image],
-    sampling: SamplingParams,
-    *,
-    stop: Sequence[str] = (),
-    max_time: float | None = None,
-    seed: int | None = None,
-    device: torch.device | str = "cpu",
-) -> GenerationResult:
-    """`sampling.n` completions of `sample.messages` with `images` standing at its `<image>` placeholders.
+class ServedModel:
+    """One local model behind the server: `generate(sample, images, sampling, stop, seed)` through one `hf`
+    rollout engine built at start (its `LeanStep` weight copy loaded once: the served weights do not change).
 
-    Raises `ContextLengthError` when the prompt plus `sampling.max_new_tokens` exceed the model's context;
-    `ValueError` from the processor (e.g. an image of extreme aspect ratio) propagates. `max_time` bounds the
-    wall time of `generate` (the completions then end with finish_reason "length")."""
-    tok = processor.tokenizer
-    enc = encode_sample(processor, sample, images)
-    prompt_len = int(enc.input_ids.shape[0])
-    limit = max_context(model)
-    if prompt_len + sampling.max_new_tokens > limit:
-        raise ContextLengthError(
-            f"prompt ({prompt_len} tokens) + max_tokens ({sampling.max_new_tokens}) exceed the model's "
-            f"context of {limit} tokens"
-        )
-    batch = collate([enc], tok.pad_token_id, image_token_id(processor), padding_side="left")
-    batch = {k: v.to(device) for k, v in batch.items()}
-    n_runs = 1 if sampling.greedy else sampling.n  # greedy: one run, copied n times (HF refuses n > 1)
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=sampling.max_new_tokens,
-        num_return_sequences=n_runs,
-        suppress_tokens=vision_token_ids(tok),
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        max_time=max_time,
-    )
-    if sampling.greedy:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    else:
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                      top_k=sampling.top_k or None)
-    if seed is not None:
-        torch.manual_seed(seed)  # the caller serialises generation, so the global RNG is ours here
-    out = model.generate(**batch, **kwargs)  # [n_runs, L + T]
-    rows = out[:, batch["input_ids"].shape[1]:]  # [n_runs, T]
-    choices = _choices(tok, rows, stop)
-    if n_runs == 1 and sampling.n > 1:
-        choices = [Choice(c.text, c.completion_tokens, c.finish_reason) for c in choices * sampling.n]
-    return GenerationResult(prompt_tokens=prompt_len, choices=choices)
-
-
-class HFEngine:
-    """One local model behind the server: `generate(sample, images, sampling, stop, seed)`.
-
+    max_time: wall-time bound of one request's generation (its completions then end with finish_reason "length").
     Not thread-safe: the app calls it under a lock, one request at a time."""
 
     def __init__(self, model: Any, processor: Any, model_id: str, *, device: str = "cpu",
@@ -151,11 +96,29 @@ class HFEngine:
         self.model = model.to(device).eval()
         self.processor = processor
         self.model_id = model_id
-        self.device = device
         self.max_time = max_time
         self.context = max_context(model)
+        self.engine = make_engine("hf", self.model, processor, device=device, reload_weights=False)
 
     def generate(self, sample: Sample, images: list[Image.Image], sampling: SamplingParams,
                  stop: Sequence[str] = (), seed: int | None = None) -> GenerationResult:
-        return generate_chat(self.model, self.processor, sample, images, sampling, stop=stop,
-                             max_time=self.max_time, seed=seed, device=self.device)
+        """`sampling.n` completions of `sample.messages` with `images` standing at its `<image>` placeholders.
+
+        Raises `ContextLengthError` when the prompt plus `sampling.max_new_tokens` exceed the model's context;
+        `ValueError` from the processor (e.g. an image of extreme aspect ratio) propagates. Equal `seed`s give
+        equal completions; greedy (temperature 0) decodes once and repeats it n times."""
+        enc = encode_sample(self.processor, sample, images)
+        prompt_len = int(enc.input_ids.shape[0])
+        if prompt_len + sampling.max_new_tokens > self.context:
+            raise ContextLengthError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({sampling.max_new_tokens}) exceed the model's "
+                f"context of {self.context} tokens"
+            )
+        runs = 1 if sampling.greedy else sampling.n
+        seed = secrets.randbits(63) if seed is None else seed
+        group = self.engine.generate([sample], runs, sampling, seeds=[seed], encoded=[enc],
+                                     max_seconds=self.max_time)[0]
+        choices = [_choice(self.processor.tokenizer, c, stop) for c in group.completions]
+        if runs < sampling.n:
+            choices = [Choice(c.text, c.completion_tokens, c.finish_reason) for c in choices * sampling.n]
+        return GenerationResult(prompt_tokens=prompt_len, choices=choices)

@@ -20,7 +20,7 @@ class ServeConfig:
 
     model: a local HF model folder (`vlrl init-model` output, a checkpoint, or a downloaded Qwen-VL).
     served_model_name: the id reported by /v1/models and required in requests (default: the folder name).
-    max_generation_seconds: wall-time bound of one `generate` call (finish_reason "length" when hit).
+    max_generation_seconds: wall-time bound of one request's generation (finish_reason "length" when hit).
     """
 
     model: str
@@ -52,14 +52,13 @@ def run_server(cfg: ServeConfig) -> None:
 
     from vlrl.models.loading import load_model_and_processor
     from vlrl.serve.app import create_app
-    from vlrl.serve.generate import HFEngine
+    from vlrl.serve.generate import ServedModel
 
     if not is_loopback(cfg.host):
         log.warning("listening on %s, which is not a loopback address: anyone who can reach it can use the model "
                     "(there is no authentication)", cfg.host)
     model, processor = load_model_and_processor(cfg.model)
-    engine = HFEngine(model, processor, cfg.model_id, device=cfg.device,
-                      max_time=cfg.max_generation_seconds)
+    engine = ServedModel(model, processor, cfg.model_id, device=cfg.device, max_time=cfg.max_generation_seconds)
     app = create_app(engine, cfg.limits)
     print(f"serving {cfg.model_id} on http://{cfg.host}:{cfg.port}/v1", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
