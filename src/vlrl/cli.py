@@ -119,7 +119,7 @@ def cmd_eval(rest: list[str]) -> None:
     from vlrl.eval.evaluate import EvalConfig, run_eval
     from vlrl.eval.report import print_result
 
-    summary = _run_config_command("eval", EvalConfig, run_eval, rest, list_keys=("data",))
+    summary = _run_config_command("eval", EvalConfig, run_eval, rest, list_keys=("data", "reward"))
     print_result(summary)
 
 
@@ -145,12 +145,13 @@ def cmd_curate(rest: list[str]) -> None:
 
 
 def cmd_init_model(rest: list[str]) -> None:
-    """build a randomly initialised tiny/small Qwen-family VLM (for tests and the CPU demo)"""
+    """build a randomly initialised tiny/small Qwen-VL or InternVL model (for tests and the CPU demo)"""
     from vlrl.models.build import ARCHS, SIZES, count_parameters, init_model
     from vlrl.models.loading import load_model
 
-    p = argparse.ArgumentParser(prog="vlrl init-model", description="Build a random tiny/small Qwen-family VLM.")
-    p.add_argument("--arch", choices=ARCHS, default="qwen2-vl")
+    p = argparse.ArgumentParser(prog="vlrl init-model", description="Build a random tiny/small Qwen-VL or InternVL model.")
+    p.add_argument("--arch", choices=ARCHS, default="qwen2-vl",
+                   help="internvl: transformers' InternVLForConditionalGeneration with a Qwen2 text model")
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)

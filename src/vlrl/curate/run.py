@@ -1,8 +1,8 @@
 """`vlrl curate`: rollout-based difficulty filtering (LLaVA-OneVision-1.5-RL, Innovator-VL).
 
 For every item: N completions sampled with the rollout engine, scored with the run's rewards (default
-`accuracy`), and (pass1="greedy") one greedy completion; then the statistics of `vlrl.curate.filter` and the
-band filter. Outputs in `out`:
+`accuracy`), and (pass1="greedy") one greedy completion; then the statistics of `vlrl.eval.passk` and the
+band filter of `vlrl.curate.filter`. Outputs in `out`:
 
     samples.jsonl   per item: id, seed, every sample (text, reward, each reward's value, length, truncated),
                     the greedy completion, its statistics. The statistics are recomputed from this file.

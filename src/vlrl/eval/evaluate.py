@@ -1,4 +1,13 @@
-"""Evaluate a model on datasets with the same answer extraction and correctness check that RL trains with."""
+"""Evaluate a model on datasets with the rewards that train it, generating with the rollout engine RL uses.
+
+Per item, `n` completions from the `hf` rollout engine (`vlrl.rollout.base.make_engine`, the one RL and curate
+use: same stop tokens, vision tokens suppressed): greedy when temperature is 0, else sampled with the item's seed
+`mix_seed(seed, position)`, so a sampled evaluation is reproducible whatever its batches. Each completion is
+scored with the reward specs (`vlrl.rewards.registry.combine`; default `accuracy`) and is correct when its
+weighted reward >= `threshold`; one no reward could score is wrong. An item's `correct` is the fraction of its
+completions that are correct (pass@1, the unbiased estimator; 0 or 1 for n = 1) and, for n > 1, `pass_at_n` is
+1 if any is (`vlrl.eval.passk`, the statistics `vlrl curate` uses). `accuracy` is the mean of `correct`.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +25,13 @@ from tqdm import tqdm
 from vlrl.config import save_config
 from vlrl.data.loading import load_samples
 from vlrl.data.sample import Sample
+from vlrl.eval.passk import item_stats, passes
 from vlrl.models.loading import load_model_and_processor
-from vlrl.rewards.accuracy import score_answer
 from vlrl.rewards.extract import extract_answer
-from vlrl.rollout.hf import generate_texts
-from vlrl.rollout.types import SamplingParams
+from vlrl.rewards.registry import RewardSpec, combine
+from vlrl.rollout.base import RolloutEngine, make_engine
+from vlrl.rollout.sampler import mix_seed
+from vlrl.rollout.types import Completion, SamplingParams
 
 
 @dataclass
@@ -33,19 +44,44 @@ class EvalConfig:
     system_prompt: str | None = None  # replaces (or inserts) each prompt's system turn; null: keep the data's
     skip_invalid: bool = False  # drop invalid data records (counted) instead of stopping at the first
     limit: int | None = None  # first this many records of each dataset; null: all
-    batch_size: int = 64  # prompts per generate call
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy")])  # the rewards that
+    #   score a completion, summed with weights, as in the RL config: each {name, weight, kwargs, label}
+    reward: list[str] = field(default_factory=list)  # shorthand: reward names, weight 1 (replaces `rewards`)
+    threshold: float = 0.5  # a completion is correct when its weighted reward >= threshold (unscorable: wrong)
+    n: int = 1  # completions per item; n > 1 (needs temperature > 0) also reports pass@n (any of n correct)
+    batch_size: int = 64  # prompts per engine call (batch_size * n completions decode together)
     max_new_tokens: int = 32  # answer length limit in tokens
     temperature: float = 0.0  # sampling temperature of the answers (0: greedy)
+    seed: int = 0  # when sampling, the item at position i of the data is sampled with seed mix_seed(seed, i)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
+
+    def __post_init__(self) -> None:
+        if self.reward:
+            self.rewards = [RewardSpec(name) for name in self.reward]
+            self.reward = []
+        if not self.rewards:
+            raise ValueError("rewards: name at least one reward")
+        for name in ("n", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_sampling(self.n, self.temperature)
+
 
 @dataclass
 class EvalResult:
-    n: int
-    accuracy: float
+    n: int  # items
+    accuracy: float  # mean over items of the fraction of their completions that are correct (pass@1)
     by_task: dict[str, dict[str, float]]
     by_category: dict[str, dict[str, float]]
     predictions: list[dict[str, Any]] = field(repr=False)
     seconds: float = 0.0
+    samples_per_item: int = 1
+    pass_at_n: float | None = None  # fraction of items with a correct completion (samples_per_item > 1)
+
+
+def check_sampling(n: int, temperature: float) -> None:
+    if n > 1 and temperature <= 0:
+        raise ValueError(f"n={n} completions per item need temperature > 0 (greedy ones would all be equal)")
 
 
 def _category(sample: Sample) -> str:
@@ -53,43 +89,86 @@ def _category(sample: Sample) -> str:
     return str(sample.metadata.get("subject", sample.task))
 
 
-def _group(preds: list[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
-    acc: dict[str, list[float]] = defaultdict(list)
+def _rates(preds: list[dict[str, Any]], samples_per_item: int) -> dict[str, float]:
+    acc = sum(float(p["correct"]) for p in preds) / max(1, len(preds))
+    out = {"n": len(preds), "accuracy": acc}
+    if samples_per_item > 1:
+        out.update(pass_at_1=acc, pass_at_n=sum(p["pass_at_n"] for p in preds) / max(1, len(preds)))
+    return out
+
+
+def _group(preds: list[dict[str, Any]], key: str, samples_per_item: int) -> dict[str, dict[str, float]]:
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for p in preds:
-        acc[p[key]].append(p["correct"])
-    return {k: {"n": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(acc.items())}
+        rows[p[key]].append(p)
+    return {k: _rates(v, samples_per_item) for k, v in sorted(rows.items())}
 
 
-def score_prediction(sample: Sample, completion: str) -> float:
-    """1.0 / 0.0 by the problem type's check (grounding: IoU >= 0.5); unscorable counts as wrong."""
-    s = score_answer(completion, sample.answer, sample.problem_type, metadata=sample.metadata)
-    return float(s is not None and s >= 0.5) if sample.problem_type == "grounding" else float(s or 0.0)
+def completion_rewards(texts: list[str], samples: list[Sample], specs: Sequence[RewardSpec],
+                       lengths: list[int] | None = None) -> list[float | None]:
+    """The weighted reward of each (completion, sample) pair; None where no reward could score it. `lengths`
+    (tokens, stop token included) reach the rewards that read them (DAPO's `overlong`), as in training."""
+    runtime: dict[str, Any] = {} if lengths is None else {"completion_lengths": lengths}
+    total, per_reward, _ = combine(specs, texts, samples, **runtime)
+    return [None if all(v[i] is None for v in per_reward.values()) else total[i] for i in range(len(total))]
 
 
-def evaluate_samples(model: Any, processor: Any, samples: Sequence[Sample], *, device: torch.device | str = "cpu",
-                     batch_size: int = 64, max_new_tokens: int = 32, temperature: float = 0.0,
-                     progress: bool = False) -> EvalResult:
-    """Batched generation (prompts sorted by length to limit padding), extraction, scoring."""
-    t0 = time.perf_counter()
+def score_prediction(sample: Sample, completion: str, rewards: Sequence[RewardSpec] | None = None,
+                     threshold: float = 0.5) -> float:
+    """1.0 if `completion` is correct for `sample` (weighted reward >= threshold; default: `accuracy`), else 0.0."""
+    reward = completion_rewards([completion], [sample], rewards or [RewardSpec("accuracy")])[0]
+    return float(passes(reward, threshold))
+
+
+def generate_completions(engine: RolloutEngine, samples: Sequence[Sample], n: int, sampling: SamplingParams, *,
+                         seed: int = 0, batch_size: int = 64, progress: bool = False) -> list[list[Completion]]:
+    """`n` completions per sample, in the samples' order. Prompts go to the engine `batch_size` at a time, sorted
+    by length to limit padding; when sampling, the sample at position i is seeded with mix_seed(seed, i)."""
     order = sorted(range(len(samples)), key=lambda i: (len(samples[i].images), len(samples[i].messages[-1]["content"])))
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
-    texts: dict[int, str] = {}
-    was_training = model.training
-    model.eval()
+    out: dict[int, list[Completion]] = {}
     for k in tqdm(range(0, len(order), batch_size), desc="eval", disable=not progress):
         idx = order[k : k + batch_size]
-        outs = generate_texts(model, processor, [samples[i] for i in idx], sampling, device=device)
-        texts.update({i: o[0] for i, o in zip(idx, outs)})
-    model.train(was_training)
-    preds: list[dict[str, Any]] = []
-    for i, s in enumerate(samples):
-        preds.append({"id": s.id, "task": s.task, "category": _category(s), "problem_type": s.problem_type,
-                      "answer": s.answer, "completion": texts[i], "extracted": extract_answer(texts[i]),
-                      "correct": score_prediction(s, texts[i])})
-    n = len(preds)
-    accuracy = sum(float(p["correct"]) for p in preds) / max(1, n)
-    return EvalResult(n=n, accuracy=accuracy, by_task=_group(preds, "task"), by_category=_group(preds, "category"),
-                      predictions=preds, seconds=time.perf_counter() - t0)
+        seeds = None if sampling.greedy else [mix_seed(seed, i) for i in idx]
+        groups = engine.generate([samples[i] for i in idx], n, sampling, seeds=seeds)
+        out.update({i: g.completions for i, g in zip(idx, groups)})  # the groups' encoded prompts are dropped
+    return [out[i] for i in range(len(samples))]
+
+
+def _prediction(sample: Sample, completions: list[Completion], rewards: list[float | None],
+                threshold: float) -> dict[str, Any]:
+    stats = item_stats(rewards, threshold=threshold, pass1="first")
+    pred: dict[str, Any] = {"id": sample.id, "task": sample.task, "category": _category(sample),
+                            "problem_type": sample.problem_type, "answer": sample.answer}
+    if len(completions) == 1:
+        text = completions[0].text
+        return {**pred, "completion": text, "extracted": extract_answer(text), "reward": rewards[0],
+                "correct": stats.pass_rate}
+    return {**pred, "completions": [c.text for c in completions], "rewards": rewards, "correct": stats.pass_rate,
+            "pass_at_n": stats.pass_at_n}
+
+
+def evaluate_samples(model: Any, processor: Any, samples: Sequence[Sample], *, device: torch.device | str | None = None,
+                     batch_size: int = 64, max_new_tokens: int = 32, temperature: float = 0.0, n: int = 1,
+                     seed: int = 0, rewards: Sequence[RewardSpec] | None = None, threshold: float = 0.5,
+                     progress: bool = False) -> EvalResult:
+    """Generate `n` completions per sample with one `hf` engine, score them, aggregate per task and category
+    (see the module docstring). `device`: where the model runs (None: its parameters' device)."""
+    check_sampling(n, temperature)
+    t0 = time.perf_counter()
+    engine = make_engine("hf", model, processor, device=device, reload_weights=False)  # weights fixed for the call
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    completions = generate_completions(engine, samples, n, sampling, seed=seed, batch_size=batch_size,
+                                       progress=progress)
+    rows = [s for s, cs in zip(samples, completions) for _ in cs]
+    flat = [c for cs in completions for c in cs]
+    scores = completion_rewards([c.text for c in flat], rows, rewards or [RewardSpec("accuracy")],
+                                [c.length for c in flat])
+    preds = [_prediction(s, cs, scores[i * n : (i + 1) * n], threshold)
+             for i, (s, cs) in enumerate(zip(samples, completions))]
+    overall = _rates(preds, n)
+    return EvalResult(n=len(preds), accuracy=overall["accuracy"], by_task=_group(preds, "task", n),
+                      by_category=_group(preds, "category", n), predictions=preds,
+                      seconds=time.perf_counter() - t0, samples_per_item=n, pass_at_n=overall.get("pass_at_n"))
 
 
 def write_results(result: EvalResult, out: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -99,8 +178,11 @@ def write_results(result: EvalResult, out: Path, extra: dict[str, Any] | None = 
         for p in result.predictions:
             f.write(json.dumps(p) + "\n")
     summary = {"n": result.n, "accuracy": result.accuracy, "by_task": result.by_task,
-               "by_category": result.by_category, "predictions": str(pred_path), "seconds": result.seconds,
-               **(extra or {})}
+               "by_category": result.by_category, "predictions": str(pred_path), "seconds": result.seconds}
+    if result.samples_per_item > 1:
+        summary.update(samples_per_item=result.samples_per_item, pass_at_1=result.accuracy,
+                       pass_at_n=result.pass_at_n)
+    summary.update(extra or {})
     out.write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -114,5 +196,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
                            limit=cfg.limit, system_prompt=cfg.system_prompt)  # bad data fails before the model loads
     model, processor = load_model_and_processor(cfg.model)
     result = evaluate_samples(model, processor, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, progress=True)
+                              temperature=cfg.temperature, n=cfg.n, seed=cfg.seed, rewards=cfg.rewards,
+                              threshold=cfg.threshold, progress=True)
     return write_results(result, out, {"model": cfg.model, "data": cfg.data})

@@ -6,9 +6,16 @@ from typing import Any
 
 
 def print_result(summary: dict[str, Any]) -> None:
-    print(f"accuracy {summary['accuracy']:.4f} on {summary['n']} items  (predictions: {summary['predictions']})")
+    """Accuracy overall and per category; with several samples per item, pass@1 and pass@n as well."""
+    k = summary.get("samples_per_item", 1)
+
+    def passes(row: dict[str, Any]) -> str:
+        return f"  pass@1={row['pass_at_1']:.4f} pass@{k}={row['pass_at_n']:.4f}" if k > 1 else ""
+
+    print(f"accuracy {summary['accuracy']:.4f} on {summary['n']} items{passes(summary)}  "
+          f"(predictions: {summary['predictions']})")
     for name, row in summary.get("by_category", {}).items():
-        print(f"  {name:<28} n={row['n']:<6} accuracy={row['accuracy']:.4f}")
+        print(f"  {name:<28} n={row['n']:<6} accuracy={row['accuracy']:.4f}{passes(row)}")
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -1,7 +1,8 @@
 """Rollout engines behind one interface: `generate(prompts, n, sampling, seeds=) -> groups`, `sync_weights(model)`.
 
-`hf` (in-process `model.generate`, KV cache) works everywhere; `vllm` is an optional GPU extra (a stub that
-raises a clear error for now). `generate_texts` (in `hf.py`) is the plain decoding helper eval uses.
+`hf` (in-process, the policy's own forward in a decode loop of its own, KV cache) works everywhere and is what RL,
+eval, infer, curate and serve generate with; `vllm` is an optional GPU extra (a stub that raises a clear error for
+now).
 """
 
 from vlrl.rollout.base import ENGINES, RolloutEngine, make_engine

@@ -64,6 +64,7 @@ from vlrl.algos import ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES, kl_p
 from vlrl.config import save_config
 from vlrl.data.loading import load_samples
 from vlrl.data.order import global_batch
+from vlrl.eval.evaluate import EvalResult, evaluate_samples
 from vlrl.models.loading import load_model, load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rewards.registry import RewardSpec
@@ -483,14 +484,24 @@ def _load_val(cfg: RLConfig) -> list:
                         system_prompt=cfg.system_prompt)
 
 
-def _validate(run: RLRun, val: list) -> dict[str, float]:
-    """Greedy accuracy on the validation samples (rank 0), with eval's own scoring."""
-    from vlrl.eval.evaluate import evaluate_samples
+def val_rewards(cfg: RLConfig) -> list[RewardSpec]:
+    """What validation scores with: the run's own `accuracy` check (its options, weight 1; the default check when
+    the run has none), so `val_accuracy` is an accuracy whatever else the run rewards."""
+    spec = next((s for s in cfg.rewards if s.name == "accuracy"), None)
+    return [RewardSpec("accuracy", kwargs=dict(spec.kwargs) if spec is not None else {})]
 
-    result = None
-    if run.info.is_main:
-        result = evaluate_samples(run.model, run.processor, val, device=run.info.device,
-                                  max_new_tokens=run.cfg.val_max_new_tokens)
+
+def validation_result(run: RLRun, val: list) -> EvalResult | None:
+    """Greedy evaluation of the validation samples on rank 0 (None on the others): `vlrl eval`'s own function."""
+    if not run.info.is_main:
+        return None
+    return evaluate_samples(run.model, run.processor, val, device=run.info.device,
+                            max_new_tokens=run.cfg.val_max_new_tokens, rewards=val_rewards(run.cfg))
+
+
+def _validate(run: RLRun, val: list) -> dict[str, float]:
+    """Greedy accuracy on the validation samples (rank 0), with eval's own generation and scoring."""
+    result = validation_result(run, val)
     barrier()
     if result is None:
         return {}
