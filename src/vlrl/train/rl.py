@@ -58,7 +58,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from vlrl.algos import ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES, kl_penalized_rewards
 from vlrl.config import save_config
@@ -71,9 +70,8 @@ from vlrl.rewards.registry import RewardSpec
 from vlrl.rewards.runner import RewardRunner
 from vlrl.rollout.base import RolloutEngine, make_engine
 from vlrl.rollout.types import SamplingParams
-from vlrl.train import checkpoint as ckpt
 from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
-from vlrl.train.logging import MetricsLogger
+from vlrl.train.harness import RunHarness, schedule_of
 from vlrl.train.logprobs import rows_logprobs_nograd
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
 from vlrl.train.rl_rollout import RolloutSpec, StepRollouts, all_reduce_max, collect, gather_rows
@@ -359,11 +357,6 @@ def replay_backward(run: RLRun, step: int) -> dict[str, float]:
     return {"sft_replay/loss": stats["loss"]}
 
 
-def _resume(cfg: RLConfig, run_dir: Path) -> tuple[str, dict[str, Any] | None]:
-    last = ckpt.latest_checkpoint(run_dir)
-    return (cfg.model, None) if last is None else (str(last), ckpt.load_state(last))
-
-
 def _load_ref(cfg: RLConfig, info: DistInfo) -> Any:
     if cfg.beta <= 0:
         return None
@@ -394,11 +387,14 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     rollout = RolloutSpec(cfg.batch_size, cfg.group_size, cfg.sampling, list(cfg.rewards), cfg.seed,
                           cfg.dynamic_sampling, cfg.dynamic_max_tries, runner)
     tok = processor.tokenizer
-    loss = LossSpec(POLICY_LOSSES.get(cfg.loss), loss_kwargs, cfg.agg_mode, cfg.max_new_tokens, cfg.beta,
-                    cfg.kl_estimator or "k3", cfg.kl_clamp, cfg.beta > 0 and not cfg.kl_in_reward, cfg.temperature,
-                    vision_token_ids(tok), cfg.ppo_epochs, cfg.num_minibatches, cfg.micro_batch_size,
-                    cfg.max_grad_norm, int(tok.pad_token_id), image_token_id(processor), cfg.share_vision,
-                    cfg.shared_prefix)
+    loss = LossSpec(
+        loss_fn=POLICY_LOSSES.get(cfg.loss), loss_kwargs=loss_kwargs, agg_mode=cfg.agg_mode,
+        max_len=cfg.max_new_tokens, beta=cfg.beta, kl_estimator=cfg.kl_estimator or "k3", kl_clamp=cfg.kl_clamp,
+        kl_in_loss=cfg.beta > 0 and not cfg.kl_in_reward, temperature=cfg.temperature,
+        suppress_ids=vision_token_ids(tok), ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches,
+        micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm, pad_id=int(tok.pad_token_id),
+        image_id=image_token_id(processor), share_vision=cfg.share_vision, shared_prefix=cfg.shared_prefix,
+    )  # fmt: skip
     trust = TrustStage(cfg.trust, cfg.group_size) if cfg.trust.enabled else None
     replay = None
     if cfg.sft_coef > 0:
@@ -413,68 +409,28 @@ def run_rl(cfg: RLConfig) -> Path:
     info = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.out)
-    start_from, state = _resume(cfg, run_dir)
+    harness = RunHarness(Path(cfg.out), info, schedule_of(cfg), row_log=True)
+    start_from, state = harness.resume_point(cfg.model)
     if info.is_main:
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, Path(cfg.out) / "config.yaml")
     run = build_run(cfg, info, start_from)
     val = _load_val(cfg)
-    logger = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main)
-    sample_log = MetricsLogger(run_dir / "samples.jsonl", enabled=info.is_main)
-    step, position, elapsed = 0, 0, 0.0
-    if state is not None:
-        run.opt.load_state_dict(state["optimizer"])
-        run.sched.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        step, position, elapsed = state["step"], state["position"], state.get("elapsed", 0.0)
-        logger.truncate_after(step)
-        sample_log.truncate_after(step)
-        if info.is_main:
-            print(f"resumed from {start_from} at step {step}")
-    t0 = time.perf_counter() - elapsed
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"rl/{cfg.loss}", disable=not info.is_main)
+    step, position = harness.restore(state, run.opt, run.sched)
     try:
-        while step < cfg.max_steps and not _out_of_time(cfg, t0):
-            record, rows, position = rl_step(run, step, position)
-            step += 1
-            bar.update(1)
-            record = {"step": step, **record, "elapsed_s": time.perf_counter() - t0}
-            if val and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                t = time.perf_counter()
-                record.update(_validate(run, val))
-                record["time/eval"] = time.perf_counter() - t
-            if step % cfg.log_every == 0 or step == cfg.max_steps or "val_accuracy" in record:
-                logger.log(record)
-                for row in rows:
-                    sample_log.log(row)
-                bar.set_postfix(reward=f"{record['reward/mean']:.3f}")
-            if step % cfg.save_every == 0 or step == cfg.max_steps or _out_of_time(cfg, t0):
-                _save(run, run_dir, step, position, time.perf_counter() - t0)
+        step = harness.loop(
+            step, position, lambda step, position: rl_step(run, step, position),
+            desc=f"rl/{cfg.loss}", postfix="reward/mean",
+            save=lambda step, position: harness.save(step, position, run.model, run.processor, run.opt, run.sched),
+            validate=(lambda: _validate(run, val)) if val else None,
+        )  # fmt: skip
     finally:
-        bar.close()
         if run.rollout.runner is not None:
             run.rollout.runner.close()
         if run.trust is not None:
             run.trust.close()
-    last = ckpt.latest_checkpoint(run_dir)
-    if last is None or last.name != f"step-{step}":
-        _save(run, run_dir, step, position, time.perf_counter() - t0)
     barrier()
     cleanup()
-    return run_dir / "checkpoints" / f"step-{step}"
-
-
-def _out_of_time(cfg: RLConfig, t0: float) -> bool:
-    return cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
-
-
-def _save(run: RLRun, run_dir: Path, step: int, position: int, elapsed: float) -> None:
-    barrier()
-    if run.info.is_main:
-        state = {"optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "rng": ckpt.rng_state(),
-                 "step": step, "position": position, "elapsed": elapsed}
-        ckpt.save_checkpoint(run_dir, step, run.model, run.processor, state, keep=run.cfg.keep_checkpoints)
-    barrier()
+    return Path(cfg.out) / "checkpoints" / f"step-{step}"
 
 
 def _load_val(cfg: RLConfig) -> list:

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from vlrl.config import save_config
 from vlrl.data.loading import load_samples
@@ -23,9 +22,8 @@ from vlrl.data.order import global_batch, shard
 from vlrl.models.inputs import IGNORE_INDEX, Encoded, collate, encode_for_sft_cached
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id
-from vlrl.train import checkpoint as ckpt
 from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
-from vlrl.train.logging import MetricsLogger
+from vlrl.train.harness import RunHarness, schedule_of
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
 
 
@@ -86,13 +84,6 @@ def _micro_loss(model: Any, batch: dict[str, torch.Tensor], agg: str, n_global: 
     return loss, float(loss.detach())
 
 
-def _resume(cfg: SFTConfig, run: Path) -> tuple[str, dict[str, Any] | None]:
-    last = ckpt.latest_checkpoint(run)
-    if last is None:
-        return cfg.model, None
-    return str(last), ckpt.load_state(last)
-
-
 def sft_backward(model: Any, processor: Any, samples: list, indices: list[int], loss_agg: str, micro_batch_size: int,
                  info: DistInfo, scale: float = 1.0, cache: dict[int, Encoded] | None = None) -> dict[str, float]:
     """Backward of `scale` x the SFT loss of this rank's share of one global batch (`indices`), gradients
@@ -125,15 +116,16 @@ def train_step(model: Any, processor: Any, samples: list, indices: list[int], cf
 
 
 def run_sft(cfg: SFTConfig) -> Path:
+    """Train; returns the final checkpoint folder. Re-running the same command resumes."""
     if cfg.loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg {cfg.loss_agg!r}; valid: {', '.join(LOSS_AGGS)}")
     info = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    run = Path(cfg.out)
-    start_from, state = _resume(cfg, run)
+    harness = RunHarness(Path(cfg.out), info, schedule_of(cfg))
+    start_from, state = harness.resume_point(cfg.model)
     if info.is_main:
-        save_config(cfg, run / "config.yaml")
+        save_config(cfg, Path(cfg.out) / "config.yaml")
     torch.manual_seed(cfg.seed)
     model, processor = load_model_and_processor(start_from)
     model.to(info.device)  # type: ignore[arg-type]
@@ -145,19 +137,9 @@ def run_sft(cfg: SFTConfig) -> Path:
                            skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)
     val = _load_val(cfg)
     cache: dict[int, Encoded] | None = {} if cfg.cache_encoded else None
-    logger = MetricsLogger(run / "metrics.jsonl", enabled=info.is_main)
-    step, elapsed_before = 0, 0.0
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        step, elapsed_before = state["step"], state.get("elapsed", 0.0)
-        logger.truncate_after(step)
-        if info.is_main:
-            print(f"resumed from {start_from} at step {step}")
-    t0 = time.perf_counter() - elapsed_before
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"sft/{cfg.stage}", disable=not info.is_main)
-    while step < cfg.max_steps and not _out_of_time(cfg, t0):
+    step, position = harness.restore(state, opt, sched)
+
+    def step_fn(step: int, position: int) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
         ts = time.perf_counter()
         indices = global_batch(step, cfg.batch_size, len(samples), cfg.seed)
         stats = train_step(model, processor, samples, indices, cfg, info, params, cache)
@@ -165,38 +147,17 @@ def run_sft(cfg: SFTConfig) -> Path:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        record = {"step": step, **stats, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
-                  "step_s": time.perf_counter() - ts, "elapsed_s": time.perf_counter() - t0}
-        if val and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            record.update(_validate(model, processor, val, info))
-        if step % cfg.log_every == 0 or step == cfg.max_steps or "val_accuracy" in record:
-            logger.log(record)
-            bar.set_postfix(loss=f"{stats['loss']:.3f}")
-        if step % cfg.save_every == 0 or step == cfg.max_steps or _out_of_time(cfg, t0):
-            _save(run, step, model, processor, opt, sched, cfg, info, time.perf_counter() - t0)
-    bar.close()
-    if ckpt.latest_checkpoint(run) is None or not str(ckpt.latest_checkpoint(run)).endswith(f"step-{step}"):
-        _save(run, step, model, processor, opt, sched, cfg, info, time.perf_counter() - t0)
-    final = run / "checkpoints" / f"step-{step}"
+        record = {**stats, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "step_s": time.perf_counter() - ts}
+        return record, [], position + cfg.batch_size
+
+    step = harness.loop(
+        step, position, step_fn, desc=f"sft/{cfg.stage}", postfix="loss",
+        save=lambda step, position: harness.save(step, position, model, processor, opt, sched),
+        validate=(lambda: _validate(model, processor, val, info)) if val else None,
+    )  # fmt: skip
     barrier()
     cleanup()
-    return final
-
-
-def _out_of_time(cfg: SFTConfig, t0: float) -> bool:
-    return cfg.max_seconds is not None and time.perf_counter() - t0 >= cfg.max_seconds
-
-
-def _save(run: Path, step: int, model: Any, processor: Any, opt: Any, sched: Any, cfg: SFTConfig, info: DistInfo,
-          elapsed: float) -> None:
-    barrier()
-    if info.is_main:
-        state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
-                 "step": step, "position": step * cfg.batch_size, "elapsed": elapsed}
-        ckpt.save_checkpoint(run, step, model, processor, state, keep=cfg.keep_checkpoints)
-    barrier()
+    return Path(cfg.out) / "checkpoints" / f"step-{step}"
 
 
 def _load_val(cfg: SFTConfig) -> list:
