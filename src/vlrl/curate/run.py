@@ -43,7 +43,7 @@ from vlrl.data.errors import DataError
 from vlrl.data.loading import templated
 from vlrl.data.registry import load_dataset
 from vlrl.data.sample import Sample
-from vlrl.rewards.registry import RewardSpec
+from vlrl.rewards.registry import RewardSpec, specs_or_names
 from vlrl.rollout.base import RolloutEngine, make_engine
 from vlrl.rollout.sampler import mix_seed
 from vlrl.rollout.types import Group, SamplingParams
@@ -89,11 +89,7 @@ class CurateConfig:
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
 
     def __post_init__(self) -> None:
-        if self.reward:
-            self.rewards = [RewardSpec(name) for name in self.reward]
-            self.reward = []
-        if not self.rewards:
-            raise ValueError("rewards: name at least one reward")
+        self.rewards, self.reward = specs_or_names(self.rewards, self.reward), []
         self.band = list(parse_band(self.band))  # validated, and one spelling in config.yaml
         for name in ("n", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:

@@ -28,7 +28,7 @@ from vlrl.data.sample import Sample
 from vlrl.eval.passk import item_stats, passes
 from vlrl.models.loading import load_model_and_processor
 from vlrl.rewards.extract import extract_answer
-from vlrl.rewards.registry import RewardSpec, combine
+from vlrl.rewards.registry import RewardSpec, combine, specs_or_names
 from vlrl.rollout.base import RolloutEngine, make_engine
 from vlrl.rollout.sampler import mix_seed
 from vlrl.rollout.types import Completion, SamplingParams
@@ -56,11 +56,7 @@ class EvalConfig:
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
 
     def __post_init__(self) -> None:
-        if self.reward:
-            self.rewards = [RewardSpec(name) for name in self.reward]
-            self.reward = []
-        if not self.rewards:
-            raise ValueError("rewards: name at least one reward")
+        self.rewards, self.reward = specs_or_names(self.rewards, self.reward), []
         for name in ("n", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

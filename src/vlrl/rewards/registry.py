@@ -133,6 +133,14 @@ class RewardSpec:
         return self.label or self.name
 
 
+def specs_or_names(specs: list[RewardSpec], names: list[str]) -> list[RewardSpec]:
+    """A config's rewards: `names` (the `reward:` shorthand, weight 1 each) when given, else `specs`; at least one."""
+    chosen = [RewardSpec(name) for name in names] if names else list(specs)
+    if not chosen:
+        raise ValueError("rewards: name at least one reward")
+    return chosen
+
+
 def _call_kwargs(info: RewardInfo, spec_kwargs: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
     picked = {k: v for k, v in runtime.items() if info.var_keyword or k in info.params}
     picked.update(spec_kwargs)
