@@ -1,5 +1,6 @@
-"""Build the built-in models: a local tokenizer, a Qwen-style chat template, an image processor and a
-randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL, saved in Hugging Face format.
+"""Build the built-in models: a local tokenizer, a chat template, an image processor and a randomly initialised
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL or InternVL (transformers' `InternVLForConditionalGeneration`, Qwen2 text),
+saved in Hugging Face format.
 
 `transformers.AutoModelForImageTextToText.from_pretrained(DIR)` loads the result, and so does
 `vlrl.models.load_model_and_processor(DIR)`.
@@ -15,8 +16,11 @@ from typing import Any
 
 import torch
 from transformers import (
+    InternVLForConditionalGeneration,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
@@ -26,16 +30,18 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from vlrl.models.processor import ImageOnlyProcessor, token_id
+from vlrl.models.families.internvl import internvl_config, internvl_processor, internvl_tokenizer, tile_size
+from vlrl.models.processor import ChatProcessor, ImageOnlyProcessor, token_id
 from vlrl.models.tokenizer import TAG_TOKENS, train_tokenizer
 
-ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl")
 SIZES = ("tiny", "small")
 
 
 @dataclass(frozen=True)
 class Size:
-    """Widths of one built-in size. Text head_dim = hidden / heads; mrope_section sums to head_dim / 2."""
+    """Widths of one built-in size (every family's). Text head_dim = hidden / heads; mrope_section sums to
+    head_dim / 2."""
 
     hidden: int
     layers: int
@@ -99,13 +105,16 @@ def _vision_config(arch: str, s: Size) -> dict[str, Any]:
                 num_position_embeddings=256, deepstack_visual_indexes=[1, 2])
 
 
-def model_config(arch: str, size: str, token_ids: dict[str, int]) -> PretrainedConfig:
-    """The HF config of a built-in model; `token_ids` maps image/video/vision_start/vision_end/eos/pad."""
+def model_config(arch: str, size: str, token_ids: dict[str, int], image_pixels: int | None = None) -> PretrainedConfig:
+    """The HF config of a built-in model; `token_ids` maps image/video/vision_start/vision_end/eos/pad (InternVL:
+    image = `<IMG_CONTEXT>`, eos, pad). `image_pixels` sets InternVL's tile size (default 112 x 112)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
     if size not in SIZE_TABLE:
         raise ValueError(f"unknown size {size!r}; valid: {', '.join(SIZE_TABLE)}")
     s = SIZE_TABLE[size]
+    if arch == "internvl":
+        return internvl_config(s, token_ids, tile=tile_size(image_pixels))
     text = _text_config(s, qwen3=arch == "qwen3-vl")
     text.update(bos_token_id=None, eos_token_id=token_ids["eos"], pad_token_id=token_ids["pad"])
     common: dict[str, Any] = dict(
@@ -126,6 +135,7 @@ def _model_class(arch: str) -> type[PreTrainedModel]:
         "qwen2-vl": Qwen2VLForConditionalGeneration,
         "qwen2.5-vl": Qwen2_5_VLForConditionalGeneration,
         "qwen3-vl": Qwen3VLForConditionalGeneration,
+        "internvl": InternVLForConditionalGeneration,
     }[arch]
 
 
@@ -144,18 +154,41 @@ def default_corpus(n_per_task: int = 400, seed: int = 0) -> list[str]:
     return texts
 
 
+def _tokenizer(arch: str, corpus: Iterable[str], vocab: int) -> PreTrainedTokenizerFast:
+    if arch == "internvl":
+        return internvl_tokenizer(corpus, vocab_size=vocab)
+    return train_tokenizer(corpus, vocab_size=vocab)
+
+
+def _token_ids(arch: str, tok: PreTrainedTokenizerBase) -> dict[str, int]:
+    names = [("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
+             ("vision_end", "<|vision_end|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>")]
+    if arch == "internvl":
+        names = [("image", "<IMG_CONTEXT>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>")]
+    return {k: token_id(tok, t) for k, t in names}
+
+
+def _processor(arch: str, tok: PreTrainedTokenizerBase, image_pixels: int | None) -> ChatProcessor:
+    """The saved processor. Qwen-VL: `image_pixels` is max_pixels (default: a 4x4 grid of merged patches, 16 vision
+    tokens). InternVL: one square tile of about `image_pixels` (default 112 x 112, 16 vision tokens)."""
+    if arch == "internvl":
+        return internvl_processor(tok, tile_size(image_pixels))
+    patch = 16 if arch == "qwen3-vl" else 14
+    image_pixels = image_pixels or (patch * 2 * 4) ** 2
+    image_proc = Qwen2VLImageProcessorPil(min_pixels=(patch * 2) ** 2, max_pixels=image_pixels, patch_size=patch)
+    return ImageOnlyProcessor(tok, image_proc)
+
+
 def init_model(arch: str, size: str, out: str | Path, seed: int = 0, corpus: Iterable[str] | None = None,
                image_pixels: int | None = None) -> Path:
     """Write a tokenizer, chat template, image processor and random model to `out` (HF format).
-    `image_pixels` is the processor's max_pixels (default: a 4x4 grid of merged patches, 16 vision tokens)."""
+    `image_pixels`: Qwen-VL's max_pixels, InternVL's tile area (default: 16 vision tokens per image)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     vocab = SIZE_TABLE[size].vocab if size in SIZE_TABLE else 0
-    tok = train_tokenizer(corpus if corpus is not None else default_corpus(seed=seed), vocab_size=vocab - 8)
-    ids = {k: token_id(tok, t) for k, t in [
-        ("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
-        ("vision_end", "<|vision_end|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>")]}
-    cfg = model_config(arch, size, ids)
+    tok = _tokenizer(arch, corpus if corpus is not None else default_corpus(seed=seed), vocab - 8)
+    ids = _token_ids(arch, tok)
+    cfg = model_config(arch, size, ids, image_pixels=image_pixels)
     if len(tok) > cfg.get_text_config().vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens, more than the model's vocabulary")
     torch.manual_seed(seed)
@@ -164,12 +197,7 @@ def init_model(arch: str, size: str, out: str | Path, seed: int = 0, corpus: Ite
     model.generation_config.pad_token_id = ids["pad"]
     model.generation_config.bos_token_id = None
     model.save_pretrained(out)
-    patch = 16 if arch == "qwen3-vl" else 14
-    image_pixels = image_pixels or (patch * 2 * 4) ** 2  # default: 16 vision tokens per image
-    image_proc = Qwen2VLImageProcessorPil(
-        min_pixels=(patch * 2) ** 2, max_pixels=image_pixels, patch_size=patch,
-    )
-    ImageOnlyProcessor(tok, image_proc).save_pretrained(out)
+    _processor(arch, tok, image_pixels).save_pretrained(out)
     return out
 
 

@@ -1,5 +1,6 @@
 """Turn `Sample`s into model tensors: prompts for generation, prompt + target for SFT (labels masked
-everywhere but the assistant answer), with each Qwen family's extras (`image_grid_thw`, `mm_token_type_ids`)."""
+everywhere but the assistant answer), with each Qwen family's extras (`image_grid_thw`, `mm_token_type_ids`).
+InternVL has neither: its pixel_values are whole tiles and its image tokens are `<IMG_CONTEXT>`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ IGNORE_INDEX = -100
 @dataclass
 class Encoded:
     """One sample as tensors. input_ids [L]; labels [L] (IGNORE_INDEX outside the target) or None;
-    pixel_values [P, D] or None; image_grid_thw [I, 3] or None."""
+    pixel_values [P, D] (Qwen-VL: patches) or [N, 3, H, W] (InternVL: tiles) or None; image_grid_thw [I, 3]
+    (Qwen-VL) or None."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor | None
@@ -53,8 +55,8 @@ def encode_prompt(processor: Any, messages: Sequence[dict[str, str]], images: li
     return Encoded(
         input_ids=batch["input_ids"][0],  # [L]
         labels=None,
-        pixel_values=batch.get("pixel_values"),  # [P, D]
-        image_grid_thw=batch.get("image_grid_thw"),  # [I, 3]
+        pixel_values=batch.get("pixel_values"),  # [P, D] or [N, 3, H, W]
+        image_grid_thw=batch.get("image_grid_thw"),  # [I, 3] or None
     )
 
 
@@ -79,8 +81,12 @@ def encode_sft(processor: Any, messages: Sequence[dict[str, str]], images: list[
     return enc
 
 
-def collate(items: Sequence[Encoded], pad_id: int, image_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad to the longest item. Left padding for generation, right for training."""
+def collate(items: Sequence[Encoded], pad_id: int, image_token_id: int, padding_side: str = "right",
+            mm_token_type_ids: bool = True) -> dict[str, torch.Tensor]:
+    """Pad to the longest item. Left padding for generation, right for training. `image_token_id`: the family's
+    (`vlrl.models.processor.image_token_id`). `mm_token_type_ids` (1 at that token) for the families that take
+    them: `family_of_processor(processor).mm_token_type_ids` (Qwen-VL's rope index reads them; InternVL's forward
+    ignores them and its `generate` rejects them)."""
     n, length = len(items), max(len(e.input_ids) for e in items)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)  # [B, L]
     attention = torch.zeros((n, length), dtype=torch.long)  # [B, L]
@@ -92,17 +98,17 @@ def collate(items: Sequence[Encoded], pad_id: int, image_token_id: int, padding_
         attention[i, sl] = 1
         if e.labels is not None:
             labels[i, sl] = e.labels
-    batch: dict[str, torch.Tensor] = {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "mm_token_type_ids": (input_ids == image_token_id).long() * attention,  # [B, L], 1 = image token
-    }
+    batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention}
+    if mm_token_type_ids:
+        batch["mm_token_type_ids"] = (input_ids == image_token_id).long() * attention  # [B, L], 1 = image token
     if any(e.labels is not None for e in items):
         batch["labels"] = labels
     pix = [e.pixel_values for e in items if e.pixel_values is not None]
     if pix:
-        batch["pixel_values"] = torch.cat(pix)  # [sum P, D]
-        batch["image_grid_thw"] = torch.cat([e.image_grid_thw for e in items if e.image_grid_thw is not None])
+        batch["pixel_values"] = torch.cat(pix)  # [sum P, D] or [sum N, 3, H, W]
+    grids = [e.image_grid_thw for e in items if e.image_grid_thw is not None]
+    if grids:
+        batch["image_grid_thw"] = torch.cat(grids)  # [I, 3]
     return batch
 
 

@@ -1,4 +1,4 @@
-"""Load any local Hugging Face VLM folder of the Qwen2-VL, Qwen2.5-VL and Qwen3-VL families."""
+"""Load any local Hugging Face VLM folder of a supported family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
 
+from vlrl.models.families import SUPPORTED_MODEL_TYPES, family_of_model
 from vlrl.models.processor import load_processor
-
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> PreTrainedModel:
@@ -31,10 +30,12 @@ def load_model_and_processor(
 
 
 def vision_module(model: PreTrainedModel) -> torch.nn.Module:
-    """The vision tower (including its merger) of a Qwen-VL model."""
-    return model.model.visual  # type: ignore[no-any-return]
+    """The vision side, projector included: Qwen-VL's `model.visual` (its merger inside); InternVL's
+    `vision_tower` and `multi_modal_projector` (in one ModuleList that holds the model's own modules)."""
+    return family_of_model(model).vision(model)
 
 
 def merger_module(model: PreTrainedModel) -> torch.nn.Module:
-    """The vision-language merger/projector: the only part trained in the `align` stage (Innovator-VL stage 1)."""
-    return model.model.visual.merger  # type: ignore[no-any-return]
+    """The vision-language merger/projector: the only part trained in the `align` stage (Innovator-VL stage 1).
+    Qwen-VL: `model.visual.merger`; InternVL: `model.multi_modal_projector`."""
+    return family_of_model(model).merger(model)

@@ -1,8 +1,10 @@
-"""Processors: Hugging Face's when it loads, else an image-only Qwen-VL processor that needs no torchvision.
+"""Processors: Hugging Face's when it loads, else an image-only processor of the model's family that needs no
+torchvision.
 
-transformers' Qwen2-VL / Qwen3-VL processors also build a video processor, which needs torchvision.
-`ImageOnlyProcessor` does the same text and image work with the PIL image processor (same
-min/max-pixel resize, patching and `image_grid_thw`), and returns `mm_token_type_ids` like HF's.
+transformers' Qwen2-VL / Qwen3-VL and InternVL processors also build a video processor, which needs torchvision.
+`ImageOnlyProcessor` (Qwen-VL) does the same text and image work with the PIL image processor (same
+min/max-pixel resize, patching and `image_grid_thw`), and returns `mm_token_type_ids` like HF's;
+`vlrl.models.families.internvl.InternVLImageOnlyProcessor` does InternVL's (tiles, `<img>` + context tokens).
 """
 
 from __future__ import annotations
@@ -16,24 +18,22 @@ from PIL import Image
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from vlrl.models.chat import ChatProcessor, expand_image_tokens, read_chat_template, token_id
+from vlrl.models.families import FAMILIES, INTERNVL, QWEN_VL, Family, family_of, family_of_image_token
+from vlrl.models.families.internvl import InternVLImageOnlyProcessor
+
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<|image_pad|>"
+IMAGE_TOKEN = QWEN_VL.image_token
 
 
-class ImageOnlyProcessor:
+class ImageOnlyProcessor(ChatProcessor):
     """Tokenizer + Qwen2-VL PIL image processor; the subset of `Qwen2VLProcessor` vlrl uses."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: Any, chat_template: str | None = None):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.chat_template = chat_template or tokenizer.chat_template
+        super().__init__(tokenizer, image_processor, chat_template)
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-
-    def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> Any:
-        kwargs.setdefault("chat_template", self.chat_template)
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     def __call__(
         self,
@@ -50,25 +50,14 @@ class ImageOnlyProcessor:
             data.update(img)  # pixel_values [P, C*t*p*p], image_grid_thw [I, 3]
             merge = self.image_processor.merge_size**2
             counts = (img["image_grid_thw"].prod(-1) // merge).tolist()
-            texts = _expand_image_tokens(texts, counts)
+            texts = expand_image_tokens(texts, IMAGE_TOKEN, [IMAGE_TOKEN * c for c in counts])
         enc = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, add_special_tokens=False)
         data.update(enc)
         data["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()  # 1 = image token
         return BatchFeature(data=data)
 
-    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args: Any, **kwargs: Any) -> str:
-        return str(self.tokenizer.decode(*args, **kwargs))
-
     def save_pretrained(self, out: str | Path) -> None:
-        out = Path(out)
-        self.tokenizer.save_pretrained(out)
-        self.image_processor.save_pretrained(out)
-        (out / "chat_template.jinja").write_text(self.chat_template or "")
-        # processor_class lets transformers' AutoProcessor build the full Qwen2VLProcessor where torchvision exists.
-        (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}, indent=2))
+        self._save(out, {"processor_class": "Qwen2VLProcessor"})
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ImageOnlyProcessor:
@@ -82,30 +71,43 @@ class ImageOnlyProcessor:
             kwargs.setdefault("min_pixels", size["shortest_edge"])
         if "longest_edge" in size:
             kwargs.setdefault("max_pixels", size["longest_edge"])
-        template_file = path / "chat_template.jinja"
-        template = template_file.read_text() if template_file.exists() else None
-        return cls(tokenizer, Qwen2VLImageProcessorPil(**kwargs), chat_template=template)
+        return cls(tokenizer, Qwen2VLImageProcessorPil(**kwargs), chat_template=read_chat_template(path))
 
 
-def _expand_image_tokens(texts: list[str], counts: list[int]) -> list[str]:
-    """Replace the i-th `<|image_pad|>` across `texts` by counts[i] copies of it."""
-    out, i = [], 0
-    for t in texts:
-        parts = t.split(IMAGE_TOKEN)
-        pieces = [parts[0]]
-        for part in parts[1:]:
-            if i >= len(counts):
-                raise ValueError(f"more {IMAGE_TOKEN} placeholders than images ({len(counts)})")
-            pieces.append(IMAGE_TOKEN * counts[i] + part)
-            i += 1
-        out.append("".join(pieces))
-    if i != len(counts):
-        raise ValueError(f"{len(counts)} images but {i} {IMAGE_TOKEN} placeholders")
-    return out
+def folder_model_type(path: str | Path) -> str:
+    """config.json's `model_type` of a model folder; "" when it has no config.json."""
+    cfg = Path(path) / "config.json"
+    return str(json.loads(cfg.read_text()).get("model_type", "")) if cfg.exists() else ""
+
+
+def _fallback_processor(path: str | Path) -> Any:
+    """The image-only processor of the folder's family (Qwen-VL's when the folder has no config.json)."""
+    model_type = folder_model_type(path)
+    if model_type and family_of(model_type) is INTERNVL:
+        return InternVLImageOnlyProcessor.from_pretrained(path)
+    return ImageOnlyProcessor.from_pretrained(path)
+
+
+def _apply_pixel_limits(proc: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Qwen-VL: transformers 5 keeps min/max pixels as size's shortest/longest edge. InternVL (fixed-size tiles,
+    size {height, width}): the limits bound the tile count, max_patches = max_pixels // tile area (at least 1),
+    min_patches = ceil(min_pixels / tile area) (at most max_patches)."""
+    ip = proc.image_processor
+    size = dict(ip.size or {})
+    if "height" in size and "width" in size:
+        tile = int(size["height"]) * int(size["width"])
+        if max_pixels is not None:
+            ip.max_patches = max(1, max_pixels // tile)
+        if min_pixels is not None:
+            ip.min_patches = max(1, min(-(-min_pixels // tile), int(ip.max_patches)))
+        return
+    size["shortest_edge"] = min_pixels if min_pixels is not None else size.get("shortest_edge")
+    size["longest_edge"] = max_pixels if max_pixels is not None else size.get("longest_edge")
+    ip.size = size
 
 
 def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None) -> Any:
-    """Load the processor of a local HF VLM folder; fall back to `ImageOnlyProcessor` when
+    """Load the processor of a local HF VLM folder; fall back to the family's image-only processor when
     transformers' own cannot be built (no torchvision). min/max pixels override the saved ones."""
     proc: Any
     try:
@@ -116,36 +118,32 @@ def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: 
             raise TypeError(f"{type(proc).__name__} has no image processor")
     except Exception as err:  # noqa: BLE001 - any failure here means: use the image-only path
         log.info("AutoProcessor failed for %s (%s); using the image-only processor", path, err)
-        proc = ImageOnlyProcessor.from_pretrained(path)
+        proc = _fallback_processor(path)
     if min_pixels is not None or max_pixels is not None:
-        ip = proc.image_processor  # transformers 5 keeps min/max pixels as size's shortest/longest edge
-        size = dict(ip.size or {})
-        size["shortest_edge"] = min_pixels if min_pixels is not None else size.get("shortest_edge")
-        size["longest_edge"] = max_pixels if max_pixels is not None else size.get("longest_edge")
-        ip.size = size
+        _apply_pixel_limits(proc, min_pixels, max_pixels)
     return proc
 
 
-def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
-    """The id of one token (transformers types the call as returning int | list[int])."""
-    tid = tokenizer.convert_tokens_to_ids(token)
-    if not isinstance(tid, int):
-        raise ValueError(f"{token!r} is not a single token of this tokenizer")
-    return tid
-
-
 def image_token_id(processor: Any) -> int:
-    return token_id(processor.tokenizer, IMAGE_TOKEN)
+    """The id of the token the model fills with vision features: `<|image_pad|>` (Qwen-VL), `<IMG_CONTEXT>`
+    (InternVL). It is the processor's `image_token`, as HF's processors and vlrl's image-only ones name it."""
+    return token_id(processor.tokenizer, str(getattr(processor, "image_token", None) or IMAGE_TOKEN))
+
+
+def family_of_processor(processor: Any) -> Family:
+    """The family a processor serves, from its `image_token` (Qwen-VL's when it names none)."""
+    return family_of_image_token(str(getattr(processor, "image_token", None) or IMAGE_TOKEN))
 
 
 def vision_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids of the vision tokens a model must never sample: image placeholders, not text, to which a random or
-    weak model still gives probability."""
-    from vlrl.models.tokenizer import VISION_TOKENS
-
-    unk = tokenizer.unk_token_id
-    ids = {tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS}
-    return sorted(i for i in ids if isinstance(i, int) and i != unk)
+    weak model still gives probability. Every family's vision tokens that are added tokens of this tokenizer
+    (an InternVL tokenizer also holds Qwen's: InternVL3 extends Qwen2.5's)."""
+    added = tokenizer.get_added_vocab()
+    return sorted({added[t] for f in FAMILIES for t in f.vision_tokens if t in added})
 
 
-__all__ = ["ImageOnlyProcessor", "load_processor", "image_token_id", "vision_token_ids"]
+__all__ = [
+    "ChatProcessor", "ImageOnlyProcessor", "load_processor", "image_token_id", "vision_token_ids",
+    "expand_image_tokens", "token_id", "read_chat_template", "folder_model_type", "family_of_processor",
+]

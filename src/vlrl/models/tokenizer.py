@@ -6,7 +6,7 @@ generators' questions and answers plus the chat, `<think>` and `<answer>` tags).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -52,26 +52,36 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(corpus: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Learn a byte-level BPE on `corpus`; every byte stays encodable, so any text round-trips."""
+def train_tokenizer(
+    corpus: Iterable[str],
+    vocab_size: int = 1024,
+    extra_special: Sequence[str] = (),
+    named_tokens: Mapping[str, str] | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+) -> PreTrainedTokenizerFast:
+    """Learn a byte-level BPE on `corpus`; every byte stays encodable, so any text round-trips.
+    `extra_special`: special tokens after Qwen's (a family's own, e.g. InternVL's `<img>`); `named_tokens`: the
+    tokenizer attributes that name some of them (`start_image_token="<img>"`), saved in tokenizer_config.json."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + [t for t in extra_special if t not in SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
+    named = {"extra_special_tokens": dict(named_tokens)} if named_tokens else {}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token=None,
         padding_side="left",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         model_max_length=4096,
+        **named,
     )
     fast.add_tokens(TAG_TOKENS)
     return fast

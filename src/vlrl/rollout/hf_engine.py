@@ -5,22 +5,24 @@ Per chunk of B prompts, G completions each (`vlrl.rollout.prefix`):
      encoded once); the `Group` keeps that encoding for the trainer;
   2. their key/value cache is copied G times into buffers pre-allocated for prompt + `max_new_tokens` positions
      (`BufferLayer`: each new token's keys and values are written in place, no per-token concatenation);
-  3. decode: one forward of the B*G rows per new token, positions continued from each prompt's rope index, and
-     `SeededSampler.sample` (vision tokens masked by a bias built once, temperature / top-k / top-p as HF applies
-     them, per-completion seeds, the sampling log-probs recorded) -- no `generate` machinery per token. The loop
+  3. decode: one forward of the B*G rows per new token, positions continued from each prompt's in the model
+     family's layout (`vlrl.models.families`: Qwen-VL's M-RoPE, InternVL's 1-D), and `SeededSampler.sample`
+     (vision tokens masked by a bias built once, temperature / top-k / top-p as HF applies them, per-completion
+     seeds, the sampling log-probs recorded) -- no `generate` machinery per token. The loop
      stops when every row has produced a stop token or `max_new_tokens` are out; rows that have stopped drop out
      of the batch once a quarter of the rows have (their cache rows are compacted away), or when the call's
      `max_seconds` are out (checked after each token: every row has at least one).
 On CPU, the decode step runs on a copy of the text decoder's weights laid out for small-batch products
 (`vlrl.rollout.lean_step.LeanStep`, built at the first `generate` call and reloaded with the current weights at
-every later one, or only after `sync_weights` with `reload_weights=False`; `lean_step=False` or an unsupported
-model: the model's own forward). On CPU, seeded prompts
-can be decoded in shards by concurrent Python threads (`decode_threads` > 1).
+every later one, or only after `sync_weights` with `reload_weights=False`; `lean_step=False` or a model it does
+not support: the model's own forward, the reason logged once). On CPU, seeded prompts can be decoded in shards
+by concurrent Python threads (`decode_threads` > 1).
 A model's `generation_config.json` has no say in the distribution RL samples from.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +33,15 @@ from torch import Tensor
 
 from vlrl.data.sample import Sample
 from vlrl.models.cache_name import cache_arg
+from vlrl.models.families import family_of_model, log_fallback
 from vlrl.models.inputs import Encoded, encode_for_generation
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout.lean_step import LeanStep
-from vlrl.rollout.prefix import continuation_mask, expand_cache, prefill, prompt_inputs, text_positions
+from vlrl.rollout.prefix import continuation_mask, expand_cache, prefill, prompt_inputs
 from vlrl.rollout.sampler import SeededSampler, row_seeds
 from vlrl.rollout.types import Completion, Group, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -148,7 +153,12 @@ class HFEngine:
 
     def _lean_step(self) -> LeanStep | None:
         """The `LeanStep` for this call, loaded with the model's current weights (None: decode with the model)."""
-        if not (self.lean_step and self.device.type == "cpu" and LeanStep.supports(self.model)):
+        if not (self.lean_step and self.device.type == "cpu"):
+            return None
+        reason = LeanStep.unsupported(self.model)
+        if reason is not None:
+            log_fallback(log, f"LeanStep does not support {type(self.model).__name__} ({reason}): "
+                              "decoding with the model's own forward")
             return None
         if self._step is None or self._step_of is not self.model:
             self._step, self._step_of = LeanStep(self.model), self.model
@@ -191,6 +201,7 @@ class HFEngine:
                                  torch.ones(len(rows), max_new, dtype=torch.long, device=self.device))  # [N, L + T]
         bias = torch.zeros(mask.shape).masked_fill_(mask == 0, float("-inf")) if step is not None else None  # [N, L + T]
         next_pos = next_pos.index_select(0, rows)  # [N]
+        family = family_of_model(self.model)
         stop = torch.tensor(self.stop_ids, device=self.device)
         out = torch.full((len(rows), max_new), self.pad_id, dtype=torch.long)  # [N, T]
         live = torch.arange(len(rows))  # [n_live]: the output rows still in the batch
@@ -217,7 +228,8 @@ class HFEngine:
                 logits = step(tokens, next_pos + t, cache, bias[:, : prompt_len + t + 1])  # [n_live, V]
             else:
                 out_t = self.model(input_ids=tokens[:, None], attention_mask=mask[:, : prompt_len + t + 1],
-                                   position_ids=text_positions(next_pos, t, 1), **cache_arg(cache), use_cache=True)
+                                   position_ids=family.text_positions(next_pos, t, 1), **cache_arg(cache),
+                                   use_cache=True)
                 logits = out_t.logits[:, -1]  # [n_live, V]
         sampler.logprobs = logps
         return out[:, : len(logps)]

@@ -1,4 +1,4 @@
-"""One decode step of a Qwen-VL text decoder on weights laid out for small-batch matrix products.
+"""One decode step of a Qwen2 / Qwen3 text decoder on weights laid out for small-batch matrix products.
 
 `nn.Linear` keeps its weight as [out, in] and computes x @ W.T. At the decode loop's shapes (few rows: M = B*G)
 the CPU's fp32 GEMM (MKL sgemm) runs that transposed product slower than x @ Wt with Wt = W.T made contiguous
@@ -7,13 +7,15 @@ once (benchmarks/README.md has the measurements). `LeanStep` copies the text dec
 [H, 2 I] -- and runs the decode step itself: RMSNorm, rotary, grouped-query attention over the engine's
 pre-allocated KV buffers (q of length 1: two small batched products and a softmax), SwiGLU, the LM head. The math
 is the model's (fp32 in, the same operations); tests check its completions and sampling log-probs against the
-model's own forward on every supported architecture. The prompt (images, 3-D M-RoPE positions) is still prefilled
-by the model itself; after the prompt every position is text and equal on the three M-RoPE axes, where M-RoPE is
-the plain 1-D rotary embedding.
+model's own forward on every supported architecture. The prompt (images, the family's positions) is still
+prefilled by the model itself; after the prompt every position is text, where the rotary embedding is the plain
+1-D one (Qwen-VL's M-RoPE has the same position on its three axes there).
 
-Supported: Qwen2-VL, Qwen2.5-VL and Qwen3-VL text decoders (SiLU MLP, full attention; Qwen3's per-head q/k
-norms), unsharded (not FSDP2's DTensor parameters), plain `nn.Linear` projections and no hooks. Anything else
-(`LeanStep.supports` is False) decodes through the model's own forward.
+Which decoder it re-lays is the model family's answer (`Family.text_decoder`, `vlrl.models.families`): Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL text decoders, and InternVL's Qwen2 / Qwen3 text models (InternVL3, InternVL3.5). It
+needs SiLU MLPs, full attention (Qwen3's per-head q/k norms supported), default rotary, unsharded parameters (not
+FSDP2's DTensor), plain `nn.Linear` projections and no hooks. Anything else (`LeanStep.unsupported` names why)
+decodes through the model's own forward.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from vlrl.models.families import SUPPORTED_MODEL_TYPES, family_of_model
 
 
 @dataclass
@@ -87,8 +91,10 @@ def _copy_into(buf: Tensor, sources: list[Tensor], transposed: bool) -> None:
 
 
 def _text_model(model: Any) -> Any:
-    inner = getattr(model, "model", None)
-    return getattr(inner, "language_model", None)
+    """The text decoder the model's family lets `LeanStep` re-lay (None: none, or not a known family)."""
+    if str(getattr(getattr(model, "config", None), "model_type", "")) not in SUPPORTED_MODEL_TYPES:
+        return None
+    return family_of_model(model).text_decoder(model)
 
 
 def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -109,35 +115,48 @@ class LeanStep:
 
     @staticmethod
     def supports(model: Any) -> bool:
+        return LeanStep.unsupported(model) is None
+
+    @staticmethod
+    def unsupported(model: Any) -> str | None:
+        """Why `LeanStep` cannot decode for `model` (None: it can)."""
         text = _text_model(model)
         if text is None or not hasattr(model, "lm_head") or not hasattr(text, "layers"):
-            return False
+            return "no Qwen2 / Qwen3 text decoder of a known family"
         cfg = text.config
         if getattr(cfg, "hidden_act", None) != "silu" or getattr(cfg, "use_sliding_window", False):
-            return False
+            return "not a SiLU full-attention decoder"
         if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-            return False
+            return "not a SiLU full-attention decoder"
         rope = getattr(text, "rotary_emb", None)
         if rope is None or not hasattr(rope, "inv_freq") or getattr(rope, "rope_type", "default") != "default":
-            return False
+            return "not the default rotary embedding"
         if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-            return False  # sharded (FSDP2): no local copy of the whole decoder
-        attn = text.layers[0].self_attn
-        if not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
-            return False
+            return "sharded parameters (FSDP2): no local copy of the whole decoder"
+        layers = list(text.layers)
+        if not all(hasattr(ly, "self_attn") and hasattr(ly, "mlp") for ly in layers):
+            return "decoder layers without self_attn / mlp"
+        names = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+        if not all(hasattr(ly.self_attn, n) for ly in layers for n in names):
+            return "attention without q/k/v/o projections"
+        if not all(hasattr(ly.mlp, n) for ly in layers for n in ("gate_proj", "up_proj", "down_proj")):
+            return "not a gated (SwiGLU) MLP"
         # Plain linear layers only, and no hooks anywhere in the decoder: an adapter (LoRA) or a hook changes what
         # the model computes, and this step would silently skip it.
-        linears = [model.lm_head] + [m for layer in text.layers for m in
+        linears = [model.lm_head] + [m for layer in layers for m in
                                      (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                                       layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
         if any(type(m) is not torch.nn.Linear for m in linears):
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in [model, *text.modules(), model.lm_head])
+            return "projections that are not plain nn.Linear (an adapter?)"
+        if any(m._forward_hooks or m._forward_pre_hooks for m in [model, *text.modules(), model.lm_head]):
+            return "forward hooks on the model"
+        return None
 
     @torch.no_grad()
     def __init__(self, model: Any) -> None:
-        if not self.supports(model):
-            raise TypeError(f"LeanStep does not support {type(model).__name__}")
+        reason = self.unsupported(model)
+        if reason is not None:
+            raise TypeError(f"LeanStep does not support {type(model).__name__}: {reason}")
         text = _text_model(model)
         attn0 = text.layers[0].self_attn
         self.head_dim: int = attn0.head_dim
@@ -175,7 +194,7 @@ class LeanStep:
             _copy_into(buf, sources, transposed)
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin [b, 1, hd] of 1-D text positions [b] (equal on the three M-RoPE axes)."""
+        """cos, sin [b, 1, hd] of 1-D text positions [b] (Qwen-VL: equal on the three M-RoPE axes)."""
         freqs = positions[:, None].float() * self.inv_freq  # [b, hd / 2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, hd]
         return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale

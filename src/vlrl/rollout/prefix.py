@@ -1,11 +1,12 @@
 """Shared-prefix forwards: a group's prompt (and its images) runs once, its key/value cache serves all the
 group's completions.
 
+    family = family_of_model(model)
     prompts = prompt_inputs([g.prompt for g in distinct_groups], pad_id, image_id)     # U left-padded prompts
     first, cache, next_pos = prefill(model, prompts)                                  # [U, V], KV of [U, L]
     cache = expand_cache(cache, index, capacity)                                      # KV of [b, L], b = rows
-    logits = model(input_ids=tokens, attention_mask=continuation_mask(...), position_ids=text_positions(...),
-                   **cache_arg(cache), use_cache=True).logits
+    logits = model(input_ids=tokens, attention_mask=continuation_mask(...),
+                   position_ids=text_positions(next_pos, start, n, family), **cache_arg(cache), use_cache=True).logits
 
 Used by the `hf` engine (prefill at B prompts, cache expanded to B*G rows and pre-allocated for the decode loop)
 and by the training and reference log-probs (`vlrl.train.logprobs`: prompt forward at the micro-batch's distinct
@@ -13,10 +14,13 @@ groups, cache expanded to its rows by a differentiable `index_select`, so gradie
 back into the one prompt forward). The prompt's last position predicts each completion's first token, so a
 completion of T tokens needs only its first T - 1 tokens as input.
 
-Positions: Qwen-VL models use 3-D multimodal rotary positions (M-RoPE). The prompt's come from the model's own
-`get_rope_index` (left padding respected); every token after the prompt is text, whose position continues 1-D on
-all three axes from `next_pos` = the prompt's largest position + 1 = (its real length + its rope delta). That is
-what `get_rope_index` gives over the whole sequence (tests/train/test_train_shared_prefix.py checks it).
+Positions are the model family's (`vlrl.models.families`): Qwen-VL's 3-D M-RoPE from its rope index, text after
+the prompt continuing 1-D on the three axes; InternVL's plain 1-D positions counted over each row's real tokens.
+Either way every token after the prompt is text, at `next_pos` + its offset. The forward gets only the inputs
+its family takes (`Family.model_inputs`: no `mm_token_type_ids` for InternVL).
+
+The shared prefix needs full-attention dynamic cache layers that the forward keeps: `shared_prefix_unsupported`
+says why a model cannot take it (the training forwards then use the plain [prompt | completion] layout).
 """
 
 from __future__ import annotations
@@ -29,40 +33,34 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
 from vlrl.models.cache_name import cache_of
+from vlrl.models.families import QWEN_VL, Family, family_of_model
 from vlrl.models.inputs import Encoded, collate
 
 
 def prompt_inputs(prompts: Sequence[Encoded], pad_id: int, image_id: int) -> dict[str, Tensor]:
     """Left-padded prompt tensors: input_ids / attention_mask / mm_token_type_ids [U, L], pixel_values [P, D] and
-    image_grid_thw [I, 3] when any prompt has images."""
+    image_grid_thw [I, 3] when any prompt has images (`prefill` passes on what the model's family takes)."""
     return collate(prompts, pad_id, image_id, padding_side="left")
 
 
 def prompt_positions(model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(position_ids [3, U, L] of the left-padded prompts, next_pos [U]: the position of the first token after
-    each prompt). Text-only prompts get 1-D positions counted over their real tokens, as `generate` does."""
-    mask = inputs["attention_mask"]  # [U, L]
-    lengths = mask.sum(-1)  # [U]
-    grid = inputs.get("image_grid_thw")
-    if grid is not None:
-        pos, deltas = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                                 image_grid_thw=grid, attention_mask=mask)
-        return pos, lengths + deltas.view(-1).to(lengths)  # [3, U, L], [U]
-    flat = (mask.cumsum(-1) - 1).clamp(min=0)  # [U, L]
-    return flat[None].expand(3, -1, -1), lengths
+    """(position_ids of the left-padded prompts: [3, U, L] for Qwen-VL, [U, L] for InternVL; next_pos [U]: the
+    position of the first token after each prompt), as the model's family computes them."""
+    return family_of_model(model).prompt_positions(model, inputs)
 
 
-def text_positions(next_pos: Tensor, start: int, count: int) -> Tensor:
-    """Positions [3, b, count] of tokens start .. start + count - 1 after each row's prompt (`next_pos` [b])."""
-    pos = next_pos[:, None] + torch.arange(start, start + count, device=next_pos.device)  # [b, count]
-    return pos[None].expand(3, -1, -1)
+def text_positions(next_pos: Tensor, start: int, count: int, family: Family = QWEN_VL) -> Tensor:
+    """Positions of tokens start .. start + count - 1 after each row's prompt (`next_pos` [b]) in `family`'s
+    layout: [3, b, count] (Qwen-VL, the default), [b, count] (InternVL)."""
+    return family.text_positions(next_pos, start, count)
 
 
 def prefill(model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Cache, Tensor]:
     """Run the prompts once (images encoded here); returns (logits at each prompt's last position [U, V], the KV
     cache of the prompts, next_pos [U]). Gradients flow if enabled."""
-    pos, next_pos = prompt_positions(model, inputs)
-    out = model(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
+    family = family_of_model(model)
+    pos, next_pos = family.prompt_positions(model, inputs)
+    out = model(**family.model_inputs(inputs), position_ids=pos, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1], cache_of(out), next_pos
 
 
@@ -130,3 +128,16 @@ def continuation_mask(prompt_mask: Tensor, extra: Tensor) -> Tensor:
 def uses_activation_checkpointing(model: Any) -> bool:
     """Activation checkpointing makes transformers drop the KV cache in training forwards."""
     return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def shared_prefix_unsupported(model: Any) -> str | None:
+    """Why the shared-prefix forward cannot run on `model` now (None: it can): activation checkpointing drops the
+    KV cache (in training forwards with grad: the only ones it checkpoints); sliding-window attention layers keep
+    no full cache to expand."""
+    if model.training and torch.is_grad_enabled() and uses_activation_checkpointing(model):
+        return "activation checkpointing drops the KV cache"
+    text = model.config.get_text_config() if hasattr(model, "config") else None
+    layer_types = getattr(text, "layer_types", None) or []
+    if getattr(text, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
+        return "sliding-window attention layers"
+    return None

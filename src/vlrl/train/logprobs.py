@@ -16,16 +16,23 @@ group's rows by a differentiable `index_select`; the completions then run agains
 The prompt's last position gives each row's first completion logit, so only the first T - 1 completion tokens
 are inputs. Same log-probs and gradients as the plain layout (within float rounding; tested), with the prompt
 tokens computed once per group instead of once per row, forward and backward. It needs the KV cache in
-training forwards, so with activation checkpointing (which drops it) the plain layout is used instead.
+training forwards, so with activation checkpointing (which drops it), or attention layers without a full cache,
+the plain layout is used instead (`use_shared_prefix`, logged once).
 
 Plain layout (`shared_prefix=False`): every row is [prompt | completion] as above. With `share_vision=True`
 (default) the vision tower still runs once per distinct prompt in the batch and its features are handed to every
 row of that prompt through transformers' `mm_encoder_outputs`; `share_vision=False` repeats `pixel_values` per row.
+
+What differs between model families is asked of the family's record (`vlrl.models.families`): the positions
+(Qwen-VL's M-RoPE rope index, InternVL's 1-D positions), the forward's inputs (`image_grid_thw`,
+`mm_token_type_ids` or neither), how the images are encoded and how many entries of the vision output belong to
+each prompt (Qwen-VL: one per image, plus Qwen3-VL's deepstack features; InternVL: one per tile). A family that
+cannot share vision features gets `pixel_values` per row instead (logged once).
 """
 
 from __future__ import annotations
 
-import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,20 +42,23 @@ from torch import Tensor
 
 from vlrl.algos import entropy_from_logits
 from vlrl.models.cache_name import cache_arg
+from vlrl.models.families import Family, family_of_model, log_fallback
 from vlrl.rollout.prefix import (
     continuation_mask,
     expand_cache,
     prefill,
     prompt_inputs,
-    text_positions,
+    shared_prefix_unsupported,
     uses_activation_checkpointing,
 )
 from vlrl.rollout.types import Group
 
+log = logging.getLogger(__name__)
+
 Row = tuple[int, int]  # (index of the group in the caller's list, index of the completion in the group)
 
 __all__ = ["Row", "RowBatch", "build_rows", "completion_logits", "length_order", "row_logprobs",
-           "rows_logprobs_nograd", "token_logprobs", "uses_activation_checkpointing"]
+           "rows_logprobs_nograd", "token_logprobs", "use_shared_prefix", "uses_activation_checkpointing"]
 
 
 @dataclass
@@ -56,8 +66,9 @@ class RowBatch:
     """Model inputs for a list of rows.
 
     Plain layout (prompt_index None): inputs = input_ids / attention_mask / mm_token_type_ids [b, L + T],
-        image_grid_thw [I, 3] (one entry per image of each row, row-major) and either pixel_values [P, D] (per row)
-        or nothing (shared vision); groups_with_images: the distinct groups whose images the rows need.
+        image_grid_thw [I, 3] (Qwen-VL: one entry per image of each row, row-major) and either pixel_values
+        [P, D] / [N, 3, H, W] (per row) or nothing (shared vision); groups_with_images: the distinct groups whose
+        images the rows need. The forward takes what the model's family takes of these.
     Shared prefix: inputs = the distinct groups' prompts, left-padded [U, L] (+ their pixel_values / grids);
         prompt_index [b]: each row's prompt in `inputs`; groups_with_images: empty.
     completion_ids [b, T]; mask [b, T] (1.0 on completion tokens, 0.0 on padding); T = longest completion.
@@ -114,9 +125,8 @@ def build_rows(groups: Sequence[Group], rows: Sequence[Row], pad_id: int, image_
     grids = [groups[g].prompt.image_grid_thw for g, _ in rows]
     if any(x is not None for x in grids):
         inputs["image_grid_thw"] = torch.cat([x for x in grids if x is not None])  # [I, 3]
-        if not share_vision:
-            pix = [groups[g].prompt.pixel_values for g, _ in rows]
-            inputs["pixel_values"] = torch.cat([x for x in pix if x is not None])  # [P, D]
+    if not share_vision:
+        inputs.update(_row_pixels(groups, rows))
     with_images: list[int] = []
     if share_vision:
         for g, _ in rows:
@@ -125,30 +135,26 @@ def build_rows(groups: Sequence[Group], rows: Sequence[Row], pad_id: int, image_
     return RowBatch(inputs, input_ids[:, lp:].clone(), mask, list(rows), with_images)
 
 
-def _shared_image_features(model: Any, groups: Sequence[Group], batch: RowBatch, device: torch.device) -> dict[str, Any]:
+def _row_pixels(groups: Sequence[Group], rows: Sequence[Row]) -> dict[str, Tensor]:
+    """pixel_values of every row's prompt, row-major ([P, D] or [N, 3, H, W]); empty when no row has images."""
+    pix = [groups[g].prompt.pixel_values for g, _ in rows]
+    if not any(x is not None for x in pix):
+        return {}
+    return {"pixel_values": torch.cat([x for x in pix if x is not None])}  # [P, D] or [N, 3, H, W]
+
+
+def _shared_image_features(model: Any, family: Family, groups: Sequence[Group], batch: RowBatch,
+                           device: torch.device) -> dict[str, Any]:
     """Encode each distinct prompt's images once; return `mm_encoder_outputs` with one copy per row."""
+    if family.select_images is None:
+        raise ValueError(f"family {family.name} cannot share vision features")
     uniq = batch.groups_with_images
-    pix = torch.cat([groups[g].prompt.pixel_values for g in uniq]).to(device)  # type: ignore[misc]  # [P, D]
-    grid = torch.cat([groups[g].prompt.image_grid_thw for g in uniq]).to(device)  # type: ignore[misc]  # [I, 3]
-    enc = model.get_image_features(pixel_values=pix, image_grid_thw=grid, return_dict=True)
-    counts = [int(groups[g].prompt.image_grid_thw.shape[0]) for g in uniq]  # type: ignore[union-attr]
+    enc = family.encode_images(model, [groups[g].prompt for g in uniq], device)
+    counts = [family.image_units(groups[g].prompt) for g in uniq]
     starts = [sum(counts[:i]) for i in range(len(counts))]
-    where = {g: (s, c) for g, s, c in zip(uniq, starts, counts)}
-
-    def per_row(per_image: Sequence[Tensor]) -> list[Tensor]:
-        out: list[Tensor] = []
-        for g, _ in batch.rows:
-            if g in where:
-                s, c = where[g]
-                out.extend(per_image[s : s + c])
-        return out
-
-    shared = copy.copy(enc)
-    shared.pooler_output = per_row(enc.pooler_output)
-    deep = getattr(enc, "deepstack_features", None)  # Qwen3-VL: one per-image list per deepstack layer
-    if deep is not None:
-        shared.deepstack_features = [per_row(layer) for layer in deep]
-    return {"image": shared}
+    where = {g: range(s, s + c) for g, s, c in zip(uniq, starts, counts)}
+    index = [i for g, _ in batch.rows if g in where for i in where[g]]
+    return {"image": family.select_images(enc, index)}
 
 
 def _shared_prefix_logits(model: Any, batch: RowBatch, device: torch.device) -> Tensor:
@@ -163,8 +169,9 @@ def _shared_prefix_logits(model: Any, batch: RowBatch, device: torch.device) -> 
     ids = batch.completion_ids[:, :-1].to(device)  # [b, T - 1]: the last token predicts nothing we score
     attention = continuation_mask(inputs["attention_mask"].index_select(0, index),
                                   batch.mask[:, :-1].to(device))  # [b, L + T - 1]
-    out = model(input_ids=ids, attention_mask=attention, position_ids=text_positions(next_pos.index_select(0, index), 0,
-                t - 1), **cache_arg(expand_cache(cache, index)), use_cache=True)
+    positions = family_of_model(model).text_positions(next_pos.index_select(0, index), 0, t - 1)  # [(3,) b, T - 1]
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                **cache_arg(expand_cache(cache, index)), use_cache=True)
     return torch.cat([logits0, out.logits], dim=1)  # [b, T, V]
 
 
@@ -172,12 +179,31 @@ def completion_logits(model: Any, groups: Sequence[Group], batch: RowBatch, devi
     """Logits at the completion positions only, `[b, T, V]` (logit t predicts completion token t)."""
     if batch.prompt_index is not None:
         return _shared_prefix_logits(model, batch, device)
-    plain: dict[str, Any] = {k: v.to(device) for k, v in batch.inputs.items()}
-    if batch.groups_with_images:
-        plain["mm_encoder_outputs"] = _shared_image_features(model, groups, batch, device)
+    family = family_of_model(model)
+    plain: dict[str, Any] = {k: v.to(device) for k, v in family.model_inputs(batch.inputs).items()}
+    positions = family.forward_positions(plain)  # [b, L + T] (InternVL) or None (the model's own)
+    if positions is not None:
+        plain["position_ids"] = positions
+    if batch.groups_with_images and family.select_images is None:
+        log_fallback(log, f"{family.name} cannot share vision features between rows: pixel_values per row")
+        plain.update({k: v.to(device) for k, v in _row_pixels(groups, batch.rows).items()})
+    elif batch.groups_with_images:
+        plain["mm_encoder_outputs"] = _shared_image_features(model, family, groups, batch, device)
     t = batch.completion_ids.shape[1]
     out = model(**plain, logits_to_keep=t + 1, use_cache=False)
     return out.logits[:, :-1]  # [b, T, V]
+
+
+def use_shared_prefix(model: Any, requested: bool) -> bool:
+    """Whether forwards of `model` take the shared-prefix layout: `requested` and the model can (see
+    `vlrl.rollout.prefix.shared_prefix_unsupported`; otherwise the plain layout, logged once)."""
+    if not requested:
+        return False
+    reason = shared_prefix_unsupported(model)
+    if reason is not None:
+        log_fallback(log, f"shared prefix off for {type(model).__name__} ({reason}): plain [prompt | completion] rows")
+        return False
+    return True
 
 
 def token_logprobs(logits: Tensor, ids: Tensor, temperature: float, suppress_ids: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -220,9 +246,10 @@ def rows_logprobs_nograd(model: Any, groups: Sequence[Group], rows: Sequence[Row
                          image_id: int, share_vision: bool = True, shared_prefix: bool = True) -> list[Tensor]:
     """Log-probs of every row's completion (one `[T_r]` CPU tensor per row), `micro_batch_size` rows per forward
     (for the reference model and the old policy). The model is put in eval mode for the pass (where activation
-    checkpointing is off, so the shared prefix always applies)."""
+    checkpointing is off, so it does not stop the shared prefix)."""
     was_training = model.training
     model.eval()
+    shared_prefix = use_shared_prefix(model, shared_prefix)
     micro = max(1, micro_batch_size)
     order = length_order(groups, rows) if len(rows) > micro else list(range(len(rows)))
     out: list[Tensor] = [torch.zeros(0)] * len(rows)

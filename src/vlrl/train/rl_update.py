@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 from vlrl.algos import add_kl_to_loss, agg_loss
 from vlrl.rollout.types import Group
 from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum
-from vlrl.train.logprobs import Row, build_rows, length_order, row_logprobs, uses_activation_checkpointing
+from vlrl.train.logprobs import Row, build_rows, length_order, row_logprobs, use_shared_prefix
 
 # Policy-loss metrics averaged over micro-batches (weighted by their masked tokens) and reported.
 LOSS_METRICS = ("clip_frac/low", "clip_frac/high", "clip_frac/region", "clip_frac/dual", "approx_kl", "ratio/mean")
@@ -100,7 +100,7 @@ class _Sums:
 def _micro_loss(model: Any, batch: UpdateBatch, rows: list[Row], row_ids: list[int], spec: LossSpec,
                 norm: tuple[float, float], info: DistInfo, sums: _Sums, first_pass: bool) -> None:
     """Forward + backward of one micro-batch; adds its metrics to `sums`."""
-    shared = spec.shared_prefix and not uses_activation_checkpointing(model)
+    shared = use_shared_prefix(model, spec.shared_prefix)
     rb = build_rows(batch.groups, rows, spec.pad_id, spec.image_id, spec.share_vision, shared)
     out = row_logprobs(model, batch.groups, rb, temperature=spec.temperature, suppress_ids=spec.suppress_ids,
                        device=info.device, with_entropy=first_pass)
