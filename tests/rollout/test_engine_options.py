@@ -20,13 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    model, processor = load_model_and_processor(tiny_model_dir)
-    model.eval()
-    return model, processor
-
-
-@pytest.fixture(scope="module")
 def prompts(synth_dir):
     return load_samples([str(synth_dir / "counting" / "train.jsonl")])[:2]
 

@@ -9,19 +9,11 @@ import torch
 
 from vlrl.data.loading import load_samples
 from vlrl.models.inputs import collate
-from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout import SamplingParams, make_engine, mix_seed
 from vlrl.rollout.hf_engine import HFEngine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    model, processor = load_model_and_processor(tiny_model_dir)
-    model.eval()
-    return model, processor
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import logging
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from random_groups import random_groups
 
 from vlrl.data.loading import load_samples
 from vlrl.models import families
@@ -21,7 +22,7 @@ from vlrl.models.families import INTERNVL
 from vlrl.models.inputs import collate, encode_for_generation, encode_prompt
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
-from vlrl.rollout import Completion, Group
+from vlrl.rollout import Group
 from vlrl.train import logprobs
 from vlrl.train.logprobs import build_rows, row_logprobs, rows_logprobs_nograd, use_shared_prefix
 
@@ -50,16 +51,7 @@ def setup(synth_dir, tmp_path_factory: pytest.TempPathFactory):
     encoded.append(encode_prompt(processor, [{"role": "user", "content": "Count to three."}], []))
     assert [0 if e.pixel_values is None else e.pixel_values.shape[0] for e in encoded] == [1, 1, 3, 0]
     assert len({len(e.input_ids) for e in encoded}) == 4  # four prompt lengths: left padding matters
-    gen = torch.Generator().manual_seed(0)
-    vocab = [i for i in range(40, 1000) if i not in vision_token_ids(processor.tokenizer)]
-    groups = []
-    for k, (enc, lengths) in enumerate(zip(encoded, LENGTHS)):
-        comps = []
-        for n in lengths:
-            ids = torch.tensor([vocab[int(i)] for i in torch.randint(len(vocab), (n,), generator=gen)])
-            comps.append(Completion(ids, "", torch.zeros(n), truncated=False))
-        groups.append(Group(samples[min(k, 1)], enc, comps))
-    return model, processor, groups
+    return model, processor, random_groups(processor, samples, encoded, LENGTHS)
 
 
 def _ids(processor) -> tuple[int, int]:

@@ -9,13 +9,13 @@ import copy
 
 import pytest
 import torch
+from random_groups import random_groups
 
 from vlrl.algos import POLICY_LOSSES
 from vlrl.data.loading import load_samples
 from vlrl.models.inputs import collate, encode_for_generation, encode_prompt
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
-from vlrl.rollout import Completion, Group
 from vlrl.rollout.prefix import prompt_inputs, prompt_positions, text_positions
 from vlrl.train.dist import DistInfo
 from vlrl.train.logprobs import build_rows, length_order, row_logprobs, rows_logprobs_nograd
@@ -37,16 +37,7 @@ def setup(tiny_model_dir, synth_dir):
     text_only = encode_prompt(processor, [{"role": "user", "content": "How many are there? Think step by step."}], [])
     encoded.append(text_only)  # no image: 1-D positions
     assert len({len(e.input_ids) for e in encoded}) == 3  # three prompt lengths: left padding matters
-    gen = torch.Generator().manual_seed(0)
-    vocab = [i for i in range(40, 1000) if i not in vision_token_ids(processor.tokenizer)]
-    groups = []
-    for k, (enc, lengths) in enumerate(zip(encoded, LENGTHS)):
-        comps = []
-        for n in lengths:
-            ids = torch.tensor([vocab[int(i)] for i in torch.randint(len(vocab), (n,), generator=gen)])
-            comps.append(Completion(ids, "", torch.zeros(n), truncated=False))
-        groups.append(Group(samples[min(k, 1)], enc, comps))
-    return model, processor, groups
+    return model, processor, random_groups(processor, samples, encoded, LENGTHS)
 
 
 def _kw(processor):
