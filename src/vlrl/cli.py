@@ -146,8 +146,9 @@ def cmd_curate(rest: list[str]) -> None:
 
 def cmd_init_model(rest: list[str]) -> None:
     """build a randomly initialised tiny/small Qwen-VL or InternVL model (for tests and the CPU demo)"""
-    from vlrl.models.build import ARCHS, SIZES, count_parameters, init_model
+    from vlrl.models.build import ARCHS, count_parameters, init_model
     from vlrl.models.loading import load_model
+    from vlrl.models.sizes import SIZES
 
     p = argparse.ArgumentParser(prog="vlrl init-model", description="Build a random tiny/small Qwen-VL or InternVL model.")
     p.add_argument("--arch", choices=ARCHS, default="qwen2-vl",

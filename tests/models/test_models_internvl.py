@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText, InternVLForConditionalGene
 
 from vlrl.cli import cmd_init_model
 from vlrl.models import collate, encode_prompt, encode_sft, load_model_and_processor, vision_token_ids
-from vlrl.models.build import SIZE_TABLE, count_parameters, init_model
+from vlrl.models.build import count_parameters, init_model
 from vlrl.models.families import INTERNVL, QWEN_VL, family_of
 from vlrl.models.families.internvl import (
     InternVLImageOnlyProcessor,
@@ -25,6 +25,7 @@ from vlrl.models.families.internvl import (
 from vlrl.models.inputs import IGNORE_INDEX
 from vlrl.models.loading import merger_module, vision_module
 from vlrl.models.processor import family_of_processor, image_token_id, load_processor
+from vlrl.models.sizes import SIZE_TABLE
 
 CORPUS = ["How many shapes are in the image? <answer>3</answer>"] * 20
 QUESTION = [{"role": "user", "content": "<image>How many shapes are in the image?"}]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,36 +31,10 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from vlrl.models.families.internvl import internvl_config, internvl_processor, internvl_tokenizer, tile_size
 from vlrl.models.processor import ChatProcessor, ImageOnlyProcessor, token_id
+from vlrl.models.sizes import SIZE_TABLE, Size, text_dims
 from vlrl.models.tokenizer import TAG_TOKENS, train_tokenizer
 
 ARCHS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl")
-SIZES = ("tiny", "small")
-
-
-@dataclass(frozen=True)
-class Size:
-    """Widths of one built-in size (every family's). Text head_dim = hidden / heads; mrope_section sums to
-    head_dim / 2."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vision_width: int
-    vision_depth: int
-    vision_heads: int
-    vocab: int
-
-
-# tiny: 3.85 M parameters (text 256 x 4 layers, vision 128 x 4), small enough for the CPU demo to train end to end.
-# small: ~31 M (text 512 x 8 layers, vision 256 x 6), the second size of the side-by-side RL benchmark.
-SIZE_TABLE = {
-    "tiny": Size(256, 4, 4, 2, 512, 128, 4, 4, 1536),
-    "small": Size(512, 8, 8, 4, 1536, 256, 6, 4, 4096),
-}
-
-
 def _mrope_section(head_dim: int) -> list[int]:
     """Qwen's [16, 24, 24] for head_dim 128, scaled: (t, h, w) sections summing to head_dim / 2."""
     half = head_dim // 2
@@ -75,17 +48,7 @@ def _text_config(s: Size, qwen3: bool = False) -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
     if qwen3:
         rope["mrope_interleaved"] = True
-    cfg: dict[str, Any] = dict(
-        vocab_size=s.vocab,
-        hidden_size=s.hidden,
-        intermediate_size=s.intermediate,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-        num_key_value_heads=s.kv_heads,
-        max_position_embeddings=4096,
-        rope_parameters=rope,
-        tie_word_embeddings=True,
-    )
+    cfg = text_dims(s, rope)
     if qwen3:
         cfg["head_dim"] = head_dim
     return cfg

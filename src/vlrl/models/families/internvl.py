@@ -40,10 +40,10 @@ from transformers import (
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from vlrl.models.chat import ChatProcessor, expand_image_tokens, read_chat_template, token_id
+from vlrl.models.sizes import Size, text_dims
 from vlrl.models.tokenizer import train_tokenizer
 
 if TYPE_CHECKING:
-    from vlrl.models.build import Size
     from vlrl.models.inputs import Encoded
 
 # InternVL's tokens (transformers' InternVLProcessor reads them from these tokenizer attributes).
@@ -101,18 +101,7 @@ def internvl_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedToke
 def _text_config(s: Size, text_model_type: str) -> dict[str, Any]:
     if text_model_type not in TEXT_MODEL_TYPES:
         raise ValueError(f"unknown InternVL text model {text_model_type!r}; valid: {', '.join(TEXT_MODEL_TYPES)}")
-    cfg: dict[str, Any] = dict(
-        model_type=text_model_type,
-        vocab_size=s.vocab,
-        hidden_size=s.hidden,
-        intermediate_size=s.intermediate,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-        num_key_value_heads=s.kv_heads,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=True,
-    )
+    cfg = {"model_type": text_model_type, **text_dims(s, {"rope_type": "default", "rope_theta": 10000.0})}
     if text_model_type == "qwen3":
         cfg["head_dim"] = s.hidden // s.heads
     return cfg
