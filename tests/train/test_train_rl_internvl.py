@@ -1,7 +1,8 @@
 """GRPO on InternVL for real: the tiny InternVL, a short SFT so that rewards vary within groups, then 5 steps of
 `run_rl` (rollouts by the hf engine with LeanStep, reference and old log-probs on the shared prefix with shared
 vision features, two minibatches a step). The weights move, the rewards are logged, and the engine's sampling
-log-probs agree with the training forward's."""
+log-probs agree with the training forward's. Then the RL checkpoint through `vlrl eval`'s function, curation and
+the server's model wrapper: every generating command runs on InternVL."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlrl.curate.run import CurateConfig, run_curate
+from vlrl.data.images import load_image
+from vlrl.data.loading import load_samples
+from vlrl.eval.evaluate import EvalConfig, run_eval
 from vlrl.models.build import init_model
+from vlrl.models.loading import load_model_and_processor
+from vlrl.rollout.types import SamplingParams
+from vlrl.serve.generate import ServedModel
 from vlrl.rewards.registry import RewardSpec
 from vlrl.train.logging import read_metrics
 from vlrl.train.rl import RLConfig, run_rl
@@ -40,3 +48,17 @@ def test_grpo_trains_internvl_for_5_steps(synth_dir, tmp_path):
         assert m["rollout/logp_diff"] < 1e-4  # sampling log-probs (engine) = old log-probs (training forward)
     assert any(m["adv/std"] > 0 for m in metrics)  # some groups carried signal
     assert any(m["reward/mean"] > 0 for m in metrics)
+
+    test = [str(synth_dir / "counting" / "test.jsonl")]
+    result = run_eval(EvalConfig(model=str(final), data=test, out=str(tmp_path / "eval" / "results.json"), limit=16,
+                                 max_new_tokens=8, threads=1))
+    assert result["n"] == 16 and 0.0 <= result["accuracy"] <= 1.0
+    report = run_curate(CurateConfig(model=str(final), data=test, out=str(tmp_path / "curate"), n=4, limit=4,
+                                     max_new_tokens=8, temperature=1.2, threads=1))
+    assert report["by_task"]["counting"]["n"] == 4
+    model, processor = load_model_and_processor(final)
+    sample = load_samples(test)[0]
+    served = ServedModel(model, processor, "tiny-internvl").generate(
+        sample, [load_image(p) for p in sample.images], SamplingParams(max_new_tokens=8, temperature=0.0, n=2))
+    assert len(served.choices) == 2 and served.choices[0].text == served.choices[1].text
+    assert served.prompt_tokens > 16 and served.choices[0].finish_reason in ("stop", "length")
