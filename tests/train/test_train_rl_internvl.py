@@ -16,9 +16,9 @@ from vlrl.data.loading import load_samples
 from vlrl.eval.evaluate import EvalConfig, run_eval
 from vlrl.models.build import init_model
 from vlrl.models.loading import load_model_and_processor
+from vlrl.rewards.registry import RewardSpec
 from vlrl.rollout.types import SamplingParams
 from vlrl.serve.generate import ServedModel
-from vlrl.rewards.registry import RewardSpec
 from vlrl.train.logging import read_metrics
 from vlrl.train.rl import RLConfig, run_rl
 from vlrl.train.sft import SFTConfig, run_sft
