@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
+from PIL import Image
+from transformers import BatchFeature, PreTrainedTokenizerBase
 
 
 class ChatProcessor:
@@ -20,6 +21,34 @@ class ChatProcessor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template or tokenizer.chat_template
+
+    def __call__(
+        self,
+        text: str | list[str],
+        images: list[Image.Image] | None = None,
+        padding: bool = True,
+        return_tensors: str = "pt",
+        **_: Any,
+    ) -> BatchFeature:
+        """Token ids of `text` with each image token expanded to the image's slots, plus the image inputs."""
+        texts = [text] if isinstance(text, str) else list(text)
+        data: dict[str, Any] = {}
+        if images:
+            image_data, replacements = self._encode_images(images)
+            data.update(image_data)
+            texts = expand_image_tokens(texts, self.image_token, replacements)
+        enc = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, add_special_tokens=False)
+        data.update(enc)
+        data.update(self._extra_inputs(enc))
+        return BatchFeature(data=data)
+
+    def _encode_images(self, images: list[Image.Image]) -> tuple[dict[str, Any], list[str]]:
+        """The family's image inputs and, per image, the text that replaces its image token."""
+        raise NotImplementedError
+
+    def _extra_inputs(self, enc: Any) -> dict[str, Any]:
+        """Inputs the family's forward takes beside token ids and image inputs (none by default)."""
+        return {}
 
     def apply_chat_template(self, messages: list[dict], **kwargs: Any) -> Any:
         kwargs.setdefault("chat_template", self.chat_template)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlrl.models.chat import ChatProcessor, expand_image_tokens, read_chat_template, token_id
@@ -35,26 +35,13 @@ class ImageOnlyProcessor(ChatProcessor):
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
-    def __call__(
-        self,
-        text: str | list[str],
-        images: list[Image.Image] | None = None,
-        padding: bool = True,
-        return_tensors: str = "pt",
-        **_: Any,
-    ) -> BatchFeature:
-        texts = [text] if isinstance(text, str) else list(text)
-        data: dict[str, Any] = {}
-        if images:
-            img = self.image_processor(images=images, return_tensors="pt")
-            data.update(img)  # pixel_values [P, C*t*p*p], image_grid_thw [I, 3]
-            merge = self.image_processor.merge_size**2
-            counts = (img["image_grid_thw"].prod(-1) // merge).tolist()
-            texts = expand_image_tokens(texts, IMAGE_TOKEN, [IMAGE_TOKEN * c for c in counts])
-        enc = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, add_special_tokens=False)
-        data.update(enc)
-        data["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()  # 1 = image token
-        return BatchFeature(data=data)
+    def _encode_images(self, images: list[Image.Image]) -> tuple[dict[str, Any], list[str]]:
+        img = self.image_processor(images=images, return_tensors="pt")  # pixel_values [P, C*t*p*p], grid [I, 3]
+        counts = (img["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
+        return dict(img), [self.image_token * c for c in counts]
+
+    def _extra_inputs(self, enc: Any) -> dict[str, Any]:
+        return {"mm_token_type_ids": (enc["input_ids"] == self.image_token_id).long()}  # 1 = image token
 
     def save_pretrained(self, out: str | Path) -> None:
         self._save(out, {"processor_class": "Qwen2VLProcessor"})

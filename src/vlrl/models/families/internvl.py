@@ -32,14 +32,13 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import (
     AutoTokenizer,
-    BatchFeature,
     InternVLConfig,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
-from vlrl.models.chat import ChatProcessor, expand_image_tokens, read_chat_template, token_id
+from vlrl.models.chat import ChatProcessor, read_chat_template, token_id
 from vlrl.models.sizes import Size, text_dims
 from vlrl.models.tokenizer import train_tokenizer
 
@@ -156,27 +155,12 @@ class InternVLImageOnlyProcessor(ChatProcessor):
         self.image_token = _named(tokenizer, "context_image_token")
         self.image_token_id = token_id(tokenizer, self.image_token)
 
-    def __call__(
-        self,
-        text: str | list[str],
-        images: list[Image.Image] | None = None,
-        padding: bool = True,
-        return_tensors: str = "pt",
-        **_: Any,
-    ) -> BatchFeature:
-        texts = [text] if isinstance(text, str) else list(text)
-        data: dict[str, Any] = {}
-        if images:
-            img = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
-            data["pixel_values"] = img["pixel_values"]  # [N tiles, 3, H, W]
-            tiles = torch.as_tensor(img["num_patches"]).tolist()
-            context = self.image_token * self.image_seq_length
-            texts = expand_image_tokens(
-                texts, self.image_token, [f"{self.start_image_token}{context * n}{self.end_image_token}" for n in tiles]
-            )
-        enc = self.tokenizer(texts, padding=padding, return_tensors=return_tensors, add_special_tokens=False)
-        data.update(enc)
-        return BatchFeature(data=data)
+    def _encode_images(self, images: list[Image.Image]) -> tuple[dict[str, Any], list[str]]:
+        img = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
+        tiles = torch.as_tensor(img["num_patches"]).tolist()
+        context = self.image_token * self.image_seq_length
+        slots = [f"{self.start_image_token}{context * n}{self.end_image_token}" for n in tiles]
+        return {"pixel_values": img["pixel_values"]}, slots  # pixel_values [N tiles, 3, H, W]
 
     def save_pretrained(self, out: str | Path) -> None:
         self._save(out, {"processor_class": "InternVLProcessor", "image_seq_length": self.image_seq_length})
