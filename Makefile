@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# `make demo arch=internvl` runs the same pipeline on the tiny InternVL (into runs/demo-internvl)
 demo: $(STAMP)
-	$(BIN)/python -m vlrl.demo out=runs/demo
+	$(BIN)/python -m vlrl.demo out=runs/demo$(if $(arch),-$(arch) arch=$(arch))
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks)

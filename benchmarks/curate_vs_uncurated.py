@@ -94,9 +94,9 @@ def rl(a: argparse.Namespace, data: Path, out: Path, seed: int, times: dict[str,
     final = out / "checkpoints" / f"step-{a.steps}"
     if not final.exists():
         times[key] = vlrl("rl", "--config", a.config, f"model={a.sft}", f"data=[{data}]", f"out={out}",
-                          f"max_steps={a.steps}", "val_data=[]", "threads=1", "max_seconds=null", f"seed={seed}",
-                          f"save_every={a.steps}", f"max_new_tokens={a.max_new_tokens}",
-                          f"temperature={a.temperature}")
+                          f"max_steps={a.steps}", "validation.data=[]", "threads=1", "max_seconds=null",
+                          f"seed={seed}", f"logging.save_every={a.steps}", f"rollout.max_new_tokens={a.max_new_tokens}",
+                          f"rollout.temperature={a.temperature}")
     return final
 
 
@@ -132,7 +132,8 @@ def markdown(a: argparse.Namespace, res: dict[str, Any]) -> str:
         "# RL on a rollout-curated set vs an uncurated set of the same size",
         "",
         f"SFT checkpoint `{a.sft}`; task data `{a.data_dir}`; RL recipe `{a.config}` (copied before the runs) with "
-        f"max_steps={a.steps}, max_new_tokens={a.max_new_tokens}, temperature={a.temperature}, val_data=[], "
+        f"max_steps={a.steps}, rollout.max_new_tokens={a.max_new_tokens}, rollout.temperature={a.temperature}, "
+        f"validation.data=[], "
         f"threads=1, OMP_NUM_THREADS=1; RL seeds {a.rl_seeds} (the control subset is redrawn per seed).",
         "",
         f"## Curation (`vlrl curate`, pool = first {rep['n_items']} train items, N={a.n}, band {a.band})",

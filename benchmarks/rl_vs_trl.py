@@ -67,7 +67,8 @@ from vlrl.rollout.hf_engine import HFEngine
 from vlrl.rollout.sampler import SeededSampler
 from vlrl.train.dist import DistInfo
 from vlrl.train.optim import make_scheduler
-from vlrl.train.rl import RLConfig, RLRun, build_run, rl_step
+from vlrl.train.rl import RLRun, build_run, rl_step
+from vlrl.train.rl_config import AlgorithmConfig, OptimConfig, RLConfig, RolloutConfig
 
 REWARDS = [RewardSpec("accuracy"), RewardSpec("repetition", weight=0.1)]
 ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -169,8 +170,10 @@ class VlrlSide:
     def __init__(self, model_dir: Path, data: Path, beta: float, s: Settings, out: Path,
                  variant: Variant | None = None) -> None:
         cfg = RLConfig(model=str(model_dir), data=[str(data)], out=str(out), rewards=list(REWARDS),
-                       batch_size=s.batch, group_size=s.group, max_new_tokens=s.new_tokens, temperature=1.0,
-                       beta=beta, lr=s.lr, micro_batch_size=s.micro_batch, seed=s.seed, max_steps=10_000,
+                       rollout=RolloutConfig(batch_size=s.batch, group_size=s.group, max_new_tokens=s.new_tokens,
+                                             temperature=1.0),
+                       algorithm=AlgorithmConfig(beta=beta), optim=OptimConfig(lr=s.lr),
+                       micro_batch_size=s.micro_batch, seed=s.seed, max_steps=10_000,
                        **({"shared_prefix": variant.shared_prefix} if variant is not None else {}))
         self.run: RLRun = build_run(cfg, ONE, str(model_dir))
         if variant is not None:
@@ -192,8 +195,9 @@ class VlrlSide:
         if not variant.fused_adam:
             params = self.run.params
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in self.run.opt.param_groups]
-            self.run.opt = torch.optim.AdamW(groups, lr=s.lr, betas=tuple(cfg.adam_betas), fused=False)
-            self.run.sched = make_scheduler(self.run.opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            self.run.opt = torch.optim.AdamW(groups, lr=s.lr, betas=tuple(cfg.optim.adam_betas), fused=False)
+            self.run.sched = make_scheduler(self.run.opt, cfg.optim.warmup_steps, cfg.max_steps,
+                                            cfg.optim.min_lr_ratio)
             assert sum(len(g["params"]) for g in self.run.opt.param_groups) == len(params)
 
     def step(self) -> None:
@@ -201,8 +205,8 @@ class VlrlSide:
         metrics, _, self.position = rl_step(self.run, self.step_no, self.position)
         self.times.append(time.perf_counter() - t)
         self.stages.append({k: metrics.get(f"time/{k}", 0.0) for k in STAGES})
-        if metrics["completion/len_mean"] != self.run.cfg.max_new_tokens:
-            raise RuntimeError(f"vlrl completions are not all {self.run.cfg.max_new_tokens} tokens long")
+        if metrics["completion/len_mean"] != self.run.cfg.rollout.max_new_tokens:
+            raise RuntimeError(f"vlrl completions are not all {self.run.cfg.rollout.max_new_tokens} tokens long")
         self.step_no += 1
 
     def stage_medians(self, warmup: int) -> dict[str, float]:

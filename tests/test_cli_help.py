@@ -94,15 +94,17 @@ def test_rl_help_shows_types_defaults_and_nested_sections(capsys: pytest.Capture
     keys = printed_keys(out)
     assert code == 0
     assert keys["model"][0] == "str  (required)"
-    assert keys["lr"][0] == "float = 1e-06"
-    assert keys["kl_clamp"][0] == "float | None = null"
+    assert keys["optim.lr"][0] == "float = 1e-06"
+    assert keys["algorithm.kl_clamp"][0] == "float | None = null"
+    assert keys["rollout.group_size"] == ("int = 8", "G: completions per prompt")
+    assert keys["replay.coef"][0] == "float = 0.0" and keys["validation.every"][0] == "int = 0"
     assert keys["rewards"][0] == "list[RewardSpec] = [{name: accuracy, weight: 1.0, kwargs: {}, label: null}]"
     assert keys["trust.enabled"] == ("bool = false",
                                      "mix the judge's process rewards into the rewards (Trust-GRPO)")
     assert keys["trust.judge.timeout"][0] == "float = 60.0"
     # the section's default comes from TrustConfig's factory
     assert keys["trust.judge.base_url"][0] == "str = http://127.0.0.1:8000/v1"
-    assert "section.key=value" in out and "trust.enabled=true" in out
+    assert "section.key=value" in out and "rollout.engine=hf" in out
     # a continuation comment line (`#   ...`) is part of the description
     assert keys["shared_prefix"][1].endswith("its KV cache expanded to the group's rows (same log-probs and "
                                              "gradients; off: [prompt | completion] per row)")

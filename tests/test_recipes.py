@@ -59,3 +59,30 @@ def test_pyproject_declares_the_recipes_as_package_data() -> None:
     patterns = pyproject["tool"]["setuptools"]["package-data"]["vlrl"]
     for name in _recipe_names():
         assert any(fnmatch(f"recipes/{name}", p) for p in patterns), f"recipes/{name} is not package data"
+
+
+def _config_class(recipe: dict) -> type:
+    """The config a recipe is for: RL recipes have a `rollout` section, SFT recipes a `stage`, the demo's `tasks`."""
+    from vlrl.train.rl_config import RLConfig
+    from vlrl.train.sft import SFTConfig
+
+    if "rollout" in recipe:
+        return RLConfig
+    if "stage" in recipe:
+        return SFTConfig
+    assert "tasks" in recipe, "a recipe for no known command"
+    return DemoConfig
+
+
+@pytest.mark.parametrize("name", _recipe_names())
+def test_each_recipe_loads_into_its_config(name: str) -> None:
+    """Every key of every recipe is a key of its command's config (the RL recipes in their sections), and the RL
+    recipes pass the run's own checks of names and values."""
+    from vlrl.config import load_config
+    from vlrl.train.rl_config import RLConfig, check_config
+
+    cls = _config_class(yaml.safe_load((PACKAGED / name).read_text()))
+    cfg = load_config(cls, Path(str(PACKAGED / name)))
+    if cls is RLConfig:
+        check_config(cfg)
+        assert cfg.rollout.group_size > 1 and cfg.rewards

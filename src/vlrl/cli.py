@@ -108,9 +108,10 @@ def cmd_sft(rest: list[str]) -> None:
 
 def cmd_rl(rest: list[str]) -> None:
     """RL fine-tuning with verifiable rewards: GRPO, GSPO, DAPO, Dr.GRPO, Trust-GRPO"""
-    from vlrl.train.rl import RLConfig, run_rl
+    from vlrl.train.rl import run_rl
+    from vlrl.train.rl_config import RLConfig
 
-    final = _run_config_command("rl", RLConfig, run_rl, rest, list_keys=("data", "val_data"))
+    final = _run_config_command("rl", RLConfig, run_rl, rest, list_keys=("data", "validation.data", "replay.data"))
     print(f"final checkpoint: {final}")
 
 

@@ -26,7 +26,8 @@ from vlrl.eval.evaluate import evaluate_samples, write_results
 from vlrl.eval.report import format_table
 from vlrl.models.build import init_model
 from vlrl.models.loading import load_model_and_processor
-from vlrl.train.rl import RLConfig, run_rl
+from vlrl.train.rl import run_rl
+from vlrl.train.rl_config import RLConfig
 from vlrl.train.sft import SFTConfig, run_sft
 
 
@@ -93,9 +94,9 @@ def sft_stage(recipe: str, model: Path, data: list[str], out: Path, **over: Any)
 
 def rl_stage(recipe: str, model: Path, data: list[str], val: list[str], sft_data: list[str], out: Path) -> Path:
     """RL from the SFT checkpoint; `sft_data` (SFT's own training data) is what the recipe's demonstration
-    replay (`sft_coef`) draws from."""
-    overrides = [f"model={model}", f"data=[{', '.join(data)}]", f"val_data=[{', '.join(val)}]", f"out={out}",
-                 f"sft_data=[{', '.join(sft_data)}]"]
+    replay (`replay:`) draws from."""
+    overrides = [f"model={model}", f"data=[{', '.join(data)}]", f"validation.data=[{', '.join(val)}]",
+                 f"out={out}", f"replay.data=[{', '.join(sft_data)}]"]
     return run_rl(load_config(RLConfig, recipes_dir() / recipe, overrides))
 
 

@@ -14,7 +14,8 @@ from vlrl.demo import DemoConfig, run_demo
 
 def _short(recipe: str, tmp: Path, **over: object) -> str:
     cfg = yaml.safe_load((recipes_dir() / recipe).read_text())
-    cfg.update(over)
+    for key, value in over.items():  # a section given in part keeps the recipe's other keys
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
     path = tmp / recipe
     path.write_text(yaml.safe_dump(cfg))
     return str(path)  # absolute: recipes_dir() / path is path
@@ -26,7 +27,8 @@ def test_demo_pipeline_writes_every_figure(tmp_path: Path) -> None:
         task_params={"counting": {"max_count": 3}},
         align_recipe=_short("tiny-align.yaml", tmp_path, max_steps=2),
         sft_recipe=_short("tiny-sft.yaml", tmp_path, max_steps=3, eval_every=3, batch_size=4, micro_batch_size=4),
-        rl_recipe=_short("tiny-grpo.yaml", tmp_path, max_steps=2, batch_size=2, group_size=2, eval_every=0))
+        rl_recipe=_short("tiny-grpo.yaml", tmp_path, max_steps=2, rollout={"batch_size": 2, "group_size": 2},
+                         validation={"every": 0}))
     summary = run_demo(cfg)
     assert summary == json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["tasks"]) == {"counting", "chart", "chart_grey"}

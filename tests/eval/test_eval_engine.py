@@ -215,13 +215,15 @@ def test_vlrl_eval_equals_the_rl_runs_validation(sft_ckpt, synth_dir, tmp_path):
     the same verdicts, item by item (both call `evaluate_samples`; the run's validation scores with its own
     `accuracy` check only, not its format reward)."""
     from vlrl.train.dist import DistInfo
-    from vlrl.train.rl import RLConfig, _load_val, _validate, build_run, validation_result
+    from vlrl.train.rl import _load_val, _validate, build_run, validation_result
+    from vlrl.train.rl_config import RLConfig, ValidationConfig
 
     val = str(synth_dir / "counting" / "test.jsonl")
     summary = run_eval(EvalConfig(model=str(sft_ckpt), data=[val], out=str(tmp_path / "eval.json"), limit=16,
                                   max_new_tokens=8))
-    cfg = RLConfig(model=str(sft_ckpt), data=[val], out=str(tmp_path / "rl"), val_data=[val], val_limit=16,
-                   val_max_new_tokens=8, rewards=[RewardSpec("accuracy"), RewardSpec("answer_format", weight=0.1)])
+    cfg = RLConfig(model=str(sft_ckpt), data=[val], out=str(tmp_path / "rl"),
+                   validation=ValidationConfig(data=[val], limit=16, max_new_tokens=8),
+                   rewards=[RewardSpec("accuracy"), RewardSpec("answer_format", weight=0.1)])
     run = build_run(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), str(sft_ckpt))
     samples = _load_val(cfg)
     result = validation_result(run, samples)

@@ -53,17 +53,19 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(ckpt / "model.safetensors")
 
 
-def _overrides(model: Path, data: Path, out: Path, steps: int, **kw: object) -> list[str]:
-    base = {"model": model, "data": f"[{data / 'counting' / 'train.jsonl'}]", "val_data": "[]", "out": out,
-            "sft_data": f"[{data / 'counting' / 'train.jsonl'}]",
-            "max_steps": steps, "batch_size": 2, "group_size": 4, "max_new_tokens": 8, "save_every": 100}
-    base.update(kw)
+def _overrides(model: Path, data: Path, out: Path, steps: int, over: dict[str, object] | None = None) -> list[str]:
+    """Command-line overrides of a tiny recipe: a short run on counting; `over` adds or replaces keys (dotted for
+    a section's keys, `algorithm.beta`)."""
+    base = {"model": model, "data": f"[{data / 'counting' / 'train.jsonl'}]", "validation.data": "[]", "out": out,
+            "replay.data": f"[{data / 'counting' / 'train.jsonl'}]", "max_steps": steps, "rollout.batch_size": 2,
+            "rollout.group_size": 4, "rollout.max_new_tokens": 8, "logging.save_every": 100}
+    base.update(over or {})
     return [f"{k}={v}" for k, v in base.items()]
 
 
 @pytest.mark.parametrize("recipe", ["tiny-gspo", "tiny-dapo", "tiny-drgrpo"])
 def test_tiny_recipe_trains_20_steps(recipe, sft_model, synth_dir, tmp_path, one_thread):
-    overrides = _overrides(sft_model, synth_dir, tmp_path / "run", 20, threads=one_thread)
+    overrides = _overrides(sft_model, synth_dir, tmp_path / "run", 20, {"threads": one_thread})
     cfg = load_config(RLConfig, RECIPES / f"{recipe}.yaml", overrides)
     final = run_rl(cfg)
     before, after = _weights(sft_model), _weights(final)
@@ -84,9 +86,9 @@ def test_tiny_recipe_trains_20_steps(recipe, sft_model, synth_dir, tmp_path, one
         assert all(isinstance(m["reward/overlong"], float) for m in metrics)
         for m in metrics:  # every trained group carries signal unless a step gave up (then it says so)
             assert m["adv/frac_zero_std_groups"] == 0.0 or m["dynamic/fallback"] == 1.0
-            refilled = m["dynamic/prompts"] > cfg.batch_size
+            refilled = m["dynamic/prompts"] > cfg.rollout.batch_size
             assert refilled == (m["dynamic/tries"] > 1) and (m["frac_zero_std_groups"] > 0 or not refilled)
-        assert sum(m["dynamic/prompts"] for m in metrics) > 20 * cfg.batch_size  # some groups were refilled
+        assert sum(m["dynamic/prompts"] for m in metrics) > 20 * cfg.rollout.batch_size  # some groups were refilled
 
 
 def _cli(args: list[str]) -> subprocess.Popen:
@@ -95,23 +97,23 @@ def _cli(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _rl_args(recipe: str, model: Path, data: Path, out: Path, steps: int, **kw: object) -> list[str]:
+def _rl_args(recipe: str, model: Path, data: Path, out: Path, steps: int, over: dict[str, object]) -> list[str]:
     return ["rl", "--config", str(RECIPES / f"{recipe}.yaml"),
-            *_overrides(model, data, out, steps, threads=1, **kw)]
+            *_overrides(model, data, out, steps, {"threads": 1, **over})]
 
 
 def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path):
     # beta > 0 (reference model), dynamic sampling and two minibatches: every cross-rank path at once
     # and demonstration replay (its batch split across ranks like the RL rows); the vision tower trains (the
     # recipe freezes it) so its gradients are reduced across ranks too
-    kw = dict(batch_size=4, dynamic_sampling="true", num_minibatches=2, log_samples=8, sft_coef=0.5, sft_batch_size=6,
-              freeze_vision="false")
-    one = _cli(_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "one", 2, **kw))
+    kw = {"rollout.batch_size": 4, "rollout.dynamic_sampling": "true", "algorithm.num_minibatches": 2,
+          "logging.log_samples": 8, "replay.coef": 0.5, "replay.batch_size": 6, "optim.freeze_vision": "false"}
+    one = _cli(_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "one", 2, kw))
     out = one.communicate(timeout=600)[0]
     assert one.returncode == 0, out
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                          "-m", "vlrl.cli", *_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "two", 2, **kw)],
+                          "-m", "vlrl.cli", *_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "two", 2, kw)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr
     m1, m2 = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
@@ -129,9 +131,9 @@ def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path):
 
 
 def test_sigkill_then_rerun_resumes_exactly(sft_model, synth_dir, tmp_path):
-    kw = dict(save_every=2, keep_checkpoints=10)
-    ref = _cli(_rl_args("tiny-dapo", sft_model, synth_dir, tmp_path / "ref", 6, **kw))
-    args = _rl_args("tiny-dapo", sft_model, synth_dir, tmp_path / "run", 6, **kw)
+    kw = {"logging.save_every": 2, "logging.keep_checkpoints": 10}
+    ref = _cli(_rl_args("tiny-dapo", sft_model, synth_dir, tmp_path / "ref", 6, kw))
+    args = _rl_args("tiny-dapo", sft_model, synth_dir, tmp_path / "run", 6, kw)
     proc = _cli(args)
     deadline = time.time() + 300
     while not (tmp_path / "run" / "checkpoints" / "step-2").exists():
@@ -156,9 +158,10 @@ def test_sigkill_then_rerun_resumes_exactly(sft_model, synth_dir, tmp_path):
 
 def test_kl_in_reward_frozen_vision_eval_and_time_budget(sft_model, synth_dir, tmp_path, one_thread):
     test = synth_dir / "counting" / "test.jsonl"
-    over = _overrides(sft_model, synth_dir, tmp_path / "run", 3, threads=one_thread, beta=0.1, kl_in_reward="true",
-                      ppo_epochs=2, freeze_vision="true", freeze_merger="true", val_data=f"[{test}]", eval_every=3,
-                      val_limit=8)
+    over = _overrides(sft_model, synth_dir, tmp_path / "run", 3,
+                      {"threads": one_thread, "algorithm.beta": 0.1, "algorithm.kl_in_reward": "true",
+                       "algorithm.ppo_epochs": 2, "optim.freeze_vision": "true", "optim.freeze_merger": "true",
+                       "validation.data": f"[{test}]", "validation.every": 3, "validation.limit": 8})
     final = run_rl(load_config(RLConfig, RECIPES / "tiny-grpo.yaml", over))
     before, after = _weights(sft_model), _weights(final)
     vision = [k for k in before if k.startswith("visual.") or ".visual." in k]
@@ -167,12 +170,12 @@ def test_kl_in_reward_frozen_vision_eval_and_time_budget(sft_model, synth_dir, t
     metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert all(m["updates"] == 2 and m["time/old_logp"] > 0 and m["time/ref_logp"] > 0 for m in metrics)
     assert all(isinstance(m["kl"], float) for m in metrics) and "val_accuracy" in metrics[-1]
-    budget = _overrides(sft_model, synth_dir, tmp_path / "budget", 50, threads=one_thread, max_seconds=0.01)
+    budget = _overrides(sft_model, synth_dir, tmp_path / "budget", 50, {"threads": one_thread, "max_seconds": 0.01})
     assert run_rl(load_config(RLConfig, RECIPES / "tiny-drgrpo.yaml", budget)).name == "step-1"
 
 
 def test_sft_replay_adds_the_scaled_sft_gradient_of_its_step_batch(sft_model, synth_dir, tmp_path, one_thread):
-    """PPO-ptx: the replay term is sft_coef x the SFT loss of `global_batch(step)` of sft_data, its gradient
+    """PPO-ptx: the replay term is replay.coef x the SFT loss of `global_batch(step)` of replay.data, its gradient
     added to the RL gradient of the step's first update."""
     from vlrl.data.order import global_batch
     from vlrl.train.dist import init_distributed
@@ -180,8 +183,8 @@ def test_sft_replay_adds_the_scaled_sft_gradient_of_its_step_batch(sft_model, sy
     from vlrl.train.sft import sft_backward
 
     data = synth_dir / "chart" / "train.jsonl"
-    over = _overrides(sft_model, synth_dir, tmp_path / "run", 3, threads=one_thread, sft_data=f"[{data}]",
-                      sft_coef=0.25, sft_batch_size=5)
+    over = _overrides(sft_model, synth_dir, tmp_path / "run", 3,
+                      {"threads": one_thread, "replay.data": f"[{data}]", "replay.coef": 0.25, "replay.batch_size": 5})
     cfg = load_config(RLConfig, RECIPES / "tiny-grpo.yaml", over)
     info = init_distributed()
     run = build_run(cfg, info, str(sft_model))
@@ -199,7 +202,7 @@ def test_sft_replay_adds_the_scaled_sft_gradient_of_its_step_batch(sft_model, sy
     final = run_rl(cfg)  # and in a run: logged every step, and the weights differ from a run without replay
     metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(metrics) == 3 and all(m["sft_replay/loss"] > 0 for m in metrics)
-    no_replay = _overrides(sft_model, synth_dir, tmp_path / "plain", 3, threads=one_thread, sft_coef=0)
+    no_replay = _overrides(sft_model, synth_dir, tmp_path / "plain", 3, {"threads": one_thread, "replay.coef": 0})
     plain_run = run_rl(load_config(RLConfig, RECIPES / "tiny-grpo.yaml", no_replay))
     a, b = _weights(final), _weights(plain_run)
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -215,12 +218,13 @@ def test_activation_checkpointing_makes_the_same_update(sft_model, synth_dir, tm
 
     runs = {}
     for flag in ("false", "true"):
-        over = _overrides(sft_model, synth_dir, tmp_path / "built", 1, threads=one_thread, gradient_checkpointing=flag)
+        over = _overrides(sft_model, synth_dir, tmp_path / "built", 1,
+                          {"threads": one_thread, "gradient_checkpointing": flag})
         model = build_run(load_config(RLConfig, RECIPES / "tiny-grpo.yaml", over), init_distributed(),
                           str(sft_model)).model
         assert uses_activation_checkpointing(model) == (flag == "true")
-        over = _overrides(sft_model, synth_dir, tmp_path / flag, 2, threads=one_thread, gradient_checkpointing=flag,
-                          beta=0.04)
+        over = _overrides(sft_model, synth_dir, tmp_path / flag, 2,
+                          {"threads": one_thread, "gradient_checkpointing": flag, "algorithm.beta": 0.04})
         runs[flag] = (run_rl(load_config(RLConfig, RECIPES / "tiny-grpo.yaml", over)), tmp_path / flag)
     plain, ckpt = (_weights(runs[f][0]) for f in ("false", "true"))
     before = _weights(sft_model)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vlrl.algos import POLICY_LOSSES, agg_loss
+from vlrl.config import ConfigError, build
 from vlrl.data.loading import load_samples
 from vlrl.data.order import global_batch
 from vlrl.data.sample import Sample
@@ -20,7 +21,7 @@ from vlrl.rewards.registry import RewardSpec
 from vlrl.rollout import Completion, Group, SamplingParams, make_engine
 from vlrl.train.dist import DistInfo
 from vlrl.train.logprobs import build_rows, row_logprobs, rows_logprobs_nograd
-from vlrl.train.rl import RLConfig, check_config
+from vlrl.train.rl_config import RLConfig, check_config
 from vlrl.train.rl_rollout import RolloutSpec, collect, stream_indices, zero_variance
 from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
 
@@ -139,9 +140,11 @@ def test_training_logprobs_match_sampling_logprobs(rollouts):
 
 
 def _loss_spec(processor, mode: str, micro: int, loss: str = "ppo_clip") -> LossSpec:
-    return LossSpec(POLICY_LOSSES.get(loss), {}, mode, 6, 0.0, "k3", None, False, 1.3,
-                    vision_token_ids(processor.tokenizer), 1, 1, micro, 1e9, processor.tokenizer.pad_token_id,
-                    image_token_id(processor))
+    return LossSpec(loss_fn=POLICY_LOSSES.get(loss), loss_kwargs={}, agg_mode=mode, max_len=6, beta=0.0,
+                    kl_estimator="k3", kl_clamp=None, kl_in_loss=False, temperature=1.3,
+                    suppress_ids=vision_token_ids(processor.tokenizer), ppo_epochs=1, num_minibatches=1,
+                    micro_batch_size=micro, max_grad_norm=1e9, pad_id=processor.tokenizer.pad_token_id,
+                    image_id=image_token_id(processor))
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -171,23 +174,31 @@ def test_update_is_independent_of_micro_batching(rollouts, mode):
 
 
 def test_check_config_rejects_bad_names_and_options(tmp_path):
-    base = dict(model="m", data=["d"], out=str(tmp_path))
-    assert check_config(RLConfig(**base, eps_high=0.28)) == {"eps_high": 0.28}
+    base = {"model": "m", "data": ["d"], "out": str(tmp_path)}
+
+    def cfg(**sections: dict) -> RLConfig:
+        return build(RLConfig, {**base, **sections})
+
+    assert check_config(cfg(algorithm={"eps_high": 0.28})) == {"eps_high": 0.28}
     with pytest.raises(ValueError, match="valid names"):
-        check_config(RLConfig(**base, loss="ppo"))
-    with pytest.raises(ValueError, match="takes no dual_clip"):
-        check_config(RLConfig(**base, loss="gspo", dual_clip=3.0))
+        check_config(cfg(algorithm={"loss": "ppo"}))
+    with pytest.raises(ValueError, match="algorithm.loss 'gspo' takes no dual_clip"):
+        check_config(cfg(algorithm={"loss": "gspo", "dual_clip": 3.0}))
     with pytest.raises(ValueError, match="valid names"):
-        check_config(RLConfig(**base, agg_mode="mean"))
-    with pytest.raises(ValueError, match="group_size"):
-        check_config(RLConfig(**base, group_size=0))
-    with pytest.raises(KeyError, match="valid: accuracy"):
-        RLConfig(**base, rewards=[RewardSpec("acuracy")])
-    with pytest.raises(ValueError, match="sft_coef > 0 needs sft_data"):
-        check_config(RLConfig(**base, sft_coef=0.1))
-    with pytest.raises(ValueError, match="sft_coef must be >= 0"):
-        check_config(RLConfig(**base, sft_coef=-1.0, sft_data=["d"]))
-    with pytest.raises(ValueError, match="sft_loss_agg 'mean'; valid: token, sample"):
-        check_config(RLConfig(**base, sft_coef=0.1, sft_data=["d"], sft_loss_agg="mean"))
-    with pytest.raises(ValueError, match="decode_threads must be >= 1, got 0"):
-        check_config(RLConfig(**base, decode_threads=0))
+        check_config(cfg(algorithm={"agg_mode": "mean"}))
+    with pytest.raises(ValueError, match="rollout.group_size must be >= 1, got 0"):
+        check_config(cfg(rollout={"group_size": 0}))
+    with pytest.raises(ConfigError, match="valid: accuracy"):
+        cfg(rewards=[{"name": "acuracy"}])
+    with pytest.raises(ValueError, match="replay.coef > 0 needs replay.data"):
+        check_config(cfg(replay={"coef": 0.1}))
+    with pytest.raises(ValueError, match="replay.coef must be >= 0"):
+        check_config(cfg(replay={"coef": -1.0, "data": ["d"]}))
+    with pytest.raises(ValueError, match="replay.loss_agg 'mean'; valid: token, sample"):
+        check_config(cfg(replay={"coef": 0.1, "data": ["d"], "loss_agg": "mean"}))
+    with pytest.raises(ValueError, match="rollout.decode_threads must be >= 1, got 0"):
+        check_config(cfg(rollout={"decode_threads": 0}))
+    with pytest.raises(ValueError, match="micro_batch_size must be >= 1, got 0"):
+        check_config(cfg(micro_batch_size=0))
+    with pytest.raises(ConfigError, match=r"config.rollout: unknown key\(s\) lr"):
+        cfg(rollout={"lr": 1e-3})  # a key in the wrong section names the section's own keys

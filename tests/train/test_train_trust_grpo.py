@@ -168,9 +168,9 @@ def sft_model(tiny_model_dir: Path, synth_dir: Path, tmp_path_factory: pytest.Te
 
 
 def _overrides(model: Path, data: Path, out: Path, judge_url: str, steps: int) -> list[str]:
-    kw = {"model": model, "data": f"[{data / 'counting' / 'train.jsonl'}]", "val_data": "[]", "out": out,
-          "max_steps": steps, "batch_size": 2, "group_size": G, "max_new_tokens": 8, "save_every": 100,
-          "beta": 0.0, "threads": 1, "trust.anneal_steps": 5, "trust.judge.base_url": judge_url,
+    kw = {"model": model, "data": f"[{data / 'counting' / 'train.jsonl'}]", "validation.data": "[]", "out": out,
+          "max_steps": steps, "rollout.batch_size": 2, "rollout.group_size": G, "rollout.max_new_tokens": 8,
+          "logging.save_every": 100, "algorithm.beta": 0.0, "threads": 1, "trust.anneal_steps": 5, "trust.judge.base_url": judge_url,
           "trust.judge.model": "tiny", "trust.judge.timeout": 2.0, "trust.judge.max_retries": 1,
           "trust.judge.backoff": 0.05, "trust.judge.max_concurrency": 1}
     return [f"{k}={v}" for k, v in kw.items()]

@@ -7,13 +7,16 @@ One step is one short loop, each stage timed (`time/<stage>` in metrics.jsonl):
     reward     weighted sum of registered rewards (`rewards:` in the config)
     judge      Trust-GRPO only (`trust.enabled`, `train/trust.py`): an LLM judge's process rewards for
                the groups neither all right nor all wrong; R + gamma * alpha * exp(-step / T) * R_process
-    ref_logp   frozen reference model's log-probs (only when beta > 0)
+    ref_logp   frozen reference model's log-probs (only when algorithm.beta > 0)
     old_logp   the sampling policy's log-probs (only when needed: several epochs / minibatches, KL in reward)
-    advantage  `ADVANTAGES[cfg.advantage]` over the global batch
-    update     (sft_coef > 0: first the backward of sft_coef x the SFT loss of a batch of sft_data, PPO-ptx)
-               ppo_epochs x num_minibatches optimizer steps of `POLICY_LOSSES[cfg.loss]` (+ beta * KL),
-               reduced by `agg_loss(cfg.agg_mode)`, gradients summed over ranks, clipped
-    log        metrics.jsonl (every `log_every` steps), samples.jsonl (some rollouts and their rewards)
+    advantage  `ADVANTAGES[algorithm.advantage]` over the global batch
+    update     (replay.coef > 0: first the backward of replay.coef x the SFT loss of a batch of replay.data,
+               PPO-ptx) ppo_epochs x num_minibatches optimizer steps of `POLICY_LOSSES[algorithm.loss]`
+               (+ beta * KL), reduced by `agg_loss(algorithm.agg_mode)`, gradients summed over ranks, clipped
+    log        metrics.jsonl (every `logging.log_every` steps), samples.jsonl (some rollouts and their rewards)
+
+The configuration (`RLConfig`, sections rollout / algorithm / optim / replay / trust / logging / validation)
+is in `vlrl.train.rl_config`.
 
 Groups stay whole on one rank; prompts are seeded by their data position, so a step does the same update
 on any world size, and re-running the same command resumes from the newest complete checkpoint with the
@@ -30,7 +33,7 @@ metrics.jsonl, one line per logged step (all values global over ranks):
   frac_zero_std_groups         over every group sampled this step (before dynamic sampling drops any)
   dynamic/tries, dynamic/prompts, dynamic/kept_groups, dynamic/fallback (1: no group had signal)
   completion/len_mean, completion/len_max, completion/truncated_frac   (tokens, stop token included)
-  sft_replay/loss              SFT loss of the step's replayed demonstrations (sft_coef > 0; before scaling)
+  sft_replay/loss              SFT loss of the step's replayed demonstrations (replay.coef > 0; before scaling)
   loss (mean over the step's optimizer updates; without the replay term), grad_norm (mean, before clipping), updates
   entropy (token mean, first epoch), kl (beta > 0), approx_kl, clip_frac/{low,high,region,dual}, ratio/mean
   rollout/logp_diff            mean |old log-prob - engine's sampling log-prob| per token: ~1e-6 when top-k /
@@ -44,22 +47,21 @@ metrics.jsonl, one line per logged step (all values global over ranks):
       trust/judge_failures (sent completions left without a process reward) = trust/judge_no_reply (call
       failed after retries, or image unusable) + trust/judge_unparsable, trust/process_mean,
       trust/reward_mean (the mixed reward)
-samples.jsonl: the first `log_samples` rows of each logged step: step, row, id, answer, completion, reward,
+samples.jsonl: the first `logging.log_samples` rows of each logged step: step, row, id, answer, completion, reward,
 advantage, reward/{key} (and reward/trust_process with Trust-GRPO), length, truncated.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from vlrl.algos import ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES, kl_penalized_rewards
+from vlrl.algos import ADVANTAGES, POLICY_LOSSES, kl_penalized_rewards
 from vlrl.config import save_config
 from vlrl.data.loading import load_samples
 from vlrl.data.order import global_batch
@@ -69,146 +71,15 @@ from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rewards.registry import RewardSpec
 from vlrl.rewards.runner import RewardRunner
 from vlrl.rollout.base import RolloutEngine, make_engine
-from vlrl.rollout.types import SamplingParams
 from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
-from vlrl.train.harness import RunHarness, schedule_of
+from vlrl.train.harness import RunHarness, Schedule
 from vlrl.train.logprobs import rows_logprobs_nograd
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
+from vlrl.train.rl_config import DTYPES, RLConfig, check_config
 from vlrl.train.rl_rollout import RolloutSpec, StepRollouts, all_reduce_max, collect, gather_rows
 from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
-from vlrl.train.sft import LOSS_AGGS, sft_backward
-from vlrl.train.trust import TrustConfig, TrustStage
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class RLConfig:
-    model: str  # HF model folder to start from (usually an SFT checkpoint)
-    data: list[str]  # training datasets: registry names or data file paths
-    out: str  # run directory (config.yaml, metrics.jsonl, samples.jsonl, checkpoints/); re-running resumes
-    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy")])  # the rewards
-    #   summed with weights, each {name, weight, kwargs, label} (label: tells two specs of one reward apart)
-    ref_model: str | None = None  # frozen KL reference (default: `model`); loaded only when beta > 0
-    registry: str | None = None  # registry file that dataset names resolve in (null: $VLRL_DATA_REGISTRY)
-    template: str = "none"  # prompt template: none | answer | thinking | fast (a registry entry's own wins)
-    system_prompt: str | None = None  # replaces (or inserts) each prompt's system turn; null: keep the data's
-    skip_invalid: bool = False  # drop invalid data records (counted) instead of stopping at the first
-    min_pixels: int | None = None  # images smaller than this many pixels are upscaled; null: processor's own
-    max_pixels: int | None = None  # images larger than this many pixels are downscaled; null: processor's own
-    dtype: str = "float32"  # weights of the policy and reference: float32 | bfloat16 | float16
-    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, slower)
-    max_steps: int = 100  # RL steps to train; also the length of the LR schedule
-    max_seconds: float | None = None  # stop after this many seconds of wall time (checkpointed); null: none
-    # rollout
-    rollout_engine: str = "hf"  # hf (in-process generate) | vllm
-    batch_size: int = 8  # B: prompts per step, global
-    group_size: int = 8  # G: completions per prompt
-    max_new_tokens: int = 32  # completion length limit in tokens (longer ones are truncated)
-    temperature: float = 1.0  # sampling temperature (> 0); the training log-probs use the same
-    top_p: float = 1.0  # nucleus sampling: smallest token set with this probability mass (1.0: off)
-    top_k: int = 0  # sample among the k most likely tokens (0: off)
-    max_prompts_per_call: int = 0  # prompts per generate call on a rank (0: all)
-    decode_threads: int = 1  # hf engine on CPU: decode shards in Python threads (>1 helps on a busy machine)
-    reward_workers: int = 0  # reward worker processes (0: in-process)
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
-    dynamic_max_tries: int = 4  # draws per step at most (the first included)
-    mask_truncated: bool = False  # DAPO overlong filtering: truncated completions get no loss
-    # algorithm
-    advantage: str = "grpo"  # advantage estimator, a vlrl.algos.ADVANTAGES name (e.g. grpo, dr_grpo, rloo)
-    advantage_kwargs: dict[str, Any] = field(default_factory=dict)  # the estimator's keyword arguments
-    #   (e.g. {scale: batch} for grpo)
-    loss: str = "ppo_clip"  # policy loss, a vlrl.algos.POLICY_LOSSES name (e.g. ppo_clip, gspo)
-    eps_low: float | None = None  # lower clip: ratio >= 1 - eps_low; null: the loss's own default
-    eps_high: float | None = None  # upper clip: ratio <= 1 + eps_high; null: the loss's own default
-    dual_clip: float | None = None  # ppo_clip only: dual-clip bound c > 1 for negative advantages; null: off
-    agg_mode: str = "seq-mean-token-mean"  # loss reduction over tokens and rows, a vlrl.algos.AGG_MODES name
-    beta: float = 0.0  # KL coefficient; 0 = no reference model
-    kl_estimator: str | None = None  # k1 | k2 | k3; null: k3 in the loss, k1 in the reward
-    kl_in_reward: bool = False  # subtract beta * KL from the rewards instead of adding it to the loss
-    kl_clamp: float | None = None  # clamp per-token KL estimates to [-kl_clamp, kl_clamp]; null: no clamp
-    trust: TrustConfig = field(default_factory=TrustConfig)  # Trust-GRPO (SophiaVL-R1): judge process rewards
-    ppo_epochs: int = 1  # passes over each step's rollouts (GRPO's μ)
-    num_minibatches: int = 1  # optimizer steps per epoch
-    micro_batch_size: int = 8  # rows (completions) per forward on a rank
-    share_vision: bool = True  # encode each prompt's images once for its G rows in training forwards
-    shared_prefix: bool = True  # run each prompt once per group in training / reference forwards, its KV cache
-    #   expanded to the group's rows (same log-probs and gradients; off: [prompt | completion] per row)
-    # optimisation
-    lr: float = 1e-6  # peak learning rate (AdamW), after warm-up; cosine decay to min_lr_ratio * lr
-    weight_decay: float = 0.0  # AdamW weight decay (biases and norm weights get none)
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW [beta1, beta2]
-    warmup_steps: int = 0  # steps of linear LR warm-up to lr
-    min_lr_ratio: float = 0.0  # the cosine schedule ends at min_lr_ratio * lr at max_steps
-    max_grad_norm: float = 1.0  # clip the global gradient L2 norm to this before each optimizer step
-    freeze_vision: bool = False  # the vision tower (not its merger) stays frozen
-    freeze_merger: bool = False  # the vision-language merger stays frozen
-    # demonstration replay (InstructGPT's PPO-ptx, Ouyang et al. 2022): each step also backpropagates
-    # sft_coef x the SFT loss of sft_batch_size samples of sft_data, so RL does not erase what SFT taught on
-    # prompts it does not sample; 0 = off
-    sft_data: list[str] = field(default_factory=list)  # demonstration datasets: registry names or paths
-    sft_coef: float = 0.0  # weight of the replayed SFT loss in each step's gradient (0: off)
-    sft_batch_size: int = 16  # demonstrations per step, over all ranks
-    sft_loss_agg: str = "sample"  # token | sample: the replayed loss's reduction, as SFT's loss_agg
-    # bookkeeping
-    seed: int = 0  # seed of the prompt order, the rollouts' sampling and torch's RNG
-    save_every: int = 50  # checkpoint every this many steps (and at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept in out/checkpoints, older ones deleted (0: keep all)
-    log_every: int = 1  # a metrics.jsonl line every this many steps (and at the last and validation steps)
-    log_samples: int = 8  # completions written to samples.jsonl per logged step
-    val_data: list[str] = field(default_factory=list)  # validation splits, evaluated every `eval_every` steps
-    val_limit: int = 200  # first this many records of each validation dataset
-    eval_every: int = 0  # greedy validation accuracy every this many steps and at the end (0: never)
-    val_max_new_tokens: int = 32  # answer length limit of the validation generations, in tokens
-    threads: int = 0  # torch intra-op threads (0: leave torch's default)
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, n=self.group_size)
-
-    @property
-    def needs_old_logp(self) -> bool:
-        """Old log-probs need their own pass unless one epoch over one minibatch (then = detached current)."""
-        return self.ppo_epochs > 1 or self.num_minibatches > 1 or (self.kl_in_reward and self.beta > 0)
-
-
-def check_config(cfg: RLConfig) -> dict[str, Any]:
-    """Fail early on names and values; return the policy loss's keyword arguments."""
-    ADVANTAGES.get(cfg.advantage)
-    AGG_MODES.get(cfg.agg_mode)
-    fn = POLICY_LOSSES.get(cfg.loss)
-    if cfg.kl_estimator is not None:
-        KL_ESTIMATORS.get(cfg.kl_estimator)
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
-    for name in ("batch_size", "group_size", "max_new_tokens", "ppo_epochs", "num_minibatches", "micro_batch_size",
-                 "dynamic_max_tries", "decode_threads"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if not cfg.rewards:
-        raise ValueError("rewards: name at least one reward")
-    if cfg.sft_coef < 0:
-        raise ValueError(f"sft_coef must be >= 0, got {cfg.sft_coef}")
-    if cfg.sft_coef > 0 and not cfg.sft_data:
-        raise ValueError("sft_coef > 0 needs sft_data (the demonstrations to replay)")
-    if cfg.sft_loss_agg not in LOSS_AGGS:
-        raise ValueError(f"sft_loss_agg {cfg.sft_loss_agg!r}; valid: {', '.join(LOSS_AGGS)}")
-    if len(cfg.adam_betas) != 2:
-        raise ValueError(f"adam_betas must be [beta1, beta2], got {cfg.adam_betas}")
-    if cfg.temperature <= 0:
-        raise ValueError("temperature must be > 0 for RL sampling")
-    keys = [spec.key for spec in cfg.rewards]
-    if cfg.trust.enabled and cfg.trust.outcome_reward not in keys:
-        raise ValueError(f"trust.outcome_reward {cfg.trust.outcome_reward!r} is not one of the rewards: "
-                         f"{', '.join(keys)}")
-    kwargs = {k: v for k, v in (("eps_low", cfg.eps_low), ("eps_high", cfg.eps_high), ("dual_clip", cfg.dual_clip))
-              if v is not None}
-    accepted = set(inspect.signature(fn).parameters)
-    bad = sorted(set(kwargs) - accepted)
-    if bad:
-        raise ValueError(f"loss {cfg.loss!r} takes no {', '.join(bad)}")
-    return kwargs
+from vlrl.train.sft import sft_backward
+from vlrl.train.trust import TrustStage
 
 
 @dataclass
@@ -237,9 +108,9 @@ def _timed(metrics: dict[str, float], key: str, t0: float) -> None:
 
 def prepare_update(run: RLRun, roll: StepRollouts, metrics: dict[str, float]) -> UpdateBatch:
     """ref / old log-probs, KL-in-reward, advantages over the global batch, the truncation mask."""
-    cfg, G = run.cfg, run.cfg.group_size
+    cfg, G = run.cfg, run.cfg.rollout.group_size
     rows = [(li, j) for li in range(len(roll.groups)) for j in range(G)]
-    kw: dict[str, Any] = dict(micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature,
+    kw: dict[str, Any] = dict(micro_batch_size=cfg.micro_batch_size, temperature=cfg.rollout.temperature,
                               suppress_ids=run.loss.suppress_ids, device=run.info.device, pad_id=run.loss.pad_id,
                               image_id=run.loss.image_id, share_vision=cfg.share_vision,
                               shared_prefix=cfg.shared_prefix)
@@ -250,18 +121,19 @@ def prepare_update(run: RLRun, roll: StepRollouts, metrics: dict[str, float]) ->
     old = rows_logprobs_nograd(run.model, roll.groups, rows, **kw) if cfg.needs_old_logp else None
     _timed(metrics, "time/old_logp", t)
     scores = roll.scores  # [n_local * G]
-    if cfg.kl_in_reward and ref is not None and old is not None:
+    if cfg.algorithm.kl_in_reward and ref is not None and old is not None:
         scores = _kl_penalty(cfg, scores, old, ref, metrics)
     rewards = gather_rows(scores, roll.gids, roll.n_groups, G)  # [B * G], every rank's rows
     t = time.perf_counter()
-    adv_all, m_adv = ADVANTAGES.get(cfg.advantage)(rewards, G, **cfg.advantage_kwargs)  # [B * G]
+    estimator = ADVANTAGES.get(cfg.algorithm.advantage)
+    adv_all, m_adv = estimator(rewards, G, **cfg.algorithm.advantage_kwargs)  # [B * G]
     _timed(metrics, "time/advantage", t)
     m_adv["adv/frac_zero_std_groups"] = m_adv.pop("frac_zero_std_groups")  # of the trained batch
     metrics.update(m_adv)
     mine = torch.tensor([gid * G + j for gid in roll.gids for j in range(G)], dtype=torch.long)  # [n_local * G]
     adv = adv_all[mine].float() if len(mine) else torch.zeros(0)
     truncated = torch.tensor([c.truncated for g in roll.groups for c in g.completions], dtype=torch.bool)
-    row_mask = (~truncated).float() if cfg.mask_truncated else torch.ones(len(rows))
+    row_mask = (~truncated).float() if cfg.algorithm.mask_truncated else torch.ones(len(rows))
     return UpdateBatch(roll.groups, roll.gids, roll.n_groups, adv, row_mask, old, ref)
 
 
@@ -275,8 +147,9 @@ def _kl_penalty(cfg: RLConfig, scores: torch.Tensor, old: list[torch.Tensor], re
     lp = torch.nn.utils.rnn.pad_sequence(old, batch_first=True).double()  # [n, T]
     rp = torch.nn.utils.rnn.pad_sequence(ref, batch_first=True).double()  # [n, T]
     mask = (torch.arange(lp.shape[1])[None] < lengths[:, None]).double()  # [n, T]
-    penalized, m_kl = kl_penalized_rewards(scores, lp, rp, mask, beta=cfg.beta,
-                                           estimator=cfg.kl_estimator or "k1", clamp=cfg.kl_clamp)
+    a = cfg.algorithm
+    penalized, m_kl = kl_penalized_rewards(scores, lp, rp, mask, beta=a.beta, estimator=a.kl_estimator or "k1",
+                                           clamp=a.kl_clamp)
     metrics["kl"] = _global_mean(m_kl["kl"] * float(mask.sum()), float(mask.sum()))
     return penalized
 
@@ -338,12 +211,13 @@ def rl_step(run: RLRun, step: int, position: int) -> tuple[dict[str, float], lis
     metrics["lr"] = run.sched.get_last_lr()[0]  # the rate this step's updates use
     if run.replay is not None:  # its gradient joins the step's first optimizer update
         metrics.update(replay_backward(run, step))
-    metrics.update(policy_update(run.model, run.params, run.opt, batch, run.loss, run.cfg.group_size, run.info))
+    metrics.update(policy_update(run.model, run.params, run.opt, batch, run.loss, run.cfg.rollout.group_size,
+                                 run.info))
     run.sched.step()
     run.engine.sync_weights(run.model)
     _timed(metrics, "time/update", t)
     metrics["time/step"] = time.perf_counter() - t_step
-    return metrics, sample_records(step + 1, roll, batch, run.cfg.log_samples), position
+    return metrics, sample_records(step + 1, roll, batch, run.cfg.logging.log_samples), position
 
 
 def replay_backward(run: RLRun, step: int) -> dict[str, float]:
@@ -351,14 +225,14 @@ def replay_backward(run: RLRun, step: int) -> dict[str, float]:
     and after a resume: `global_batch` depends on the step only); gradients are reduced with the RL loss's."""
     assert run.replay is not None
     cfg = run.cfg
-    indices = global_batch(step, cfg.sft_batch_size, len(run.replay), cfg.seed)
-    stats = sft_backward(run.model, run.processor, run.replay, indices, cfg.sft_loss_agg, cfg.micro_batch_size,
-                         run.info, scale=cfg.sft_coef)
+    indices = global_batch(step, cfg.replay.batch_size, len(run.replay), cfg.seed)
+    stats = sft_backward(run.model, run.processor, run.replay, indices, cfg.replay.loss_agg, cfg.micro_batch_size,
+                         run.info, scale=cfg.replay.coef)
     return {"sft_replay/loss": stats["loss"]}
 
 
 def _load_ref(cfg: RLConfig, info: DistInfo) -> Any:
-    if cfg.beta <= 0:
+    if cfg.algorithm.beta <= 0:
         return None
     ref: Any = load_model(cfg.ref_model or cfg.model, DTYPES[cfg.dtype])
     ref.to(info.device).eval()
@@ -368,40 +242,49 @@ def _load_ref(cfg: RLConfig, info: DistInfo) -> Any:
 
 def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     loss_kwargs = check_config(cfg)
+    r, a, o = cfg.rollout, cfg.algorithm, cfg.optim
     torch.manual_seed(cfg.seed)
     model: Any
     model, processor = load_model_and_processor(start_from, DTYPES[cfg.dtype], cfg.min_pixels, cfg.max_pixels)
     model.to(info.device).train()
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    params = set_trainable(model, "full", freeze_vision=cfg.freeze_vision, freeze_merger=cfg.freeze_merger)
-    opt = make_optimizer(params, cfg.lr, cfg.weight_decay, betas=(cfg.adam_betas[0], cfg.adam_betas[1]))
-    sched = make_scheduler(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    engine_kw: dict[str, Any] = {"max_prompts_per_call": cfg.max_prompts_per_call}
-    if cfg.rollout_engine == "hf":
-        engine_kw["decode_threads"] = cfg.decode_threads
-    engine = make_engine(cfg.rollout_engine, model, processor, device=info.device, **engine_kw)
+    params = set_trainable(model, "full", freeze_vision=o.freeze_vision, freeze_merger=o.freeze_merger)
+    opt = make_optimizer(params, o.lr, o.weight_decay, betas=(o.adam_betas[0], o.adam_betas[1]))
+    sched = make_scheduler(opt, o.warmup_steps, cfg.max_steps, o.min_lr_ratio)
+    engine_kw: dict[str, Any] = {"max_prompts_per_call": r.max_prompts_per_call}
+    if r.engine == "hf":
+        engine_kw["decode_threads"] = r.decode_threads
+    engine = make_engine(r.engine, model, processor, device=info.device, **engine_kw)
     samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template, skip_invalid=cfg.skip_invalid,
                            system_prompt=cfg.system_prompt)
-    runner = RewardRunner(workers=cfg.reward_workers) if cfg.reward_workers > 0 else None
-    rollout = RolloutSpec(cfg.batch_size, cfg.group_size, cfg.sampling, list(cfg.rewards), cfg.seed,
-                          cfg.dynamic_sampling, cfg.dynamic_max_tries, runner)
+    runner = RewardRunner(workers=r.reward_workers) if r.reward_workers > 0 else None
+    rollout = RolloutSpec(batch_size=r.batch_size, group_size=r.group_size, sampling=cfg.sampling,
+                          rewards=list(cfg.rewards), seed=cfg.seed, dynamic_sampling=r.dynamic_sampling,
+                          dynamic_max_tries=r.dynamic_max_tries, runner=runner)
     tok = processor.tokenizer
     loss = LossSpec(
-        loss_fn=POLICY_LOSSES.get(cfg.loss), loss_kwargs=loss_kwargs, agg_mode=cfg.agg_mode,
-        max_len=cfg.max_new_tokens, beta=cfg.beta, kl_estimator=cfg.kl_estimator or "k3", kl_clamp=cfg.kl_clamp,
-        kl_in_loss=cfg.beta > 0 and not cfg.kl_in_reward, temperature=cfg.temperature,
-        suppress_ids=vision_token_ids(tok), ppo_epochs=cfg.ppo_epochs, num_minibatches=cfg.num_minibatches,
-        micro_batch_size=cfg.micro_batch_size, max_grad_norm=cfg.max_grad_norm, pad_id=int(tok.pad_token_id),
-        image_id=image_token_id(processor), share_vision=cfg.share_vision, shared_prefix=cfg.shared_prefix,
+        loss_fn=POLICY_LOSSES.get(a.loss), loss_kwargs=loss_kwargs, agg_mode=a.agg_mode, max_len=r.max_new_tokens,
+        beta=a.beta, kl_estimator=a.kl_estimator or "k3", kl_clamp=a.kl_clamp,
+        kl_in_loss=a.beta > 0 and not a.kl_in_reward, temperature=r.temperature, suppress_ids=vision_token_ids(tok),
+        ppo_epochs=a.ppo_epochs, num_minibatches=a.num_minibatches, micro_batch_size=cfg.micro_batch_size,
+        max_grad_norm=o.max_grad_norm, pad_id=int(tok.pad_token_id), image_id=image_token_id(processor),
+        share_vision=cfg.share_vision, shared_prefix=cfg.shared_prefix,
     )  # fmt: skip
-    trust = TrustStage(cfg.trust, cfg.group_size) if cfg.trust.enabled else None
+    trust = TrustStage(cfg.trust, r.group_size) if cfg.trust.enabled else None
     replay = None
-    if cfg.sft_coef > 0:
-        replay = load_samples(cfg.sft_data, registry=cfg.registry, template=cfg.template,
+    if cfg.replay.coef > 0:
+        replay = load_samples(cfg.replay.data, registry=cfg.registry, template=cfg.template,
                               skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)
     ref = _load_ref(cfg, info)
     return RLRun(cfg, info, model, ref, processor, engine, params, opt, sched, samples, rollout, loss, trust, replay)
+
+
+def schedule(cfg: RLConfig) -> Schedule:
+    """When the run stops, validates, logs and saves."""
+    log = cfg.logging
+    return Schedule(max_steps=cfg.max_steps, max_seconds=cfg.max_seconds, save_every=log.save_every,
+                    keep_checkpoints=log.keep_checkpoints, log_every=log.log_every, eval_every=cfg.validation.every)
 
 
 def run_rl(cfg: RLConfig) -> Path:
@@ -409,7 +292,7 @@ def run_rl(cfg: RLConfig) -> Path:
     info = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    harness = RunHarness(Path(cfg.out), info, schedule_of(cfg), row_log=True)
+    harness = RunHarness(Path(cfg.out), info, schedule(cfg), row_log=True)
     start_from, state = harness.resume_point(cfg.model)
     if info.is_main:
         save_config(cfg, Path(cfg.out) / "config.yaml")
@@ -419,7 +302,7 @@ def run_rl(cfg: RLConfig) -> Path:
     try:
         step = harness.loop(
             step, position, lambda step, position: rl_step(run, step, position),
-            desc=f"rl/{cfg.loss}", postfix="reward/mean",
+            desc=f"rl/{cfg.algorithm.loss}", postfix="reward/mean",
             save=lambda step, position: harness.save(step, position, run.model, run.processor, run.opt, run.sched),
             validate=(lambda: _validate(run, val)) if val else None,
         )  # fmt: skip
@@ -434,10 +317,10 @@ def run_rl(cfg: RLConfig) -> Path:
 
 
 def _load_val(cfg: RLConfig) -> list:
-    if not cfg.val_data:
+    if not cfg.validation.data:
         return []
-    return load_samples(cfg.val_data, registry=cfg.registry, template=cfg.template, limit=cfg.val_limit,
-                        system_prompt=cfg.system_prompt)
+    return load_samples(cfg.validation.data, registry=cfg.registry, template=cfg.template,
+                        limit=cfg.validation.limit, system_prompt=cfg.system_prompt)
 
 
 def val_rewards(cfg: RLConfig) -> list[RewardSpec]:
@@ -452,7 +335,7 @@ def validation_result(run: RLRun, val: list) -> EvalResult | None:
     if not run.info.is_main:
         return None
     return evaluate_samples(run.model, run.processor, val, device=run.info.device,
-                            max_new_tokens=run.cfg.val_max_new_tokens, rewards=val_rewards(run.cfg))
+                            max_new_tokens=run.cfg.validation.max_new_tokens, rewards=val_rewards(run.cfg))
 
 
 def _validate(run: RLRun, val: list) -> dict[str, float]:
