@@ -1,6 +1,8 @@
 """`vlrl curate` on the tiny model: statistics equal a recomputation from the saved samples, the kept set obeys
 the band and keeps the input's fields, seeds follow the item id, an interrupted run resumes without sampling
-the finished items again, the CLI end to end (and its exit code 2 on missing files), torchrun."""
+the finished items again, a run stopped by its time budget leaves a consistent partial state that a re-run
+completes, metrics.jsonl has one line per batch, the CLI end to end (and its exit code 2 on missing files),
+torchrun."""
 
 from __future__ import annotations
 
@@ -166,6 +168,68 @@ def test_rerun_after_torn_write_samples_only_the_rest(reference, tiny_model_dir,
     assert kept == sorted(band, key=lambda i: -stats[i]["gap"])[:3]
     with pytest.raises(ConfigError, match="n: 4 -> 3"):  # other sampling settings: refused
         run_curate(_cfg(tiny_model_dir, synth_dir / "counting" / "train.jsonl", out, n=3))
+
+
+TIMES = ("time/generate", "time/score", "elapsed_s")
+
+
+def _untimed(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in TIMES} for m in lines]
+
+
+def test_time_budget_stops_after_the_first_batch_and_a_rerun_completes(reference, tiny_model_dir, synth_dir,
+                                                                      tmp_path, counting_engines):
+    data = synth_dir / "counting" / "train.jsonl"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "kept.jsonl").write_text('{"id": "from an earlier run on other data"}\n')
+    ref_lines = (reference / "samples.jsonl").read_text().splitlines()
+    ids = [json.loads(ln)["id"] for ln in ref_lines]
+    budget = _cfg(tiny_model_dir, data, out, batch_size=1, parquet=True, max_seconds=1e-6)
+    assert run_curate(budget) == {}  # not finished: no report to print
+    assert counting_engines[0].sampled == ids[:1] and counting_engines[0].greedy == ids[:1]
+    # the partial state: the finished item merged, no part file, nothing derived from the whole item set
+    assert (out / "samples.jsonl").read_text().splitlines() == ref_lines[:1]
+    assert not list(out.glob("samples.part-*")) and not (out / "kept.jsonl").exists()
+    assert not (out / "stats.jsonl").exists()
+    partial = json.loads((out / "report.json").read_text())
+    assert (partial["complete"], partial["items_done"], partial["items_total"]) == (False, 1, 12)
+    assert partial["items_sampled_this_run"] == 1 and partial["max_seconds"] == 1e-6
+    ref_metrics = _lines(reference / "metrics.jsonl")
+    assert _untimed(_lines(out / "metrics.jsonl")) == _untimed(ref_metrics[:1])
+
+    report = run_curate(_cfg(tiny_model_dir, data, out, batch_size=1, parquet=True))
+    assert counting_engines[1].sampled == ids[1:] and counting_engines[1].greedy == ids[1:]
+    assert report["complete"] is True and report["items_sampled_this_run"] == 11
+    for name in ("samples.jsonl", "stats.jsonl", "kept.jsonl"):
+        assert (out / name).read_text() == (reference / name).read_text(), name
+    assert report["n_kept"] == json.loads((reference / "report.json").read_text())["n_kept"]
+    metrics = _lines(out / "metrics.jsonl")  # numbered on from the first run; running means as uninterrupted
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert _untimed(metrics) == _untimed(ref_metrics)
+
+
+def test_metrics_has_one_line_per_batch(tiny_model_dir, synth_dir, tmp_path):
+    out = tmp_path / "m"
+    cfg = _cfg(tiny_model_dir, synth_dir / "counting" / "train.jsonl", out, limit=6, batch_size=4)
+    report = run_curate(cfg)
+    metrics = _lines(out / "metrics.jsonl")
+    assert [list(m) for m in metrics] == [["step", "items_done", "items_total", "mean_reward", "mean_pass_rate",
+                                           "time/generate", "time/score", "elapsed_s"]] * 2
+    assert [(m["step"], m["items_done"], m["items_total"]) for m in metrics] == [(1, 4, 6), (2, 6, 6)]
+    samples = _lines(out / "samples.jsonl")
+    for m, k in zip(metrics, (4, 6)):  # running means over the first k items, recomputed from the samples
+        means = [sum(_recompute(s["text"]) for s in r["samples"]) / N for r in samples[:k]]
+        assert m["mean_reward"] == pytest.approx(sum(means) / k)
+        assert m["mean_pass_rate"] == pytest.approx(sum(means) / k)  # 0/1 rewards: passing is scoring 1
+    assert metrics[-1]["mean_reward"] == pytest.approx(report["mean_reward"])
+    assert metrics[-1]["mean_pass_rate"] == pytest.approx(report["mean_pass_rate"])
+    for m in metrics:
+        assert m["time/generate"] > 0 and m["time/score"] > 0
+    assert metrics[0]["elapsed_s"] >= metrics[0]["time/generate"] + metrics[0]["time/score"]
+    assert metrics[1]["elapsed_s"] >= metrics[0]["elapsed_s"] + metrics[1]["time/generate"]
+    run_curate(cfg)  # finished: re-filtering samples nothing and logs no batch
+    assert _lines(out / "metrics.jsonl") == metrics
 
 
 def _vlrl(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -3,6 +3,10 @@ files: stats.jsonl (every item), kept.jsonl / kept.parquet (the kept records), r
 
 Everything here reads only the samples file, so a run re-filtered with another band, threshold or ranking
 (`vlrl curate` again with the same sampling settings) samples nothing and rewrites these files at once.
+
+A run the time budget stopped before every item was sampled gets `finish_partial` instead: report.json says how
+far it got (`complete: false`), and the files derived from a whole item set (stats, kept) are removed, so none
+from an earlier run on other data outlives it; the next run that completes writes them.
 """
 
 from __future__ import annotations
@@ -59,11 +63,25 @@ def finish(samples: Sequence[Sample], results: dict[str, dict[str, Any]], spec: 
     records = [output_record(s, raws.get(s.id), stat_of[s.id].to_dict()) for s in kept_samples]
     paths = write_kept(records, out, parquet=spec.parquet)
     summary = summarize([st for _, st in stats], len(kept_ids))
-    report = {**summary, "band": list(spec.band), "threshold": spec.threshold, "pass1": spec.pass1,
+    report = {"complete": True, **summary, "band": list(spec.band), "threshold": spec.threshold, "pass1": spec.pass1,
               "rank_by_gap": spec.rank_by_gap, "max_keep": spec.max_keep,
               "by_task": _by_task(samples, stat_of, kept_set),
               "files": {"kept": [str(p) for p in paths], "stats": str(out / "stats.jsonl"),
                         "samples": str(out / "samples.jsonl")}, **(extra or {})}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+DERIVED = ("stats.jsonl", "kept.jsonl", "kept.parquet")
+
+
+def finish_partial(out: Path, items_done: int, items_total: int, extra: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """Write report.json for a run stopped before every item was sampled and remove the derived files."""
+    for name in DERIVED:
+        (out / name).unlink(missing_ok=True)
+    report = {"complete": False, "items_done": items_done, "items_total": items_total,
+              "files": {"samples": str(out / "samples.jsonl")}, **(extra or {})}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

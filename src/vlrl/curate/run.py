@@ -8,15 +8,27 @@ band filter of `vlrl.curate.filter`. Outputs in `out`:
                     the greedy completion, its statistics. The statistics are recomputed from this file.
     stats.jsonl     per item: mean, min, max, pass_rate, pass_at_1, pass_at_n, gap, kept
     kept.jsonl      the kept records in the input's schema, statistics under `curate` (kept.parquet with parquet)
-    report.json     totals, kept fraction, pass-rate histogram, per task, times (also printed)
+    report.json     complete (true), totals, kept fraction, pass-rate histogram, per task, times (also printed)
+    metrics.jsonl   one line per batch (rank 0's): step (batches over the life of the run directory),
+                    items_done / items_total, mean_reward and mean_pass_rate over the items done so far (the
+                    report's figures once all are done), time/generate and time/score (s, that batch),
+                    elapsed_s (s since this invocation's sampling began)
     config.yaml     the resolved config
 
-Resume: items are appended to a part file as they finish (`vlrl.curate.store`); re-running the same command
-skips the ids already there. Changing a sampling setting (model, n, seed, rewards, template, ...) on a run
+The loop is the run harness of SFT and RL (`vlrl.train.harness`): one step is one batch of items, and the
+step's checkpoint is the batch's lines appended to this rank's part file (`vlrl.curate.store`), durable before
+the step counts. Resume: re-running the same command skips the ids already there and numbers its metrics
+lines on from the last one. Changing a sampling setting (model, n, seed, rewards, template, ...) on a run
 directory that holds samples is an error; the band, threshold and ranking may change freely.
 
+Time budget (`max_seconds`): the run stops after the batch that crosses it (each invocation runs at least one
+batch, and each has the whole budget). Rank 0 then merges what every rank finished into samples.jsonl and
+writes report.json with `complete: false`, items_done and items_total, and no stats or kept files (a kept set
+needs every item); re-running the same command continues, and the run that samples the last item filters.
+
 Distribution (`torchrun`): the remaining items are split across ranks (rank r takes every world-th one), each
-rank writes its own part file, rank 0 merges. Each item's seed is `mix_seed(seed, hash(id))`, so its
+rank writes its own part file and keeps its own time budget, rank 0 merges. metrics.jsonl is rank 0's: its
+items_total is the items finished before this invocation plus rank 0's share of the rest. Each item's seed is `mix_seed(seed, hash(id))`, so its
 completions do not depend on the rank, the world size or the order of the data (the engine's draw is
 batch-invariant up to floating-point differences in the logits between batch shapes).
 """
@@ -33,12 +45,11 @@ from typing import Any
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from vlrl.config import ConfigError, save_config, to_dict
-from vlrl.curate.filter import PASS1_MODES, item_stats, parse_band
-from vlrl.curate.report import FilterSpec, finish
-from vlrl.curate.store import ResultLog, merge_parts, part_path, read_results
+from vlrl.curate.filter import PASS1_MODES, ItemStats, item_stats, parse_band
+from vlrl.curate.report import FilterSpec, finish, finish_partial, stats_of
+from vlrl.curate.store import ResultLog, last_logged_step, merge_parts, part_path, read_results
 from vlrl.data.errors import DataError
 from vlrl.data.loading import templated
 from vlrl.data.registry import load_dataset
@@ -48,6 +59,7 @@ from vlrl.rollout.base import RolloutEngine, make_engine
 from vlrl.rollout.sampler import mix_seed
 from vlrl.rollout.types import Group, SamplingParams
 from vlrl.train.dist import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from vlrl.train.harness import RunHarness, Schedule
 from vlrl.train.rl_rollout import score_groups
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,7 +96,9 @@ class CurateConfig:
     temperature: float = 1.0  # sampling temperature of the n completions (> 0)
     top_p: float = 1.0  # nucleus sampling: smallest token set with this probability mass (1.0: off)
     top_k: int = 0  # sample among the k most likely tokens (0: off)
-    batch_size: int = 8  # items per engine call on a rank (a batch is also the unit of resume)
+    batch_size: int = 8  # items per engine call on a rank (a batch is also the unit of resume and of metrics)
+    max_seconds: float | None = None  # stop after the batch that crosses this many seconds of sampling in this
+    #   invocation (at least one batch runs); re-running the same command continues; null: no limit
     seed: int = 0  # each item's sampling seed is mix_seed(seed, hash of its id)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
 
@@ -98,6 +112,8 @@ class CurateConfig:
             raise ValueError(f"pass1 must be one of {', '.join(PASS1_MODES)}, got {self.pass1!r}")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 for sampling (pass1=greedy adds the greedy completion)")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds must be > 0 (null: no limit), got {self.max_seconds}")
         if self.max_keep is not None and self.max_keep < 0:
             raise ValueError(f"max_keep must be >= 0, got {self.max_keep}")
         if self.dtype not in DTYPES:
@@ -176,35 +192,78 @@ def _completion_rows(group: Group, scores: torch.Tensor, per: dict[str, list[flo
             for j, c in enumerate(group.completions)]
 
 
-def sample_items(engine: RolloutEngine, items: Sequence[Item], cfg: CurateConfig, log: ResultLog,
-                 progress: bool = False) -> int:
-    """Sample, score and append each item's line to `log`, one engine batch at a time; returns items done."""
+@dataclass
+class Progress:
+    """What each metrics.jsonl line reports: items finished (before this invocation, and since by this rank) of
+    `total`, and the running means over them that report.json gives at the end (mean_reward over the items with
+    a scored completion, mean_pass_rate over all)."""
+
+    total: int
+    done: int = 0
+    reward_sum: float = 0.0
+    n_scored: int = 0
+    pass_sum: float = 0.0
+
+    def add(self, stats: ItemStats) -> None:
+        self.done += 1
+        self.pass_sum += stats.pass_rate
+        if stats.mean is not None:
+            self.reward_sum += stats.mean
+            self.n_scored += 1
+
+    def record(self) -> dict[str, Any]:
+        # nan (logged as null) before any item is scored: the progress bar formats the value as a float
+        return {"items_done": self.done, "items_total": self.total,
+                "mean_reward": self.reward_sum / self.n_scored if self.n_scored else math.nan,
+                "mean_pass_rate": self.pass_sum / self.done if self.done else math.nan}
+
+
+def sample_batch(engine: RolloutEngine, chunk: Sequence[Item], cfg: CurateConfig
+                 ) -> tuple[list[dict[str, Any]], list[ItemStats], dict[str, float]]:
+    """Sample and score one batch of items: their samples.jsonl lines, their statistics, and the seconds spent
+    generating (sampled and greedy) and scoring (`time/generate`, `time/score`)."""
     greedy_sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0, n=1)
-    done = 0
-    with tqdm(total=len(items), desc="curate", disable=not progress) as bar:
-        for k in range(0, len(items), cfg.batch_size):
-            chunk = items[k : k + cfg.batch_size]
-            prompts = [it.prompt for it in chunk]
-            seeds = [item_seed(cfg.seed, it.id) for it in chunk]
-            groups = engine.generate(prompts, cfg.n, cfg.sampling, seeds=seeds)
-            scores, per = score_groups(groups, cfg.rewards)  # [len(chunk) * n]
-            greedy: list[dict[str, Any] | None] = [None] * len(chunk)
-            if cfg.pass1 == "greedy":
-                g_groups = engine.generate(prompts, 1, greedy_sampling)
-                g_scores, g_per = score_groups(g_groups, cfg.rewards)  # [len(chunk)]
-                greedy = [_completion_rows(g, g_scores, g_per, i)[0] for i, g in enumerate(g_groups)]
-            lines = []
-            for i, (it, group) in enumerate(zip(chunk, groups)):
-                rows = _completion_rows(group, scores, per, i * cfg.n)
-                g = greedy[i]
-                stats = item_stats([r["reward"] for r in rows], threshold=cfg.threshold, pass1=cfg.pass1,
-                                   greedy=g["reward"] if g is not None else None)
-                lines.append({"id": it.id, "seed": seeds[i], "samples": rows, "greedy": greedy[i],
-                              "stats": stats.to_dict()})
-            log.write(lines)
-            done += len(chunk)
-            bar.update(len(chunk))
-    return done
+    prompts = [it.prompt for it in chunk]
+    seeds = [item_seed(cfg.seed, it.id) for it in chunk]
+    t = time.perf_counter()
+    groups = engine.generate(prompts, cfg.n, cfg.sampling, seeds=seeds)
+    t_gen, t = time.perf_counter() - t, time.perf_counter()
+    scores, per = score_groups(groups, cfg.rewards)  # [len(chunk) * n]
+    t_score = time.perf_counter() - t
+    greedy: list[dict[str, Any] | None] = [None] * len(chunk)
+    if cfg.pass1 == "greedy":
+        t = time.perf_counter()
+        g_groups = engine.generate(prompts, 1, greedy_sampling)
+        t_gen, t = t_gen + time.perf_counter() - t, time.perf_counter()
+        g_scores, g_per = score_groups(g_groups, cfg.rewards)  # [len(chunk)]
+        greedy = [_completion_rows(g, g_scores, g_per, i)[0] for i, g in enumerate(g_groups)]
+        t_score += time.perf_counter() - t
+    lines, stats = [], []
+    for i, (it, group) in enumerate(zip(chunk, groups)):
+        rows = _completion_rows(group, scores, per, i * cfg.n)
+        g = greedy[i]
+        stats.append(item_stats([r["reward"] for r in rows], threshold=cfg.threshold, pass1=cfg.pass1,
+                                greedy=g["reward"] if g is not None else None))
+        lines.append({"id": it.id, "seed": seeds[i], "samples": rows, "greedy": g, "stats": stats[-1].to_dict()})
+    return lines, stats, {"time/generate": t_gen, "time/score": t_score}
+
+
+def sample_items(engine: RolloutEngine, items: Sequence[Item], cfg: CurateConfig, log: ResultLog,
+                 harness: RunHarness, progress: Progress, first_step: int = 0) -> int:
+    """Sample, score and append each item's line to `log`, one batch per harness step (logged to metrics.jsonl),
+    until done or out of time; returns the items done. Steps are numbered on from `first_step`."""
+    todo = list(items)
+
+    def step_fn(step: int, position: int) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+        chunk = todo[position : position + cfg.batch_size]
+        lines, stats, times = sample_batch(engine, chunk, cfg)
+        log.write(lines)  # durable before the step counts: this log is curate's checkpoint
+        for st in stats:
+            progress.add(st)
+        return {**progress.record(), **times}, [], position + len(chunk)
+
+    steps = harness.loop(first_step, 0, step_fn, save=None, validate=None, desc="curate", postfix="mean_reward")
+    return min(len(todo), (steps - first_step) * cfg.batch_size)
 
 
 def _build_engine(cfg: CurateConfig, info: DistInfo) -> RolloutEngine:
@@ -216,15 +275,34 @@ def _build_engine(cfg: CurateConfig, info: DistInfo) -> RolloutEngine:
     return make_engine(cfg.rollout_engine, model, processor, device=info.device)
 
 
+def _sample(cfg: CurateConfig, info: DistInfo, out: Path, mine: list[Item], progress: Progress) -> int:
+    """This rank's share of the items still to sample, on the run harness; returns the items sampled."""
+    if not mine:
+        return 0
+    engine = _build_engine(cfg, info)
+    first = last_logged_step(out / "metrics.jsonl") if info.is_main else 0
+    n_batches = math.ceil(len(mine) / cfg.batch_size)
+    # no checkpoint to save (the result log is one) and one metrics line per batch; min_steps=1: every
+    # invocation samples at least one batch, so re-running under the same budget always gets further
+    schedule = Schedule(max_steps=first + n_batches, max_seconds=cfg.max_seconds, save_every=0,
+                        keep_checkpoints=0, log_every=1, eval_every=0, min_steps=1)
+    harness = RunHarness(out, info, schedule)
+    with ResultLog(part_path(out, info.rank)) as log:
+        harness.start_clock()  # the budget counts this invocation's sampling (the model is loaded)
+        return sample_items(engine, mine, cfg, log, harness, progress, first_step=first)
+
+
 def run_curate(cfg: CurateConfig) -> dict[str, Any]:
-    """Sample what is not yet sampled, then (rank 0) merge, filter and report; returns the report."""
+    """Sample what is not yet sampled, then (rank 0) merge, filter and report. Returns the report on rank 0 when
+    every item is sampled; {} on other ranks and when the time budget stopped the run first (report.json then
+    says how far it got, and re-running the same command continues)."""
     t0 = time.perf_counter()
     info = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     items = load_items(cfg)  # bad data fails before the model loads
-    done = set(read_results(out)) if info.is_main else set()
+    done = read_results(out) if info.is_main else {}
     check_resumable(cfg, out, bool(broadcast_object(bool(done))))
     barrier()
     if info.is_main:
@@ -233,22 +311,30 @@ def run_curate(cfg: CurateConfig) -> dict[str, Any]:
     assert isinstance(todo_ids, list)
     todo = set(todo_ids)
     mine = [it for it in items if it.id in todo][info.rank :: info.world_size]
+    progress = Progress(total=len(items) - len(todo) + len(mine))
+    for it in items:  # rank 0's running means start from the items finished before (empty elsewhere)
+        if it.id in done:
+            progress.add(stats_of(done[it.id], cfg.threshold, cfg.pass1))
     t_sample = time.perf_counter()
-    sampled = 0
-    if mine:
-        engine = _build_engine(cfg, info)
-        with ResultLog(part_path(out, info.rank)) as log:
-            sampled = sample_items(engine, mine, cfg, log, progress=info.is_main)
+    sampled = _sample(cfg, info, out, mine, progress)
     t_sample = time.perf_counter() - t_sample
     barrier()
     report: dict[str, Any] = {}
     if info.is_main:
-        results = merge_parts(out, [it.id for it in items])
+        ids = [it.id for it in items]
+        results = merge_parts(out, ids)
         extra = {"n": cfg.n, "model": cfg.model, "data": cfg.data, "rewards": [to_dict(r) for r in cfg.rewards],
                  "items_sampled_this_run": len(todo), "items_sampled_rank0": sampled,
                  "seconds_sampling": round(t_sample, 2), "seconds": round(time.perf_counter() - t0, 2),
                  "world_size": info.world_size}
-        report = finish([it.original for it in items], results, cfg.filter_spec, out, extra)
+        n_done = sum(i in results for i in ids)
+        if n_done == len(ids):
+            report = finish([it.original for it in items], results, cfg.filter_spec, out, extra)
+        else:
+            extra["items_sampled_this_run"] = n_done - (len(ids) - len(todo))
+            finish_partial(out, n_done, len(ids), {**extra, "max_seconds": cfg.max_seconds})
+            print(f"curate: time budget reached with {n_done} of {len(ids)} items sampled; "
+                  "re-run the same command to continue")
     barrier()
     cleanup()
     return report

@@ -6,7 +6,7 @@ so a killed run loses at most the batch in flight. On restart every rank reads a
 without its newline: the write the kill interrupted). A line that does not parse is skipped wherever it is.
 Rank 0 merges the parts into `samples.jsonl` at the end (written to a temporary file, then renamed, then
 the parts are removed: a kill at any point leaves every finished item readable, at worst twice, and the
-first copy wins).
+first copy wins). `last_logged_step` reads where the run's metrics.jsonl left off, so its step count goes on.
 """
 
 from __future__ import annotations
@@ -49,6 +49,22 @@ def read_results(out: Path) -> dict[str, dict[str, Any]]:
         for record in iter_lines(path):
             found.setdefault(record["id"], record)
     return found
+
+
+def last_logged_step(path: Path) -> int:
+    """The step of the last line of a metrics.jsonl (0 when there is none), after cutting a torn last line so
+    the next line appended starts on its own line; lines that do not parse are skipped."""
+    drop_torn_tail(path)
+    last = 0
+    if path.exists():
+        for raw in path.read_bytes().splitlines():
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                last = record["step"]
+    return last
 
 
 def drop_torn_tail(path: Path) -> int:

@@ -1,5 +1,6 @@
-"""The run harness SFT and RL share: resume from the newest complete checkpoint, the step loop with its time
-budget, periodic validation, metric logging, checkpoints (keep-last-k) and the final save.
+"""The run harness SFT, RL and curate share: resume from the newest complete checkpoint, the step loop with its
+time budget and progress bar, periodic validation, metric logging (metrics.jsonl), checkpoints (keep-last-k) and
+the final save.
 
     harness = RunHarness(Path(cfg.out), info, schedule_of(cfg))
     start_from, state = harness.resume_point(cfg.model)   # the newest complete checkpoint, else cfg.model
@@ -9,6 +10,12 @@ budget, periodic validation, metric logging, checkpoints (keep-last-k) and the f
 
 `step_fn(step, position) -> (record, rows, position)` runs one optimizer step on global batch `step` (whose
 data starts at `position`) and returns its metrics, the rollout rows to log (RL) and the next position.
+
+A run whose steps persist their own results (curate: one step is one batch of items, appended durably to its
+result log, and a re-run skips what is there) has no checkpoint to write or restore: it passes `save=None`,
+starts the clock with `start_clock()` (its budget counts this invocation only) and sets `min_steps=1` so every
+invocation makes progress. SFT and RL keep `min_steps=0` and a clock restored from the checkpoint, so their
+budget covers the whole run and a run resumed out of time takes no step.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ StepFn = Callable[[int, int], tuple[dict[str, Any], list[dict[str, Any]], int]]
 
 @dataclass(frozen=True)
 class Schedule:
-    """When a run stops, validates, logs and saves (the fields of the same names in SFTConfig and RLConfig)."""
+    """When a run stops, validates, logs and saves (the fields of the same names in SFTConfig and RLConfig;
+    curate builds its own). `min_steps`: steps each call of `RunHarness.loop` takes before the time budget can
+    stop it."""
 
     max_steps: int
     max_seconds: float | None
@@ -38,6 +47,7 @@ class Schedule:
     keep_checkpoints: int
     log_every: int
     eval_every: int
+    min_steps: int = 0
 
 
 def schedule_of(cfg: Any) -> Schedule:
@@ -77,8 +87,12 @@ class RunHarness:
                     log.truncate_after(step)  # those steps run again
             if self.info.is_main:
                 print(f"resumed from {self.start_from} at step {step}")
-        self.t0 = time.perf_counter() - elapsed
+        self.start_clock(elapsed)
         return step, position
+
+    def start_clock(self, elapsed: float = 0.0) -> None:
+        """Start the time budget's clock as if `elapsed` seconds had already passed."""
+        self.t0 = time.perf_counter() - elapsed
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -104,16 +118,18 @@ class RunHarness:
         position: int,
         step_fn: StepFn,
         *,
-        save: Callable[[int, int], None],
+        save: Callable[[int, int], None] | None,
         validate: Callable[[], dict[str, float]] | None,
         desc: str,
         postfix: str,
     ) -> int:
-        """Run steps until `max_steps` or the time budget; returns the last step. Always ends on a checkpoint."""
+        """Run steps until `max_steps` or the time budget (checked before each step once `min_steps` steps of this
+        call are done); returns the last step. Ends on a checkpoint unless `save` is None (no checkpoint)."""
         s = self.schedule
+        first = step
         bar = tqdm(total=s.max_steps, initial=step, desc=desc, disable=not self.info.is_main)
         try:
-            while step < s.max_steps and not self.out_of_time():
+            while step < s.max_steps and (step - first < s.min_steps or not self.out_of_time()):
                 record, rows, position = step_fn(step, position)
                 step += 1
                 bar.update(1)
@@ -128,10 +144,12 @@ class RunHarness:
                         for row in rows:
                             self.rows.log(row)
                     bar.set_postfix({postfix: f"{record[postfix]:.3f}"})
-                if self._due(step, s.save_every) or self.out_of_time():
+                if save is not None and (self._due(step, s.save_every) or self.out_of_time()):
                     save(step, position)
         finally:
             bar.close()
+        if save is None:
+            return step
         last = ckpt.latest_checkpoint(self.run_dir)
         if last is None or last.name != f"step-{step}":
             save(step, position)
