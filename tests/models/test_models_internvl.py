@@ -24,7 +24,7 @@ from vlrl.models.families.internvl import (
 )
 from vlrl.models.inputs import IGNORE_INDEX
 from vlrl.models.loading import merger_module, vision_module
-from vlrl.models.processor import family_of_processor, image_token_id, load_processor
+from vlrl.models.processor import family_of_processor, image_token_id, load_processor, reserved_tokens
 from vlrl.models.sizes import SIZE_TABLE
 
 CORPUS = ["How many shapes are in the image? <answer>3</answer>"] * 20
@@ -153,6 +153,41 @@ def test_qwen_tokenizer_keeps_its_own_vision_tokens(tiny_model_dir):
     assert vision_token_ids(proc.tokenizer) == sorted(_ids(proc, *QWEN_VL.vision_tokens))
     assert image_token_id(proc) == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert family_of_processor(proc) is QWEN_VL and QWEN_VL.mm_token_type_ids
+
+
+@pytest.mark.parametrize("size", [(112, 112), (224, 112), (112, 300), (500, 90), (300, 300), (40, 30)])
+def test_image_slot_is_what_the_processor_writes(internvl_dir, tiny_model_dir, size):
+    """Each family's `image_slot`, from the image size alone: the tokens the processor writes for the image (Qwen:
+    <|image_pad|> x n inside the template's vision_start/end; InternVL: <img>, <IMG_CONTEXT> x 16 per tile,
+    </img>), its tiles and the size it resizes the image to."""
+    w, h = size
+    for folder in (internvl_dir, tiny_model_dir):
+        proc = load_processor(folder, max_pixels=6 * 112 * 112)
+        family = family_of_processor(proc)
+        slot = family.image_slot(proc, w, h)
+        enc = encode_prompt(proc, [{"role": "user", "content": "<image>hi"}], [_image(w, h)])
+        ids = enc.input_ids.tolist()
+        start = ids.index(image_token_id(proc)) - (1 if family is INTERNVL else 0)  # InternVL: from <img>
+        want = proc.tokenizer(slot.text, add_special_tokens=False)["input_ids"]
+        assert ids[start : start + len(want)] == want
+        assert ids.count(image_token_id(proc)) == slot.image_tokens
+        if family is INTERNVL:  # tiles on the resized canvas, + a thumbnail when more than one
+            assert slot.image_tokens == 16 * slot.tiles == 16 * enc.pixel_values.shape[0]
+            cols, rows = slot.resized[0] // 112, slot.resized[1] // 112
+            assert slot.tiles == (1 if cols * rows == 1 else cols * rows + 1)
+            if size == (224, 112):
+                assert (slot.resized, slot.tiles) == ((224, 112), 3)
+        else:  # one image of (t, h / patch, w / patch) patches
+            gw, gh = slot.resized[0] // 14, slot.resized[1] // 14
+            assert slot.tiles == 1 and enc.image_grid_thw.tolist() == [[1, gh, gw]]
+
+
+def test_reserved_tokens_are_the_tokenizers_vision_tokens(internvl_dir, tiny_model_dir):
+    internvl, qwen = load_processor(internvl_dir), load_processor(tiny_model_dir)
+    assert reserved_tokens(internvl) == ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                                         "<|video_pad|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+    assert reserved_tokens(qwen) == QWEN_VL.vision_tokens
+    assert vision_token_ids(internvl.tokenizer) == sorted(_ids(internvl, *reserved_tokens(internvl)))
 
 
 def test_tile_geometry():

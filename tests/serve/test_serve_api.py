@@ -92,6 +92,14 @@ def test_literal_image_text_is_not_an_image(served: Served) -> None:
     assert 1 + 2 <= extra <= 16 + 2  # the one image's vision tokens (at most 16 for the tiny model) + start/end
 
 
+def test_other_families_image_tokens_are_text(served: Served) -> None:
+    """The reserved tokens are the served model's: InternVL's image tokens are plain text to a Qwen-VL model."""
+    resp = _chat(served, {"messages": [{"role": "user", "content": "<img><IMG_CONTEXT></img>"}], "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    plain = _chat(served, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+    assert resp.json()["usage"]["prompt_tokens"] > plain.json()["usage"]["prompt_tokens"] + 3  # spelled out
+
+
 def test_remote_image_url_is_refused(served: Served) -> None:
     for url in ("http://example.com/cat.png", "https://127.0.0.1/x.png"):
         err = _assert_error(_chat(served, {"messages": _image_message(url)}), 400, "not fetched")

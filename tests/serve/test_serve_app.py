@@ -26,6 +26,7 @@ from vlrl.serve.server import is_loopback, parse_args
 
 class ScriptedEngine:
     model_id = "fake"
+    reserved_tokens = ("<|image_pad|>", "<IMG_CONTEXT>")
 
     def __init__(self) -> None:
         self.delay = 0.0

@@ -1,8 +1,9 @@
 """`vlrl data validate | stats | convert`: what a dataset holds, what it costs in tokens, other formats.
 
-validate: per record, the image sizes before/after the processor's min/max-pixel resize, vision tokens,
-text tokens and their sum against a prompt budget; flags records that would be truncated and records whose
-vision-token count in the encoded prompt differs from what the image grid implies.
+validate: per record, the image sizes before/after the processor's resize (Qwen-VL: min/max pixels; InternVL: the
+tile canvas), vision tokens, text tokens and their sum against a prompt budget, from the image sizes and the model
+family's adapter (`vlrl.models.families`, `image_slot`) without processing any pixels; flags records that would be
+truncated and records whose image placeholders do not match their images.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from vlrl.data.images import image_size
-from vlrl.data.resize import smart_resize
 from vlrl.data.sample import IMAGE_PLACEHOLDER, Sample
 
 
@@ -59,32 +59,30 @@ def dataset_stats(samples: Sequence[Sample]) -> dict[str, Any]:
     }
 
 
-def _processor_geometry(processor: Any) -> tuple[int, int, int, int]:
-    """(factor, merge, min_pixels, max_pixels) of a Qwen-VL image processor."""
-    ip = processor.image_processor
-    size = ip.size or {}
-    merge = int(ip.merge_size)
-    return int(ip.patch_size) * merge, merge, int(size["shortest_edge"]), int(size["longest_edge"])
-
-
 def validate_record(sample: Sample, processor: Any, budget: int) -> RecordReport:
+    """One record's token budget as the processor would encode it, from the image sizes alone: per image, the
+    model family's `image_slot` (resized size, image tokens, the text around them, e.g. InternVL's `<img>`),
+    the chat-templated text's own tokens beside."""
     from vlrl.models.inputs import prompt_text
-    from vlrl.models.processor import IMAGE_TOKEN
+    from vlrl.models.processor import family_of_processor
 
-    factor, merge, lo, hi = _processor_geometry(processor)
+    family = family_of_processor(processor)
+    tok = processor.tokenizer
     sizes = [image_size(p) for p in sample.images]
-    resized = [smart_resize(h, w, factor, lo, hi)[::-1] for (w, h) in sizes]
-    vision = sum((w // (factor // merge)) * (h // (factor // merge)) // (merge * merge) for (w, h) in resized)
+    slots = [family.image_slot(processor, w, h) for (w, h) in sizes]
+    vision = sum(s.image_tokens for s in slots)
     text = prompt_text(processor, sample.messages)
-    pads = text.count(IMAGE_TOKEN)  # one <|image_pad|> per image before expansion
-    text_ids = processor.tokenizer(text.replace(IMAGE_TOKEN, ""), add_special_tokens=False)["input_ids"]
-    n_text = len(text_ids)
+    pads = text.count(family.image_token)  # one per image before expansion
+    # the text's own tokens, and each slot's beside its image tokens (InternVL's <img>, </img>): special tokens
+    # tokenize alone, so these counts add up to the expanded prompt's
+    n_text = sum(len(tok(t.replace(family.image_token, ""), add_special_tokens=False)["input_ids"])
+                 for t in [text, *(s.text for s in slots)])
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in sample.messages)
     total = n_text + vision
     return RecordReport(
-        id=sample.id, source=str(sample.metadata.get("source", "")), image_sizes=sizes, resized_sizes=resized,
-        vision_tokens=vision, text_tokens=n_text, total_tokens=total, over_budget=total > budget,
-        token_mismatch=pads != len(sample.images) or placeholders != len(sample.images),
+        id=sample.id, source=str(sample.metadata.get("source", "")), image_sizes=sizes,
+        resized_sizes=[s.resized for s in slots], vision_tokens=vision, text_tokens=n_text, total_tokens=total,
+        over_budget=total > budget, token_mismatch=pads != len(sample.images) or placeholders != len(sample.images),
     )
 
 

@@ -122,15 +122,31 @@ def family_of_processor(processor: Any) -> Family:
     return family_of_image_token(str(getattr(processor, "image_token", None) or IMAGE_TOKEN))
 
 
-def vision_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Ids of the vision tokens a model must never sample: image placeholders, not text, to which a random or
-    weak model still gives probability. Every family's vision tokens that are added tokens of this tokenizer
-    (an InternVL tokenizer also holds Qwen's: InternVL3 extends Qwen2.5's)."""
+def vision_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The vision tokens of this tokenizer, by id: every family's vision tokens that are added tokens of it (an
+    InternVL tokenizer also holds Qwen's: InternVL3 extends Qwen2.5's)."""
     added = tokenizer.get_added_vocab()
-    return sorted({added[t] for f in FAMILIES for t in f.vision_tokens if t in added})
+    return sorted({t for f in FAMILIES for t in f.vision_tokens if t in added}, key=added.__getitem__)
+
+
+def vision_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids of the vision tokens a model must never sample (`vision_tokens`): image placeholders, not text, to
+    which a random or weak model still gives probability."""
+    added = tokenizer.get_added_vocab()
+    return [added[t] for t in vision_tokens(tokenizer)]
+
+
+def reserved_tokens(processor: Any) -> tuple[str, ...]:
+    """Text that must not reach the processor from a user: the tokenizer's vision tokens (`vision_tokens`) and
+    the strings the processor itself expands or writes around an image (its `image_token`; InternVL's
+    `start_image_token` / `end_image_token`, `<img>` / `</img>`), which it would read as image slots."""
+    named = (getattr(processor, name, None) for name in ("image_token", "start_image_token", "end_image_token",
+                                                        "video_token"))
+    return tuple(dict.fromkeys([*vision_tokens(processor.tokenizer), *(str(t) for t in named if t)]))
 
 
 __all__ = [
-    "ChatProcessor", "ImageOnlyProcessor", "load_processor", "image_token_id", "vision_token_ids",
+    "ChatProcessor", "ImageOnlyProcessor", "load_processor", "image_token_id", "vision_token_ids", "vision_tokens",
+    "reserved_tokens",
     "expand_image_tokens", "token_id", "read_chat_template", "folder_model_type", "family_of_processor",
 ]

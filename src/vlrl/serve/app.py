@@ -1,8 +1,8 @@
 """The FastAPI app: OpenAI-compatible `/v1/chat/completions`, `/v1/models` and `/health` for one local model.
 
-`create_app(engine, limits)` takes any object with `model_id` and
-`generate(sample, images, sampling, stop, seed) -> GenerationResult` (`serve.generate.ServedModel` for a
-local HF model). Generation is serialised by one lock and runs in a worker thread, so the event loop keeps
+`create_app(engine, limits)` takes any object with `model_id`, `reserved_tokens` (the served model's vision
+tokens, refused in request text) and `generate(sample, images, sampling, stop, seed) -> GenerationResult`
+(`serve.generate.ServedModel` for a local HF model). Generation is serialised by one lock and runs in a worker thread, so the event loop keeps
 answering `/health` and rejecting bad requests while the model works.
 
 The body is read by hand (not by FastAPI's parser) so that its size is capped before it is buffered and every
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 class Engine(Protocol):
     model_id: str
+    reserved_tokens: tuple[str, ...]  # text a request must not contain (`vlrl.models.processor.reserved_tokens`)
 
     def generate(self, sample: Sample, images: list[Image.Image], sampling: SamplingParams,
                  stop: Sequence[str] = (), seed: int | None = None) -> GenerationResult: ...
@@ -133,7 +134,7 @@ async def _complete(request: Request, engine: Engine, limits: ServeLimits, state
                        param="model", code="model_not_found")
     if req.seed is not None and not 0 <= req.seed < 2**63:
         raise ApiError(400, "seed must be in [0, 2**63)", param="seed")
-    sample, urls = to_sample(req, limits)
+    sample, urls = to_sample(req, limits, engine.reserved_tokens)
     sampling, stop = sampling_of(req, limits)
     if state.waiting >= limits.max_waiting:
         raise ApiError(429, f"server busy: {state.waiting} requests already waiting", type_="rate_limit_error",

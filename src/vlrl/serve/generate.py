@@ -18,6 +18,7 @@ from PIL import Image
 
 from vlrl.data.sample import IMAGE_PLACEHOLDER, Sample
 from vlrl.models.inputs import Encoded, to_chat
+from vlrl.models.processor import reserved_tokens
 from vlrl.rollout.base import make_engine
 from vlrl.rollout.types import Completion, SamplingParams
 from vlrl.serve.schemas import LITERAL_IMAGE
@@ -62,8 +63,8 @@ def encode_sample(processor: Any, sample: Sample, images: list[Image.Image]) -> 
     return Encoded(
         input_ids=batch["input_ids"][0],  # [L]
         labels=None,
-        pixel_values=batch.get("pixel_values"),  # [P, D]
-        image_grid_thw=batch.get("image_grid_thw"),  # [I, 3]
+        pixel_values=batch.get("pixel_values"),  # [P, D] (Qwen-VL) or [N tiles, 3, H, W] (InternVL)
+        image_grid_thw=batch.get("image_grid_thw"),  # [I, 3] (Qwen-VL) or None
     )
 
 
@@ -89,6 +90,8 @@ class ServedModel:
     rollout engine built at start (its `LeanStep` weight copy loaded once: the served weights do not change).
 
     max_time: wall-time bound of one request's generation (its completions then end with finish_reason "length").
+    reserved_tokens: the processor's vision tokens (Qwen-VL's `<|image_pad|>`, ...; InternVL's `<IMG_CONTEXT>`,
+    `<img>`, ...), which the app refuses in request text.
     Not thread-safe: the app calls it under a lock, one request at a time."""
 
     def __init__(self, model: Any, processor: Any, model_id: str, *, device: str = "cpu",
@@ -98,6 +101,7 @@ class ServedModel:
         self.model_id = model_id
         self.max_time = max_time
         self.context = max_context(model)
+        self.reserved_tokens = reserved_tokens(processor)
         self.engine = make_engine("hf", self.model, processor, device=device, reload_weights=False)
 
     def generate(self, sample: Sample, images: list[Image.Image], sampling: SamplingParams,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,8 +18,6 @@ from vlrl.data.sample import IMAGE_PLACEHOLDER, Sample
 from vlrl.rollout.types import SamplingParams
 from vlrl.serve.images import ImageInputError, check_image_url
 
-# Vision tokens in text would be read as image slots by the processor: refused rather than mis-parsed.
-RESERVED_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 # Literal "<image>" text is not an image: it travels through `Sample.messages` escaped as LITERAL_IMAGE and is
 # restored by `serve.generate.encode_sample` (the character itself is refused in requests).
 LITERAL_IMAGE = "\ue000"
@@ -102,9 +101,10 @@ def parse_request(obj: Any) -> ChatRequest:
         raise ApiError(400, f"invalid field {loc or '(body)'}: {err.get('msg', 'invalid value')}", param=loc) from None
 
 
-def _text(s: str, where: str) -> str:
-    """Request text for `Sample.messages`: vision tokens refused, a literal "<image>" escaped."""
-    for marker in (*RESERVED_TOKENS, LITERAL_IMAGE):
+def _text(s: str, where: str, reserved: Sequence[str]) -> str:
+    """Request text for `Sample.messages`: the served model's vision tokens (`reserved`) refused, since its
+    processor would read them as image slots rather than text; a literal "<image>" escaped."""
+    for marker in (*reserved, LITERAL_IMAGE):
         if marker in s:
             raise ApiError(400, f"{where}: text must not contain the reserved token {marker!r} "
                                 "(images go in image_url parts)", param=where)
@@ -122,19 +122,19 @@ def _image_url(part: ContentPart, where: str) -> str:
     return url
 
 
-def _content(msg: Message, where: str, urls: list[str]) -> str:
+def _content(msg: Message, where: str, urls: list[str], reserved: Sequence[str]) -> str:
     """A message's text with one `<image>` placeholder per image part; image URLs appended to `urls`."""
     if msg.content is None:
         if msg.role != "assistant":
             raise ApiError(400, f"{where}.content: required for role {msg.role!r}", param=f"{where}.content")
         return ""
     if isinstance(msg.content, str):
-        return _text(msg.content, f"{where}.content")
+        return _text(msg.content, f"{where}.content", reserved)
     pieces = []
     for j, part in enumerate(msg.content):
         at = f"{where}.content.{j}"
         if part.type == "text":
-            pieces.append(_text(part.text or "", at))
+            pieces.append(_text(part.text or "", at, reserved))
         elif part.type == "image_url":
             urls.append(_image_url(part, at))
             pieces.append(IMAGE_PLACEHOLDER)
@@ -144,8 +144,10 @@ def _content(msg: Message, where: str, urls: list[str]) -> str:
     return "".join(pieces)
 
 
-def to_sample(req: ChatRequest, limits: ServeLimits) -> tuple[Sample, list[str]]:
-    """The request's messages as a `Sample` (images as `<image>` placeholders) and its image data URLs.
+def to_sample(req: ChatRequest, limits: ServeLimits, reserved: Sequence[str]) -> tuple[Sample, list[str]]:
+    """The request's messages as a `Sample` (images as `<image>` placeholders) and its image data URLs; text
+    containing any of `reserved` (the served model's vision tokens, `vlrl.models.processor.reserved_tokens`) is
+    refused with a 400.
 
     `Sample.images` holds labels ("request-image-0", ...), not paths: the decoded images travel beside the
     sample (see `serve.generate`)."""
@@ -160,7 +162,7 @@ def to_sample(req: ChatRequest, limits: ServeLimits) -> tuple[Sample, list[str]]
         if role is None:
             raise ApiError(400, f"messages.{i}.role: unsupported role {msg.role!r}; valid: {', '.join(ROLES)}",
                            param=f"messages.{i}.role")
-        messages.append({"role": role, "content": _content(msg, f"messages.{i}", urls)})
+        messages.append({"role": role, "content": _content(msg, f"messages.{i}", urls, reserved)})
         if len(urls) > limits.max_images:
             raise ApiError(400, f"too many images: more than {limits.max_images} per request", param="messages",
                            code="too_many_images")

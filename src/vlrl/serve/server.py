@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 class ServeConfig:
     """What `vlrl serve` needs: the model folder, where to listen and the request limits.
 
-    model: a local HF model folder (`vlrl init-model` output, a checkpoint, or a downloaded Qwen-VL).
+    model: a local HF model folder (`vlrl init-model` output, a checkpoint, or a downloaded Qwen-VL or InternVL).
     served_model_name: the id reported by /v1/models and required in requests (default: the folder name).
     max_generation_seconds: wall-time bound of one request's generation (finish_reason "length" when hit).
     """

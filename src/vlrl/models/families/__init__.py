@@ -28,6 +28,7 @@ from vlrl.models.families.internvl import (
     INTERNVL_SPECIAL_TOKENS,
     INTERNVL_VISION_TOKENS,
 )
+from vlrl.models.families.slots import ImageSlot
 from vlrl.models.tokenizer import VISION_TOKENS
 
 if TYPE_CHECKING:
@@ -50,6 +51,9 @@ class Family:
         how many of its entries belong to `prompt`; select_images(output, index): the output at those entries
         (for `mm_encoder_outputs`), None when the family cannot share vision features between rows.
     text_decoder(model): the text decoder `LeanStep` re-lays, None when its math does not cover this model's.
+    image_slot(processor, width, height): what the family's processor makes of an image of that size, without
+        processing it (`ImageSlot`: resized size, tiles, image tokens, the text that replaces the image token;
+        the token-budget audit reads it).
     """
 
     name: str
@@ -66,6 +70,7 @@ class Family:
     image_units: Callable[[Encoded], int]
     select_images: Callable[[Any, Sequence[int]], Any] | None
     text_decoder: Callable[[nn.Module], nn.Module | None]
+    image_slot: Callable[[Any, int, int], ImageSlot]
 
     @property
     def mm_token_type_ids(self) -> bool:
@@ -93,6 +98,7 @@ QWEN_VL = Family(
     image_units=qwen_vl.image_units,
     select_images=qwen_vl.select_images,
     text_decoder=qwen_vl.text_decoder,
+    image_slot=qwen_vl.image_slot,
 )
 INTERNVL = Family(
     name="internvl",
@@ -109,6 +115,7 @@ INTERNVL = Family(
     image_units=internvl.image_units,
     select_images=internvl.select_images,
     text_decoder=internvl.text_decoder,
+    image_slot=internvl.image_slot,
 )
 FAMILIES = (QWEN_VL, INTERNVL)
 SUPPORTED_MODEL_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
@@ -148,7 +155,7 @@ def log_fallback(log: logging.Logger, message: str) -> None:
 
 
 __all__ = [
-    "Family", "FAMILIES", "INTERNVL", "QWEN_VL", "SUPPORTED_MODEL_TYPES", "family_of", "family_of_model",
+    "Family", "FAMILIES", "ImageSlot", "INTERNVL", "QWEN_VL", "SUPPORTED_MODEL_TYPES", "family_of", "family_of_model",
     "family_of_image_token", "log_fallback",
     "INTERNVL_NAMED_TOKENS", "INTERNVL_SPECIAL_TOKENS", "INTERNVL_VISION_TOKENS",
 ]  # fmt: skip

@@ -36,9 +36,13 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
-from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+    GotOcr2ImageProcessorPil,
+    get_optimal_tiled_canvas,
+)
 
 from vlrl.models.chat import ChatProcessor, read_chat_template, token_id
+from vlrl.models.families.slots import ImageSlot
 from vlrl.models.sizes import Size, text_dims
 from vlrl.models.tokenizer import train_tokenizer
 
@@ -158,9 +162,7 @@ class InternVLImageOnlyProcessor(ChatProcessor):
     def _encode_images(self, images: list[Image.Image]) -> tuple[dict[str, Any], list[str]]:
         img = self.image_processor(images=images, crop_to_patches=True, return_tensors="pt")
         tiles = torch.as_tensor(img["num_patches"]).tolist()
-        context = self.image_token * self.image_seq_length
-        slots = [f"{self.start_image_token}{context * n}{self.end_image_token}" for n in tiles]
-        return {"pixel_values": img["pixel_values"]}, slots  # pixel_values [N tiles, 3, H, W]
+        return {"pixel_values": img["pixel_values"]}, [slot_text(self, n) for n in tiles]  # pixel_values [N, 3, H, W]
 
     def save_pretrained(self, out: str | Path) -> None:
         self._save(out, {"processor_class": "InternVLProcessor", "image_seq_length": self.image_seq_length})
@@ -198,6 +200,30 @@ def internvl_processor(tokenizer: PreTrainedTokenizerBase, tile: int, max_patche
     image_proc = GotOcr2ImageProcessorPil(size={"height": tile, "width": tile}, image_mean=IMAGENET_MEAN,
                                           image_std=IMAGENET_STD, min_patches=1, max_patches=max_patches)
     return InternVLImageOnlyProcessor(tokenizer, image_proc, tokens_per_tile(tile, PATCH, 0.5))
+
+
+def slot_text(processor: Any, tiles: int) -> str:
+    """What InternVL's processor writes for an image of `tiles` tiles: `<img>`, image_seq_length context tokens
+    per tile, `</img>` (the attribute names of transformers' InternVLProcessor, which ours shares)."""
+    context = str(processor.image_token) * (int(processor.image_seq_length) * tiles)
+    return f"{processor.start_image_token}{context}{processor.end_image_token}"
+
+
+def image_slot(processor: Any, width: int, height: int) -> ImageSlot:
+    """What the processor makes of a width x height image, from its image processor's tiling: crop_to_patches on
+    (InternVLProcessor's default, and ours), the grid of at most max_patches tiles closest to the image's aspect
+    ratio, plus a thumbnail tile when the grid has more than one; image_seq_length context tokens per tile."""
+    ip = processor.image_processor
+    size = ip.size
+    tile_h, tile_w = int(size["height"]), int(size["width"])
+    cols, rows = 1, 1
+    if int(ip.max_patches) > 1:
+        cols, rows = get_optimal_tiled_canvas((height, width), (tile_h, tile_w), int(ip.min_patches),
+                                              int(ip.max_patches))
+    tiles = int(ip.get_number_of_image_patches(height, width, {"crop_to_patches": True}))
+    n = tiles * int(processor.image_seq_length)
+    return ImageSlot(resized=(cols * tile_w, rows * tile_h), tiles=tiles, image_tokens=n,
+                     text=slot_text(processor, tiles))
 
 
 def vision(model: nn.Module) -> nn.Module:
@@ -255,7 +281,7 @@ def text_decoder(model: nn.Module) -> nn.Module | None:
 __all__ = [
     "CHAT_TEMPLATE", "FORWARD_KEYS", "INTERNVL_NAMED_TOKENS", "INTERNVL_SPECIAL_TOKENS", "INTERNVL_VISION_TOKENS",
     "TEXT_MODEL_TYPES", "InternVLImageOnlyProcessor", "internvl_config", "internvl_processor", "internvl_tokenizer",
-    "tile_size", "tokens_per_tile",
+    "tile_size", "tokens_per_tile", "slot_text", "image_slot",
     "vision", "merger", "forward_positions", "prompt_positions", "text_positions", "encode_images", "image_units",
     "select_images", "text_decoder",
 ]  # fmt: skip

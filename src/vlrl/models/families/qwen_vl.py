@@ -13,7 +13,8 @@ rotary embedding. A full forward computes its positions itself.
 
 Images: `get_image_features(pixel_values, image_grid_thw)` returns one feature tensor per image (`pooler_output`,
 a tuple) and, on Qwen3-VL, one such tuple per deepstack layer (`deepstack_features`); a prompt has one
-`image_grid_thw` row per image.
+`image_grid_thw` row per image. The processor resizes an image to multiples of patch x merge within its min/max
+pixels (`size` shortest/longest edge) and writes (h / patch) x (w / patch) / merge^2 `<|image_pad|>` for it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from vlrl.data.resize import smart_resize
+from vlrl.models.families.slots import ImageSlot
 
 if TYPE_CHECKING:
     from vlrl.models.inputs import Encoded
@@ -92,3 +96,14 @@ def text_decoder(model: nn.Module) -> nn.Module | None:
     inner = getattr(model, "model", None)
     decoder = getattr(inner, "language_model", None)
     return decoder if isinstance(decoder, nn.Module) else None
+
+
+def image_slot(processor: Any, width: int, height: int) -> ImageSlot:
+    """What the processor makes of a width x height image: the min/max-pixel resize to multiples of patch x
+    merge, then one `image_token` per merge x merge patches."""
+    ip = processor.image_processor
+    patch, merge = int(ip.patch_size), int(ip.merge_size)
+    size = ip.size
+    h, w = smart_resize(height, width, patch * merge, int(size["shortest_edge"]), int(size["longest_edge"]))
+    n = (h // patch) * (w // patch) // (merge * merge)
+    return ImageSlot(resized=(w, h), tiles=1, image_tokens=n, text=str(processor.image_token) * n)
