@@ -1,7 +1,9 @@
 """The shared-prefix forward (each prompt once per group, its KV cache expanded to the group's rows) against the
-plain [prompt | completion] forward: the same rope positions, log-probs and gradients (fp32, within 1e-5), for
+plain [prompt | completion] forward: the same positions, log-probs and gradients (fp32, within 1e-5), for
 prompts of different lengths (left padding), with and without an image, micro-batches that split groups, and
-completions of different lengths (one of a single token)."""
+completions of different lengths (one of a single token). On both model families: Qwen2-VL (M-RoPE from its rope
+index) and InternVL (1-D positions, one vision output per tile); where the shared prefix cannot run (activation
+checkpointing) the update is the plain path's."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from random_groups import random_groups
 
 from vlrl.algos import POLICY_LOSSES
 from vlrl.data.loading import load_samples
+from vlrl.models.build import init_model
+from vlrl.models.families import QWEN_VL, family_of_model
 from vlrl.models.inputs import collate, encode_for_generation, encode_prompt
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
@@ -28,9 +32,13 @@ LENGTHS = [[5, 1, 3], [2, 6, 6], [4, 4, 1]]  # completion lengths per group
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_model_dir, synth_dir):
-    model, processor = load_model_and_processor(tiny_model_dir)
+@pytest.fixture(scope="module", params=["qwen2-vl", "internvl"])
+def setup(request, synth_dir, tmp_path_factory):
+    if request.param == "qwen2-vl":
+        folder = request.getfixturevalue("tiny_model_dir")
+    else:
+        folder = init_model("internvl", "tiny", tmp_path_factory.mktemp("models") / "tiny-internvl", seed=0)
+    model, processor = load_model_and_processor(folder)
     model.train()
     samples = [load_samples([str(synth_dir / task / "train.jsonl")])[0] for task in ("counting", "chart")]
     encoded = encode_for_generation(processor, samples)
@@ -46,6 +54,9 @@ def _kw(processor):
 
 def test_positions_continue_the_rope_index_of_the_whole_sequence(setup):
     model, processor, groups = setup
+    if family_of_model(model) is not QWEN_VL:
+        _assert_positions_count_each_rows_tokens(model, processor, groups)
+        return
     pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
     image_groups = groups[:2]  # get_rope_index needs every row to be a vision + text sequence
     inputs = prompt_inputs([g.prompt for g in image_groups], pad, img)
@@ -60,6 +71,20 @@ def test_positions_continue_the_rope_index_of_the_whole_sequence(setup):
     real = inputs["attention_mask"].bool()
     assert torch.equal(pos[:, real], ref[:, :, :lp][:, real])
     assert torch.equal(text_positions(next_pos, 0, n), ref[:, :, lp:])
+
+
+def _assert_positions_count_each_rows_tokens(model, processor, groups, n: int = 5):
+    """InternVL: 1-D positions; an unpadded [prompt | text] row is at positions 0 .. L + n - 1 (the model's own
+    when it is given none), whatever the left padding of the batched prompts."""
+    family = family_of_model(model)
+    inputs = prompt_inputs([g.prompt for g in groups], processor.tokenizer.pad_token_id, image_token_id(processor))
+    pos, next_pos = prompt_positions(model, inputs)
+    real = inputs["attention_mask"].bool()
+    lengths = [len(g.prompt.input_ids) for g in groups]
+    assert pos.shape == real.shape and len(set(lengths)) == len(groups)  # left padding on all rows but one
+    for r, length in enumerate(lengths):
+        assert torch.equal(pos[r][real[r]], torch.arange(length))
+        assert torch.equal(text_positions(next_pos, 0, n, family)[r], torch.arange(length, length + n))
 
 
 @pytest.mark.parametrize("rows", [
@@ -81,7 +106,7 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_plain_forward(setup, row
         results.append((out, grads))
     (a, ga), (b, gb) = results
     assert torch.equal(a.mask, b.mask)
-    assert float((a.logp - b.logp).abs().max()) < 1e-5
+    assert float((a.logp - b.logp).detach().abs().max()) < 1e-5
     assert float(((a.entropy - b.entropy) * a.mask).abs().max()) < 1e-4
     assert ga.keys() == gb.keys() and len(ga) > 0.9 * len(list(model.parameters()))  # the vision tower included
     worst = max(float((ga[k] - gb[k]).abs().max()) for k in ga)
@@ -103,8 +128,11 @@ def test_nograd_logprobs_and_update_match(setup):
     for shared_prefix in (True, False):
         m = copy.deepcopy(model)
         params = [p for p in m.parameters() if p.requires_grad]
-        spec = LossSpec(POLICY_LOSSES.get("ppo_clip"), {}, "seq-mean-token-mean", 6, 0.04, "k3", None, True, 1.3,
-                        vision_token_ids(processor.tokenizer), 1, 1, 4, 1e9, pad, img, True, shared_prefix)
+        spec = LossSpec(loss_fn=POLICY_LOSSES.get("ppo_clip"), loss_kwargs={}, agg_mode="seq-mean-token-mean",
+                        max_len=6, beta=0.04, kl_estimator="k3", kl_clamp=None, kl_in_loss=True, temperature=1.3,
+                        suppress_ids=vision_token_ids(processor.tokenizer), ppo_epochs=1, num_minibatches=1,
+                        micro_batch_size=4, max_grad_norm=1e9, pad_id=pad, image_id=img, share_vision=True,
+                        shared_prefix=shared_prefix)
         batch = UpdateBatch(groups, [0, 1, 2], 3, adv, torch.ones(9), None, [x - 0.1 for x in plain])
         policy_update(m, params, torch.optim.SGD(params, lr=1.0), batch, spec, 3, ONE)
         finals.append([p.detach() for p in params])
@@ -112,16 +140,28 @@ def test_nograd_logprobs_and_update_match(setup):
 
 
 def test_activation_checkpointing_falls_back_to_the_plain_layout(setup):
+    """Activation checkpointing drops the KV cache: with the shared prefix requested, the update is the plain
+    layout's (the same parameters after the step as without checkpointing and shared_prefix off)."""
     model, processor, groups = setup
-    m = copy.deepcopy(model)
-    m.activation_checkpointing_enable()
-    params = [p for p in m.parameters() if p.requires_grad]
     pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
-    spec = LossSpec(POLICY_LOSSES.get("ppo_clip"), {}, "token-mean", 6, 0.0, "k3", None, False, 1.0,
-                    vision_token_ids(processor.tokenizer), 1, 1, 9, 1e9, pad, img)
-    batch = UpdateBatch(groups, [0, 1, 2], 3, torch.linspace(-1.0, 1.0, 9), torch.ones(9), None, None)
-    out = policy_update(m, params, torch.optim.SGD(params, lr=1.0), batch, spec, 3, ONE)
-    assert out["updates"] == 1.0 and out["grad_norm"] > 0
+    finals = []
+    for checkpointing, shared_prefix in ((True, True), (False, False)):
+        m = copy.deepcopy(model)
+        if checkpointing:
+            m.activation_checkpointing_enable()
+        params = [p for p in m.parameters() if p.requires_grad]
+        spec = LossSpec(loss_fn=POLICY_LOSSES.get("ppo_clip"), loss_kwargs={}, agg_mode="token-mean", max_len=6,
+                        beta=0.0, kl_estimator="k3", kl_clamp=None, kl_in_loss=False, temperature=1.0,
+                        suppress_ids=vision_token_ids(processor.tokenizer), ppo_epochs=1, num_minibatches=1,
+                        micro_batch_size=9, max_grad_norm=1e9, pad_id=pad, image_id=img, share_vision=True,
+                        shared_prefix=shared_prefix)
+        batch = UpdateBatch(groups, [0, 1, 2], 3, torch.linspace(-1.0, 1.0, 9), torch.ones(9), None, None)
+        out = policy_update(m, params, torch.optim.SGD(params, lr=1.0), batch, spec, 3, ONE)
+        assert out["updates"] == 1.0 and out["grad_norm"] > 0
+        finals.append([p.detach() for p in params])
+    assert max(float((x - y).abs().max()) for x, y in zip(*finals)) < 1e-5
+    moved = max(float((x - y.detach()).abs().max()) for x, y in zip(finals[0], model.parameters()))
+    assert moved > 1e-3
 
 
 def test_length_order_keeps_groups_together_shortest_first(setup):

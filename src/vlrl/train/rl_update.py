@@ -51,9 +51,10 @@ class UpdateBatch:
     ref_logp: list[Tensor] | None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LossSpec:
-    """The loss knobs (from RLConfig): a policy loss function with its scalars, agg mode, KL."""
+    """The loss knobs (from RLConfig): a policy loss function with its scalars, agg mode, KL. Built by keyword
+    (`vlrl.train.rl.build_run`): eighteen knobs in a row are too easy to misplace."""
 
     loss_fn: Callable[..., tuple[Tensor, dict[str, float]]]
     loss_kwargs: dict[str, Any]
