@@ -181,9 +181,13 @@ def cmd_data(rest: list[str]) -> None:
     v.add_argument("--report", help="write per-record reports as jsonl")
     st = sub.add_parser("stats", help="counts by task, problem type and answer type")
     st.add_argument("spec")
-    c = sub.add_parser("convert", help="write any readable dataset as VLM-R1 jsonl or parquet")
+    c = sub.add_parser("convert", help="write any readable dataset as VLM-R1 jsonl, EasyR1 or verl parquet")
     c.add_argument("spec")
     c.add_argument("--out", required=True, help="OUT.jsonl or OUT.parquet")
+    c.add_argument("--format", choices=("vlmr1", "easyr1", "hf", "verl"),
+                   help="default by suffix: .jsonl vlmr1, .parquet easyr1")
+    c.add_argument("--images", choices=("embed", "files", "paths"),
+                   help="embed bytes (parquet; its default), files beside OUT, or keep paths (jsonl's default)")
     for q in (v, st, c):
         q.add_argument("--registry")
         q.add_argument("--skip-invalid", action="store_true")
@@ -195,7 +199,7 @@ def cmd_data(rest: list[str]) -> None:
 
 
 def _data_audit(a: argparse.Namespace) -> None:
-    from vlrl.curate.audit import convert, dataset_stats, validate_samples
+    from vlrl.curate.audit import dataset_stats, validate_samples
     from vlrl.data.registry import load_dataset
 
     ds = load_dataset(a.spec, registry=a.registry, skip_invalid=a.skip_invalid)
@@ -204,7 +208,9 @@ def _data_audit(a: argparse.Namespace) -> None:
     if a.action == "stats":
         print(json.dumps(dataset_stats(ds.samples), indent=2))
     elif a.action == "convert":
-        print(f"{len(ds)} records -> {convert(ds.samples, a.out)}")
+        from vlrl.data.writers import write_dataset
+
+        print(f"{len(ds)} records -> {write_dataset(ds.samples, a.out, format=a.format, images=a.images)}")
     else:
         from dataclasses import asdict
 

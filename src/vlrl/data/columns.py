@@ -27,11 +27,10 @@ class ColumnMap:
     """Which column holds what. Every name is a column (key) of the records.
 
     question, answer: required columns.
-    image: a column holding one image path or a list of paths (null = text-only); None = no images. A row
-        without the column is an error, except under the default name "image" (then it is text-only).
-        Paths are relative to the reader's image_root. Parquet columns must hold paths too: raw image
-        bytes (or Hugging Face {"bytes": ...} structs without a path) are refused with a clear error;
-        extract them to files first.
+    image: a column holding one image or a list (null = text-only); None = no images. A row without the
+        column is an error, except under the default name "image" (then it is text-only). An image is a path
+        relative to the reader's image_root or, in parquet / Arrow, embedded bytes (raw, or Hugging Face
+        `Image` structs {"bytes", "path"}), decoded only when loaded (`vlrl.data.embedded`).
     id: the id column; None = "{file stem}-{line}".
     problem_type: a column naming each row's problem type; fixed_problem_type: one type for every row;
         neither = inferred from the answer (options -> multiple_choice, number -> numerical, ...).

@@ -9,12 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlrl.data.embedded import CONTAINERS, cell_bytes, cell_path, is_ref, make_ref, parse_ref
 from vlrl.data.errors import DataError
-from vlrl.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_image
+from vlrl.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_image, check_image_bytes
 from vlrl.data.sample import IMAGE_PLACEHOLDER, PROBLEM_TYPES
 
 # Spellings found in the wild (VLM-R1 / Video-R1 jsonl use "multiple choice", "OCR", "free-form").
-_PROBLEM_TYPE_ALIASES = {"mcq": "multiple_choice", "yesno": "yes_no", "yes/no": "yes_no", "rec": "grounding"}
+# SophiaVL-R1 scores "text" and "caption" answers as free-form text (its reward manager's free_form_compute_score).
+_PROBLEM_TYPE_ALIASES = {
+    "mcq": "multiple_choice", "yesno": "yes_no", "yes/no": "yes_no", "rec": "grounding",
+    "text": "free_form", "caption": "free_form",
+}  # fmt: skip
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _BOX = re.compile(r"^\[\s*-?\d+(\.\d+)?\s*(,\s*-?\d+(\.\d+)?\s*){3}\]$")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -30,6 +35,7 @@ class ReadContext:
     check_images: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     problem_type: str | None = None  # fixed / default problem type from the caller or registry
+    container: str = "jsonl"  # jsonl | json | parquet | arrow: where embedded image bytes can be referred to
     checked: dict[str, str | None] = field(default_factory=dict)  # image path -> error message or None
 
     def at(self, line: int) -> RecordContext:
@@ -64,29 +70,46 @@ def require(record: dict[str, Any], key: str, ctx: RecordContext, what: str = "r
 
 
 def _image_path(value: Any, ctx: RecordContext, field_name: str) -> str:
-    if isinstance(value, dict):  # Hugging Face `Image` feature: {"bytes": ..., "path": ...}
-        if isinstance(value.get("path"), str) and value["path"]:
-            value = value["path"]
-        else:
-            raise ctx.error(
-                field_name, "image bytes are not supported; store image files and give their paths"
-            )
-    if isinstance(value, (bytes, bytearray)):
-        raise ctx.error(field_name, "image bytes are not supported; store image files and give their paths")
+    """An image value that is not embedded bytes -> an absolute path (or an embedded-image reference as is)."""
+    if isinstance(value, dict):  # an HF `Image` struct without bytes, or verl's {"image": path}
+        path = cell_path(value) or (value.get("image") if isinstance(value.get("image"), str) else None)
+        if not path:
+            raise ctx.error(field_name, f"image struct holds neither bytes nor a path: keys {sorted(value)}")
+        value = path.removeprefix("file://")
     if not isinstance(value, str) or not value.strip():
         raise ctx.error(field_name, f"image must be a non-empty path string, got {value!r}")
+    if is_ref(value):
+        return value
     return os.path.normpath(os.path.join(ctx.read.image_root, value))
 
 
+def _embedded(data: bytes, ctx: RecordContext, column: str, index: int | None, name: str) -> str:
+    """The reference to bytes found in the record's cell, after the read's image check on those bytes."""
+    if ctx.read.container not in CONTAINERS:
+        raise ctx.error(name, f"image bytes in a {ctx.read.container} record: store them in parquet or as files")
+    if not data:
+        raise ctx.error(name, "unreadable image: the image bytes are empty")
+    if ctx.read.check_images:
+        check_image_bytes(data, lambda msg: ctx.error(name, msg), max_image_pixels=ctx.read.max_image_pixels)
+    return make_ref(ctx.read.container, ctx.read.path, ctx.line, column, index)
+
+
 def resolve_images(value: Any, ctx: RecordContext, field_name: str = "image") -> list[str]:
-    """Absolute image paths from a path, a list of paths, or None (text-only). Existence is always checked;
-    readability (header + verify) when the read asks for it, each distinct file once per read."""
+    """Image strings from a path, a list of paths, embedded bytes (raw or HF `Image` structs, which become
+    references, see `vlrl.data.embedded`), or None (text-only). `field_name` is the record's column. A file's
+    existence is always checked; readability (header + verify) when the read asks for it, each distinct file
+    once per read, each embedded image from the bytes the reader already holds."""
     if value is None:
         return []
-    items = value if isinstance(value, (list, tuple)) else [value]
+    is_list = isinstance(value, (list, tuple))
+    items = value if is_list else [value]
     paths = []
     for i, item in enumerate(items):
-        name = field_name if not isinstance(value, (list, tuple)) else f"{field_name}[{i}]"
+        name = f"{field_name}[{i}]" if is_list else field_name
+        data = cell_bytes(item)
+        if data is not None:
+            paths.append(_embedded(data, ctx, field_name, i if is_list else None, name))
+            continue
         path = _image_path(item, ctx, name)
         if path not in ctx.read.checked:
             ctx.read.checked[path] = _check(path, ctx.read)
@@ -98,8 +121,11 @@ def resolve_images(value: Any, ctx: RecordContext, field_name: str = "image") ->
 
 
 def _check(path: str, read: ReadContext) -> str | None:
-    if not os.path.isfile(path):
+    ref = parse_ref(path)
+    if ref is None and not os.path.isfile(path):
         return f"image file not found: {path}"
+    if ref is not None and not os.path.isfile(ref.file):
+        return f"data file of the embedded image not found: {ref.file}"
     if read.check_images:
         try:
             check_image(path, max_image_pixels=read.max_image_pixels)

@@ -1,8 +1,9 @@
 """Read a data file into a `Dataset` of validated `Sample`s.
 
-Containers (by content, not name): parquet (`.parquet`), a JSON list (the file starts with `[`; LLaVA
-json), else JSON lines. "line" in errors is the 1-based line of a jsonl file, the 1-based index in a JSON
-list, the 1-based row of a parquet file.
+Containers (by content, not name): parquet (`.parquet`), Arrow (`.arrow`, a `datasets` `save_to_disk` file), a
+JSON list (the file starts with `[`; LLaVA json), else JSON lines. "line" in errors is the 1-based line of a jsonl
+file, the 1-based index in a JSON list, the 1-based row of a parquet or Arrow file. A path may also name several
+files read as one dataset: a folder of shards, a glob, a `save_to_disk` folder, `PATH@SPLIT` (`vlrl.data.sources`).
 
 Formats (`format=`, else detected from the first record's keys):
   vlmr1   jsonl of `{"image", "conversations": [{"from", "value"}...]}` (VLM-R1)
@@ -10,6 +11,10 @@ Formats (`format=`, else detected from the first record's keys):
   mathv   `{"question" with <image1>, "options", "answer", "subject", "level", "image"}` (MATH-Vision)
   nlvr    `{"sentence", "label", "identifier", "image"}` (NLVR)
   columns any flat records through a `ColumnMap` (default: question / answer / image columns)
+  easyr1  EasyR1 / Hugging Face rows `{"problem" with <image>, "answer", "images"}` (alias `hf`)
+  sophiavl SophiaVL-R1 rows `{"problem", "solution": "<answer>..</answer>", "path", "problem_type", ...}`
+  verl    verl RL rows `{"prompt": [messages], "images", "reward_model": {"ground_truth"}, "ability", ...}`
+(see `vlrl.data.frameworks`). Images may be embedded in parquet / Arrow cells (`vlrl.data.embedded`).
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ from vlrl.data.benchmarks import from_mathv, from_nlvr
 from vlrl.data.columns import ColumnMap, from_columns
 from vlrl.data.common import ReadContext, RecordContext, normalize_problem_type
 from vlrl.data.conversation import from_conversation
+from vlrl.data.embedded import read_arrow_table
 from vlrl.data.errors import DataError
+from vlrl.data.frameworks import SOPHIAVL_COLUMNS, from_prompt_answer, from_verl
 from vlrl.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from vlrl.data.sample import Sample
+from vlrl.data.sources import resolve_source
 
-FORMATS = ("vlmr1", "llava", "mathv", "nlvr", "columns")
+FORMATS = ("vlmr1", "llava", "mathv", "nlvr", "columns", "easyr1", "hf", "sophiavl", "verl")
 Converter = Callable[[dict[str, Any], RecordContext], Sample]
 Record = tuple[int, dict[str, Any] | DataError]
 
@@ -41,7 +49,7 @@ class Dataset:
     samples: the records that passed validation, in file order.
     n_skipped: records dropped because invalid (only with skip_invalid=True).
     errors: one message ("file:line: field 'f': what") per skipped record.
-    source: the file read.
+    source: the file read (or the folder / pattern of the files read as one dataset).
     template: the prompt template the registry entry asks for (see `vlrl.data.templates`), None if unset.
     split: the registry entry's split label, None if unset.
     """
@@ -64,8 +72,8 @@ class Dataset:
 
 
 def _container(path: Path) -> str:
-    if path.suffix.lower() == ".parquet":
-        return "parquet"
+    if path.suffix.lower() in (".parquet", ".arrow"):
+        return path.suffix.lower()[1:]
     with path.open("rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     return "json" if head.startswith(b"[") else "jsonl"
@@ -113,30 +121,72 @@ def _json_list(path: Path) -> Iterator[Record]:
             )
 
 
-def _parquet(path: Path) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
+def _rows(path: Path, batches: Iterator[Any], before: int = 0) -> Iterator[Record]:
+    row = before
     try:
-        table = pq.ParquetFile(path)
-        batches = table.iter_batches(batch_size=1024)
-        row = 0
         for batch in batches:
             for record in batch.to_pylist():
                 row += 1
                 yield row, record
     except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+        raise DataError(path, row + 1, None, f"unreadable {path.suffix[1:]} file: {exc}") from exc
+
+
+def _binary_schema(schema: Any) -> bool:
+    """Does any column hold binary data (images, at any nesting depth)?"""
+    import pyarrow as pa
+
+    def walk(t: Any) -> bool:
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            return True
+        if pa.types.is_struct(t):
+            return any(walk(t.field(i).type) for i in range(t.num_fields))
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return walk(t.value_type)
+        return False
+
+    return any(walk(f.type) for f in schema)
+
+
+def _parquet(path: Path, start: int = 1) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:
         raise DataError(path, None, None, f"unreadable parquet file: {exc}") from exc
+    # rows of images are read a few at a time: a reader holds one batch's bytes, not the file's
+    size = 16 if _binary_schema(pf.schema_arrow) else 1024
+    first, before = 0, 0  # the row group holding row `start`, and the rows before it
+    while first < pf.metadata.num_row_groups and before + pf.metadata.row_group(first).num_rows < start:
+        before += pf.metadata.row_group(first).num_rows
+        first += 1
+    groups = list(range(first, pf.metadata.num_row_groups))
+    rows = _rows(path, pf.iter_batches(batch_size=size, row_groups=groups) if groups else iter(()), before)
+    return ((line, record) for line, record in rows if line >= start)
 
 
-def iter_records(path: str | Path) -> Iterator[Record]:
-    """(line, record) for each record of the file, or (line, DataError) for one that is not an object."""
+def _arrow(path: Path, start: int = 1) -> Iterator[Record]:
+    try:
+        table = read_arrow_table(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(path, None, None, f"unreadable arrow file: {exc}") from exc
+    return _rows(path, iter(table.slice(start - 1).to_batches(max_chunksize=16)), start - 1)
+
+
+def iter_records(path: str | Path, start: int = 1) -> Iterator[Record]:
+    """(line, record) for each record of the file from line (row) `start` on, or (line, DataError) for one that
+    is not an object. Parquet and Arrow files skip to `start` without reading the rows before it."""
     p = Path(path)
     if not p.is_file():
         raise DataError(p, None, None, "data file not found")
     kind = _container(p)
     if kind == "parquet":
-        return _parquet(p)
-    return _json_list(p) if kind == "json" else _jsonl(p)
+        return _parquet(p, start)
+    if kind == "arrow":
+        return _arrow(p, start)
+    records = _json_list(p) if kind == "json" else _jsonl(p)
+    return records if start <= 1 else ((line, r) for line, r in records if line >= start)
 
 
 def detect_format(record: dict[str, Any], container: str, columns: ColumnMap | None = None) -> str | None:
@@ -148,14 +198,26 @@ def detect_format(record: dict[str, Any], container: str, columns: ColumnMap | N
         return "nlvr"
     if {"question", "subject", "level"} <= keys and ("options" in keys or "image" in keys):
         return "mathv"
+    if {"prompt", "reward_model"} <= keys:
+        return "verl"
+    if {"problem", "solution"} <= keys:
+        return "sophiavl"
+    if "answer" in keys and ("problem" in keys or isinstance(record.get("prompt"), str)):
+        return "easyr1"
     if columns is not None or {"question", "answer"} <= keys:
         return "columns"
     return None
 
 
-def _converter(fmt: str, columns: ColumnMap | None) -> Converter:
+def _converter(fmt: str, columns: ColumnMap | None, rename: dict[str, str] | None = None) -> Converter:
     if fmt in ("vlmr1", "llava"):
         return from_conversation
+    if fmt in ("easyr1", "hf"):
+        return lambda record, ctx: from_prompt_answer(record, ctx, rename)
+    if fmt == "sophiavl":
+        return lambda record, ctx: from_prompt_answer(record, ctx, SOPHIAVL_COLUMNS if rename is None else rename)
+    if fmt == "verl":
+        return from_verl
     if fmt == "mathv":
         return from_mathv
     if fmt == "nlvr":
@@ -175,15 +237,20 @@ def read_file(
     skip_invalid: bool = False,
     limit: int | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    split: str | None = None,
+    rename: dict[str, str] | None = None,
 ) -> Dataset:
-    """Read and validate every record of `path`.
+    """Read and validate every record of `path`: a data file, or several read as one dataset (a folder of
+    parquet shards, a glob, a `save_to_disk` folder, `PATH@SPLIT`; see `vlrl.data.sources`).
 
     format: one of FORMATS, else detected from the first record. columns: the ColumnMap (or its dict) for
     format "columns" (giving one implies that format). image_root: folder image paths are relative to
-    (default: the data file's folder). problem_type: the problem type of records that do not say (fixed for
-    column maps; MATH-V and NLVR records follow their own rules). check_images: also open each image (header + verify); existence is always checked.
+    (default: each data file's folder). problem_type: the problem type of records that do not say (fixed for
+    column maps; MATH-V and NLVR records follow their own rules). check_images: also open each image (header +
+    verify; embedded images from the bytes read); existence is always checked.
     skip_invalid: drop invalid records, counting them in `n_skipped` / `errors`, instead of raising the first
-    error. limit: stop after this many valid samples. Duplicate ids are invalid records.
+    error. limit: stop after this many valid samples. Duplicate ids are invalid records. split: the split of a
+    folder holding several. rename: SophiaVL-R1's source column -> role map (formats easyr1 / sophiavl).
     """
     p = Path(path)
     if format is not None and format not in FORMATS:
@@ -194,33 +261,34 @@ def read_file(
             problem_type = normalize_problem_type(problem_type, None)
         except DataError as exc:
             raise DataError(p, None, exc.field, exc.message) from exc
-    records = iter_records(p)
-    container = _container(p)
-    root = Path(os.path.abspath(image_root if image_root is not None else p.parent))
-    read = ReadContext(p, root, check_images, max_image_pixels, problem_type)
-    dataset = Dataset(source=str(p))
+    source = resolve_source(p, split)
+    dataset = Dataset(source=str(source.folder))
     convert: Converter | None = None
     seen: set[str] = set()
-    for line, record in records:
-        if limit is not None and len(dataset.samples) >= limit:
-            break
-        if convert is None and isinstance(record, dict):  # the first object decides; failing that is fatal
-            convert = _converter(_pick_format(p, line, record, format, cmap, container), cmap)
-        try:
-            if isinstance(record, DataError):
-                raise record
-            assert convert is not None
-            sample = convert(record, read.at(line))
-            if sample.id in seen:
-                raise DataError(p, line, "id", f"duplicate id {sample.id!r}")
-        except DataError as exc:
-            if not skip_invalid:
-                raise
-            dataset.n_skipped += 1
-            dataset.errors.append(str(exc))
-            continue
-        seen.add(sample.id)
-        dataset.samples.append(sample)
+    for file in source.files:
+        container = _container(file)
+        root = Path(os.path.abspath(image_root if image_root is not None else file.parent))
+        read = ReadContext(file, root, check_images, max_image_pixels, problem_type, container=container)
+        for line, record in iter_records(file):
+            if limit is not None and len(dataset.samples) >= limit:
+                return dataset
+            if convert is None and isinstance(record, dict):  # the first object decides; failing that is fatal
+                convert = _converter(_pick_format(file, line, record, format, cmap, container), cmap, rename)
+            try:
+                if isinstance(record, DataError):
+                    raise record
+                assert convert is not None
+                sample = convert(record, read.at(line))
+                if sample.id in seen:
+                    raise DataError(file, line, "id", f"duplicate id {sample.id!r}")
+            except DataError as exc:
+                if not skip_invalid:
+                    raise
+                dataset.n_skipped += 1
+                dataset.errors.append(str(exc))
+                continue
+            seen.add(sample.id)
+            dataset.samples.append(sample)
     return dataset
 
 

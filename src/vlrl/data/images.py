@@ -1,6 +1,8 @@
 """Image loading with a decompression-bomb guard and the Qwen-VL min/max-pixel resize.
 
 Every failure is a `DataError` naming the image file; readers re-locate it at the record's file:line/field.
+An image embedded in a data file is named by a reference string (`vlrl.data.embedded`): the same functions take
+it, read its bytes only then, apply the same limits, and name `file:row: field` in their errors.
 
 The pixel guard: an image whose header declares more than `max_image_pixels` pixels is refused before any
 pixel is decoded. PIL's own guard (`PIL.Image.MAX_IMAGE_PIXELS`, a process-wide setting we do not touch)
@@ -11,11 +13,15 @@ asked for bigger images explicitly and the warning is silenced).
 
 from __future__ import annotations
 
+import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from vlrl.data.embedded import parse_ref, read_ref
 from vlrl.data.errors import DataError
 from vlrl.data.resize import DEFAULT_FACTOR, smart_resize
 
@@ -24,34 +30,61 @@ _DEFAULT_MIN_PIXELS = 56 * 56
 _DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 
 
-def _open(path: str | Path, max_image_pixels: int) -> Image.Image:
-    """Open lazily (header only) and apply the pixel guard. The caller closes the image."""
+def _source(path: str | Path) -> tuple[Any, Callable[[str], DataError]]:
+    """(what PIL opens: a file path or the embedded bytes, a builder of errors located at the image)."""
+    ref = parse_ref(path) if isinstance(path, str) else None
+    if ref is not None:
+        data, _ = read_ref(ref)
+        return io.BytesIO(data), ref.error
     p = Path(path)
     if not p.is_file():
         raise DataError(p, message="image file not found")
+    return p, lambda message: DataError(p, message=message)
+
+
+def open_checked(source: Any, error: Callable[[str], DataError], max_image_pixels: int) -> Image.Image:
+    """Open `source` (a path or a binary stream) lazily, header only, and apply the pixel guard; errors come from
+    `error(message)`. The caller closes the image."""
     escalate = max_image_pixels <= (Image.MAX_IMAGE_PIXELS or 0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error" if escalate else "ignore", Image.DecompressionBombWarning)
-            im = Image.open(p)
+            im = Image.open(source)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError(p, message=f"refused as a decompression bomb: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
-        raise DataError(p, message=f"unreadable image: {exc}") from exc
+        raise error(f"refused as a decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:  # its text names a BytesIO object for embedded bytes: say what it means
+        raise error("unreadable image: not in any image format PIL reads") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise error(f"unreadable image: {exc}") from exc
     w, h = im.size
     if w * h > max_image_pixels:
         im.close()
-        raise DataError(
-            p,
-            message=f"refused as a decompression bomb: header declares {w}x{h} = {w * h} pixels "
-            f"> max_image_pixels={max_image_pixels}",
+        raise error(
+            f"refused as a decompression bomb: header declares {w}x{h} = {w * h} pixels "
+            f"> max_image_pixels={max_image_pixels}"
         )
     return im
 
 
+def verify_open(im: Image.Image, error: Callable[[str], DataError]) -> None:
+    """PIL's `verify()` (chunk CRCs for PNG) on an image opened by `open_checked`; unusable afterwards."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.verify()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error ...)
+        raise error(f"unreadable image: {exc}") from exc
+
+
+def _open(path: str | Path, max_image_pixels: int) -> tuple[Image.Image, Callable[[str], DataError]]:
+    source, error = _source(path)
+    return open_checked(source, error, max_image_pixels), error
+
+
 def image_size(path: str | Path, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(width, height) read from the file header only (no pixel is decoded)."""
-    with _open(path, max_image_pixels) as im:
+    im, _ = _open(path, max_image_pixels)
+    with im:
         return im.size
 
 
@@ -60,14 +93,19 @@ def check_image(path: str | Path, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_P
 
     Cheaper than decoding: parses the header and runs PIL's `verify()` (chunk CRCs for PNG). A file whose
     compressed pixel data is corrupt in a way `verify` does not see still fails later, in `load_image`."""
-    with _open(path, max_image_pixels) as im:
+    im, error = _open(path, max_image_pixels)
+    with im:
         size = im.size
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                im.verify()
-        except Exception as exc:  # PIL raises many types (OSError, SyntaxError, struct.error ...)
-            raise DataError(path, message=f"unreadable image: {exc}") from exc
+        verify_open(im, error)
+    return size
+
+
+def check_image_bytes(data: bytes, error: Callable[[str], DataError], *,
+                      max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """`check_image` of bytes already in memory (an embedded image as a reader meets it)."""
+    with open_checked(io.BytesIO(data), error, max_image_pixels) as im:
+        size = im.size
+        verify_open(im, error)
     return size
 
 
@@ -79,14 +117,16 @@ def load_image(
     factor: int = DEFAULT_FACTOR,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Image.Image:
-    """Decode `path` as RGB. When `min_pixels` or `max_pixels` is given, resize (bicubic) to
-    `smart_resize(h, w, factor, min_pixels, max_pixels)` (the missing bound takes Qwen2-VL's default).
-    Raises `DataError` naming the path when the file is missing, unreadable or too large."""
-    with _open(path, max_image_pixels) as im:
+    """Decode `path` (a file, or an embedded-image reference) as RGB. When `min_pixels` or `max_pixels` is
+    given, resize (bicubic) to `smart_resize(h, w, factor, min_pixels, max_pixels)` (the missing bound takes
+    Qwen2-VL's default). Raises `DataError` naming the path (or file:row: field) when the image is missing,
+    unreadable or too large."""
+    im, error = _open(path, max_image_pixels)
+    with im:
         try:
             rgb = im.convert("RGB")  # decodes
         except Exception as exc:  # truncated data, bad compression stream ...
-            raise DataError(path, message=f"unreadable image: {exc}") from exc
+            raise error(f"unreadable image: {exc}") from exc
     if min_pixels is None and max_pixels is None:
         return rgb
     w, h = rgb.size
@@ -99,7 +139,7 @@ def load_image(
             _DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels,
         )
     except ValueError as exc:
-        raise DataError(path, message=str(exc)) from exc
+        raise error(str(exc)) from exc
     if (new_w, new_h) == (w, h):
         return rgb
     return rgb.resize((new_w, new_h), Image.Resampling.BICUBIC)

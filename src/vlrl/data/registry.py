@@ -1,17 +1,29 @@
 """A dataset registry file (YAML or JSON), in the spirit of SophiaVL-R1's / LLaMA-Factory's dataset_info.json:
 
     counting:                      # the name load_dataset() takes
-      file: synth/counting/train.jsonl   # relative to the registry file's folder
+      file: synth/counting/train.jsonl   # relative to the registry file's folder; a folder of shards or a glob too
       format: vlmr1                # optional; detected from the first record otherwise
       image_root: synth/counting   # optional; default: the data file's folder
       template: answer             # optional; the prompt template training / eval apply
-      split: train                 # optional label
+      split: train                 # optional: the split read from a folder holding several (and a label)
     my_table:
       file: tables/q.parquet
       columns: {question: q, answer: a, image: img_path}
       problem_type: numerical      # every row (or a `problem_type` column in `columns`)
 
-`load_dataset(spec)` takes a registry name or a path to a data file.
+SophiaVL-R1's own `dataset_info.json` is read as it is written: an entry with `file_path` (a file or a folder
+of parquet shards), `image_base_path` (what image paths are relative to; "" = the data file's folder) and
+`columns` mapping source column -> role (prompt, answer, images), e.g.
+
+    {"demo": {"file_path": "demo.json", "image_base_path": "datasets",
+              "columns": {"problem": "prompt", "solution": "answer", "path": "images"}}}
+
+Its rows are read by format `sophiavl` (`vlrl.data.frameworks`). SophiaVL resolves these paths against its
+working directory (its repository root): a path that does not exist beside the registry file but does exist
+from the current directory is taken from there.
+
+`load_dataset(spec)` takes a registry name or a path to data (a file, a folder of shards, a glob,
+a `save_to_disk` folder); `NAME@SPLIT` / `PATH@SPLIT` picks a split, as EasyR1 and SophiaVL-R1 write it.
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ import yaml
 from vlrl.data.columns import ColumnMap
 from vlrl.data.errors import DataError
 from vlrl.data.formats import FORMATS, Dataset, read_file
+from vlrl.data.frameworks import ROLES
+from vlrl.data.sources import is_dataset_path, split_spec
 from vlrl.data.templates import TEMPLATES
 
 REGISTRY_ENV = "VLRL_DATA_REGISTRY"
@@ -43,9 +57,11 @@ class RegistryEntry:
     problem_type: str | None = None
     template: str | None = None
     split: str | None = None
+    rename: dict[str, str] | None = None  # SophiaVL-R1's `columns`: source column -> role
 
 
-_ENTRY_KEYS = tuple(f.name for f in fields(RegistryEntry) if f.name != "name")
+_ENTRY_KEYS = tuple(f.name for f in fields(RegistryEntry) if f.name not in ("name", "rename"))
+_SOPHIAVL_KEYS = ("file_path", "image_base_path", "columns", "format", "problem_type", "template", "split")
 
 
 def _parse_file(path: Path) -> Any:
@@ -61,16 +77,17 @@ def _parse_file(path: Path) -> Any:
         raise DataError(path, None, None, f"invalid registry: {exc}") from exc
 
 
-def _entry(path: Path, name: str, raw: Any) -> RegistryEntry:
+def _check_entry(path: Path, name: str, raw: Any) -> None:
+    """Unknown keys, a missing file, an unknown format or template: a `DataError` naming the entry's field."""
     if not isinstance(raw, dict):
         raise DataError(path, None, name, f"an entry must be a mapping with at least 'file', got {raw!r}")
-    unknown = sorted(set(raw) - set(_ENTRY_KEYS))
+    valid = _SOPHIAVL_KEYS if "file_path" in raw else _ENTRY_KEYS
+    unknown = sorted(set(raw) - set(valid))
     if unknown:
-        raise DataError(
-            path, None, name, f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(_ENTRY_KEYS)}"
-        )
-    if not isinstance(raw.get("file"), str) or not raw["file"]:
-        raise DataError(path, None, f"{name}.file", "missing required field (the data file path)")
+        raise DataError(path, None, name, f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    file_key = "file_path" if "file_path" in raw else "file"
+    if not isinstance(raw.get(file_key), str) or not raw[file_key]:
+        raise DataError(path, None, f"{name}.{file_key}", "missing required field (the data file path)")
     if raw.get("format") is not None and raw["format"] not in FORMATS:
         raise DataError(
             path, None, f"{name}.format", f"unknown format {raw['format']!r}; valid: {', '.join(FORMATS)}"
@@ -85,11 +102,44 @@ def _entry(path: Path, name: str, raw: Any) -> RegistryEntry:
     columns = raw.get("columns")
     if columns is not None and not isinstance(columns, dict):
         raise DataError(path, None, f"{name}.columns", "must be a mapping of role -> column name")
+
+
+def _rename(path: Path, name: str, columns: dict[str, Any]) -> dict[str, str]:
+    """SophiaVL-R1's `columns` (source column -> role), each role of ROLES named once."""
+    out = {str(k): str(v) for k, v in columns.items()}
+    for role in ROLES:
+        sources = [k for k, v in out.items() if v == role]
+        if len(sources) > 1:
+            raise DataError(path, None, f"{name}.columns", f"role {role!r} is given by {', '.join(sources)}")
+    return out
+
+
+def _entry(path: Path, name: str, raw: Any) -> RegistryEntry:
+    _check_entry(path, name, raw)
+    sophiavl = "file_path" in raw
     base = path.parent
 
     def resolve(p: str | None) -> str | None:
-        return None if p is None else os.path.normpath(os.path.join(base, os.path.expanduser(str(p))))
+        if p is None or (sophiavl and p == ""):
+            return None
+        full = os.path.normpath(os.path.join(base, os.path.expanduser(str(p))))
+        if sophiavl and not is_dataset_path(full) and is_dataset_path(str(p)):
+            return os.path.abspath(os.path.expanduser(str(p)))  # SophiaVL's paths are relative to its working dir
+        return full
 
+    columns = raw.get("columns")
+    if sophiavl:
+        rename = None if columns is None else _rename(path, name, columns)
+        return RegistryEntry(
+            name=name,
+            file=str(resolve(raw["file_path"])),
+            format=raw.get("format") or ("sophiavl" if rename is not None else None),
+            image_root=resolve(raw.get("image_base_path")),
+            problem_type=raw.get("problem_type"),
+            template=raw.get("template"),
+            split=None if raw.get("split") is None else str(raw["split"]),
+            rename=rename,
+        )
     return RegistryEntry(
         name=name,
         file=str(resolve(raw["file"])),
@@ -118,6 +168,39 @@ def default_registry() -> str | None:
     return os.environ.get(REGISTRY_ENV) or None
 
 
+def resolve_dataset(
+    spec: str,
+    *,
+    registry: str | None = None,
+    **overrides: Any,
+) -> tuple[str, dict[str, Any], RegistryEntry | None]:
+    """(path, `read_file` keyword arguments, registry entry or None) of `spec`, without reading any record.
+
+    `overrides` are `read_file`'s keywords (format, columns, image_root, problem_type, split, ...); those given
+    (not None) win over the registry entry's."""
+    registry = registry or default_registry()
+    entries = load_registry(registry) if registry else {}
+    name, name_split = split_spec(spec) if spec not in entries else (spec, None)
+    entry = entries.get(name)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if entry is None:
+        if is_dataset_path(spec):
+            return spec, given, None
+        if registry:
+            known = ", ".join(sorted(entries)) or "(none)"
+            raise DataError(
+                registry, None, None, f"unknown dataset {spec!r} (and no such file); known: {known}"
+            )
+        hint = f"pass registry= or set {REGISTRY_ENV}"
+        raise DataError(
+            spec, None, None, f"no such data file, and no registry to look the name up in ({hint})"
+        )
+    from_entry = {"format": entry.format, "columns": entry.columns, "image_root": entry.image_root,
+                  "problem_type": entry.problem_type, "split": name_split or entry.split, "rename": entry.rename}
+    kwargs = {k: v for k, v in from_entry.items() if v is not None} | given
+    return entry.file, kwargs, entry
+
+
 def load_dataset(
     spec: str,
     *,
@@ -129,45 +212,17 @@ def load_dataset(
     limit: int | None = None,
     columns: ColumnMap | dict[str, Any] | None = None,
     problem_type: str | None = None,
+    split: str | None = None,
 ) -> Dataset:
-    """Load `spec`: a name in the registry (`registry`, else $VLRL_DATA_REGISTRY) or a path to a data file.
+    """Load `spec`: a name in the registry (`registry`, else $VLRL_DATA_REGISTRY) or a path to data (a file, a
+    folder of shards, a glob, a `save_to_disk` folder), either with an optional `@SPLIT`.
 
-    Keyword arguments given here override the registry entry's. A name that is neither registered nor an
-    existing file is a `DataError` listing the registered names."""
-    registry = registry or default_registry()
-    entries = load_registry(registry) if registry else {}
-    entry = entries.get(spec)
-    if entry is None:
-        if Path(spec).is_file():
-            return read_file(
-                spec,
-                format=format,
-                columns=columns,
-                image_root=image_root,
-                problem_type=problem_type,
-                check_images=check_images,
-                skip_invalid=skip_invalid,
-                limit=limit,
-            )
-        if registry:
-            known = ", ".join(sorted(entries)) or "(none)"
-            raise DataError(
-                registry, None, None, f"unknown dataset {spec!r} (and no such file); known: {known}"
-            )
-        hint = f"pass registry= or set {REGISTRY_ENV}"
-        raise DataError(
-            spec, None, None, f"no such data file, and no registry to look the name up in ({hint})"
-        )
-    dataset = read_file(
-        entry.file,
-        format=format or entry.format,
-        columns=columns if columns is not None else entry.columns,
-        image_root=image_root or entry.image_root,
-        problem_type=problem_type or entry.problem_type,
-        check_images=check_images,
-        skip_invalid=skip_invalid,
-        limit=limit,
-    )
-    dataset.template = entry.template
-    dataset.split = entry.split
+    Keyword arguments given here override the registry entry's. A name that is neither registered nor existing
+    data is a `DataError` listing the registered names."""
+    path, kwargs, entry = resolve_dataset(spec, registry=registry, image_root=image_root, format=format,
+                                          columns=columns, problem_type=problem_type, split=split)
+    dataset = read_file(path, check_images=check_images, skip_invalid=skip_invalid, limit=limit, **kwargs)
+    if entry is not None:
+        dataset.template = entry.template
+        dataset.split = kwargs.get("split")
     return dataset
