@@ -244,17 +244,27 @@ def cmd_infer(rest: list[str]) -> None:
 
 def cmd_score(rest: list[str]) -> None:
     """score the completions of a jsonl file with vlrl's rewards"""
-    from vlrl.rewards.score import score_file
+    from vlrl.rewards.score import reward_specs_from_args, score_file
 
     p = argparse.ArgumentParser(prog="vlrl score", description="Score completions with vlrl's rewards.")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--reward", action="append", default=None, help="reward name (repeatable; default accuracy)")
+    p.add_argument("--reward", action="append", default=None,
+                   help="a registered reward, or one of your own as path/to/file.py:function or "
+                        "package.module:function; LABEL=NAME names its key (repeatable; default accuracy)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="reward worker processes (0: in-process, no time limit)")
+    p.add_argument("--timeout", type=float, default=10.0, help="with --workers: seconds per reward call")
     p.add_argument("--report", action="store_true",
                    help="compare with each line's 'expected' verdict: disagreement counts per problem type")
     p.add_argument("--threshold", type=float, default=0.5, help="with --report: reward >= this counts as correct")
     a = p.parse_args(rest)
-    score_file(a.data, a.out, rewards=tuple(a.reward or ("accuracy",)), report=a.report, threshold=a.threshold)
+    try:
+        specs = reward_specs_from_args(a.reward or ["accuracy"])
+    except (KeyError, ValueError) as err:  # an unknown name, or a user reward that cannot load
+        raise ConfigError(f"--reward: {err.args[0] if err.args else err}") from err
+    score_file(a.data, a.out, rewards=specs, workers=a.workers, timeout=a.timeout, report=a.report,
+               threshold=a.threshold)
 
 
 def cmd_serve(rest: list[str]) -> None:

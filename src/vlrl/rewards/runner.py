@@ -22,7 +22,12 @@ Two paths:
   Each worker's address space is capped at its start-up size + ``memory_limit_mb`` (RLIMIT_AS), so a
   runaway allocation raises MemoryError or kills only that worker. Rewards registered
   ``chunkable=False`` (batch-level) are sent as one call. Functions must be picklable (module-level);
-  one that is not is run in-process with a warning.
+  one that is not is run in-process with a warning. A user reward (``path.py:function`` /
+  ``module:function``, `vlrl.rewards.user`) travels as that name and each worker loads it on its first call.
+
+A malformed result is: not a list-like (a str, dict or generator is not), a length other than the number of
+completions passed, or an item that is neither None nor a finite real number (bool counts as 0/1; NaN, inf and
+strings are malformed). It is handled like an exception, on either path. Built-in and user rewards alike.
 
 A runner is not thread-safe: use one per thread. Close it (or use it as a context manager) to stop
 the workers; they are daemons, so they also die with the parent.
@@ -161,6 +166,25 @@ def _validate(values: Any, n: int) -> list[float | None] | None:
     return out
 
 
+def _finite_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(float(value))
+
+
+def _malformed_reason(values: Any, n: int) -> str:
+    """Why `_validate` refused `values` (for the log)."""
+    if (
+        isinstance(values, (str, bytes, dict))
+        or not hasattr(values, "__len__")
+        or not hasattr(values, "__iter__")
+    ):
+        return f"malformed result: returned a {type(values).__name__}, not a list of {n} values"
+    items = list(values)
+    if len(items) != n:
+        return f"malformed result: {len(items)} values for {n} completions"
+    bad = next((v for v in items if v is not None and not _finite_real(v)), None)
+    return f"malformed result: {bad!r} is not a finite number or None"
+
+
 def _slice_kwargs(kwargs: dict[str, Any], n: int, start: int, stop: int) -> dict[str, Any]:
     return {
         k: v[start:stop] if isinstance(v, (list, tuple)) and len(v) == n else v for k, v in kwargs.items()
@@ -213,6 +237,7 @@ class RewardRunner:
                 "start_method 'fork' is not allowed (unsafe with CUDA/threads); use forkserver or spawn"
             )
         self.stats: dict[str, RewardStats] = {}
+        self._reported: set[str] = set()
         self._pool: list[_Worker] = []
         self._startup_failures = 0
         self._broken = False
@@ -310,19 +335,24 @@ class RewardRunner:
                     result.timeouts += count
                 else:
                     result.errors += count
-                reason = (
-                    outcome[1]
-                    if outcome[0] == "error"
-                    else outcome[0]
-                    if outcome[0] == "timeout"
-                    else "malformed result"
-                )
-                logger.debug(
-                    "reward %s failed on items %d..%d: %s",
-                    getattr(fn, "__name__", fn),
+                if outcome[0] == "error":
+                    reason = outcome[1]
+                elif outcome[0] == "timeout":
+                    reason = f"no result within the time limit of {self.timeout:g} s"
+                else:
+                    reason = _malformed_reason(outcome[1], count)
+                name = str(getattr(fn, "__name__", fn))
+                # the first failure of each reward is shown, so that a reward that always fails says why
+                first = name not in self._reported
+                self._reported.add(name)
+                logger.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "reward %s failed on items %d..%d (counted, scored None): %s%s",
+                    name,
                     task.start,
                     task.stop,
                     reason,
+                    "; its further failures are logged at debug level" if first else "",
                 )
         return retry
 

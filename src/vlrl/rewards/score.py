@@ -18,6 +18,10 @@ Output: each input object plus ``reward`` and ``extracted`` (the answer `extract
 ``reward`` is the weighted sum of the rewards (with the default single ``accuracy`` of weight 1: its value),
 null if any of them could not score; with several rewards, ``rewards`` maps each to its own value.
 
+Rewards are registry names or rewards of the user's own, ``path/to/file.py:function`` or ``package.module:function``
+(`vlrl.rewards.user`; a relative path is resolved against the current directory); on the command line
+``--reward LABEL=NAME`` gives one a label (two user functions of the same name need one).
+
 Returns (and with ``print_summary`` prints) ``{"n", "mean_reward", "n_none", "by_problem_type": {type:
 {"n", "mean_reward", "n_none"}}, "rewards", "seconds"}``, where ``mean_reward`` is the mean over the
 lines whose ``reward`` is not null (null if there is none), so it can be recomputed from the output.
@@ -32,6 +36,7 @@ holds ``agrees``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +45,7 @@ from typing import Any
 from vlrl.data.sample import PROBLEM_TYPES, Sample
 from vlrl.rewards.boxes import COORD_SPACES
 from vlrl.rewards.extract import DEFAULT_MODES, extract_answer
-from vlrl.rewards.registry import RewardSpec, combine
+from vlrl.rewards.registry import RewardSpec, check_reward_keys, combine
 from vlrl.rewards.runner import RewardRunner
 
 META_FIELDS = (
@@ -162,7 +167,24 @@ def _specs(
     rewards: Sequence[str | RewardSpec], reward_kwargs: dict[str, dict[str, Any]] | None
 ) -> list[RewardSpec]:
     kwargs = reward_kwargs or {}
-    return [r if isinstance(r, RewardSpec) else RewardSpec(r, 1.0, dict(kwargs.get(r, {}))) for r in rewards]
+    specs = [r if isinstance(r, RewardSpec) else RewardSpec(r, 1.0, dict(kwargs.get(r, {}))) for r in rewards]
+    check_reward_keys(specs)
+    return specs
+
+
+_LABEL = re.compile(r"^([A-Za-z_][\w.-]*)=(.+)$")
+
+
+def reward_specs_from_args(values: Sequence[str]) -> list[RewardSpec]:
+    """``vlrl score --reward`` values as specs of weight 1: ``NAME`` or ``LABEL=NAME``, NAME a registered reward or
+    ``path.py:function`` / ``module:function``. A bad name raises KeyError / ValueError naming it."""
+    specs = []
+    for value in values:
+        match = _LABEL.match(value)
+        label, name = (match.group(1), match.group(2)) if match else (None, value)
+        specs.append(RewardSpec(name, 1.0, label=label))
+    check_reward_keys(specs)
+    return specs
 
 
 def _summary(problem_types: list[str], rewards: list[float | None]) -> dict[str, Any]:
@@ -240,7 +262,7 @@ def score_file(
 ) -> dict[str, Any]:
     """Score every line of `in_path`, write `out_path`, return the summary (see module doc).
 
-    `rewards` are registry names (configured by `reward_kwargs[name]`) or `RewardSpec`s; `workers` > 0
+    `rewards` are reward names (configured by `reward_kwargs[name]`) or `RewardSpec`s; `workers` > 0
     scores in a `RewardRunner` process pool with a `timeout` per call (ignored when `runner` is given).
     """
     start = time.perf_counter()
