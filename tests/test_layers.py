@@ -1,6 +1,6 @@
 """Imports run downward only: a module of `src/vlrl` imports from its own layer or below.
 
-Layers, top to bottom: cli -> demo, curate, serve -> train -> eval -> rollout -> rewards, models -> data, algos,
+Layers, top to bottom: cli -> demo, curate, serve, report -> train -> eval -> rollout -> rewards, models -> data, algos,
 config. Every `import vlrl.x` / `from vlrl.x import ...` counts, inside functions and `TYPE_CHECKING` blocks too.
 """
 
@@ -17,7 +17,7 @@ LAYERS = {
     "rollout": 2,
     "eval": 3,
     "train": 4,
-    "demo": 5, "curate": 5, "serve": 5,
+    "demo": 5, "curate": 5, "serve": 5, "report": 5,
     "cli": 6,
 }  # fmt: skip
 SRC = Path(vlrl.__file__).parent

@@ -267,6 +267,25 @@ def cmd_score(rest: list[str]) -> None:
                threshold=a.threshold)
 
 
+def cmd_report(rest: list[str]) -> None:
+    """write a run's HTML report: curves of every metric, validation and eval tables, rollouts with images"""
+    from vlrl.report.build import MAX_ROLLOUT_STEPS, REPORT, write_report
+
+    p = argparse.ArgumentParser(prog="vlrl report", description="Write one self-contained HTML page (no network "
+                                "needed to open it) of a run directory, or of a folder of runs side by side.")
+    p.add_argument("run_dir", help="a run directory (it holds metrics.jsonl), or a folder of them (runs/demo)")
+    p.add_argument("--out", help=f"the HTML file (default RUN_DIR/{REPORT})")
+    p.add_argument("--steps", type=int, default=MAX_ROLLOUT_STEPS,
+                   help="logged steps of samples.jsonl in the rollout browser (evenly spread; 0: all)")
+    a = p.parse_args(rest)
+    try:
+        out = write_report(a.run_dir, a.out, max_steps=a.steps)
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"report: {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
 def cmd_serve(rest: list[str]) -> None:
     """serve a local model behind an OpenAI-compatible chat-completions endpoint"""
     from vlrl.serve.server import main as serve_main
@@ -284,6 +303,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "infer": cmd_infer,
     "score": cmd_score,
     "serve": cmd_serve,
+    "report": cmd_report,
 }
 
 

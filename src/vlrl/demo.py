@@ -4,7 +4,8 @@ SFT trains on `sft_tasks`; RL starts from the SFT checkpoint and trains on `rl_t
 SFT never demonstrated: the reward carries it); `sft_more` is the control: the SFT checkpoint trained further
 on its own data for the same wall time as the RL stage. Each stage calls the same functions as the `vlrl`
 commands, with the recipes shipped in the package (`vlrl.recipes_dir()`, `recipes/` in a checkout); every
-stage's time is printed, and the summary goes to `{out}/summary.json`.
+stage's time is printed, and the summary goes to `{out}/summary.json`; `{out}/report.html` (`vlrl.report`, when
+plotly is installed) shows the SFT, RL and sft_more runs' curves side by side, the summary and RL's rollouts.
 """
 
 from __future__ import annotations
@@ -195,6 +196,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         if key in extra:
             print(f"{key}: {extra[key]}")
     print(f"total {st.seconds:.0f}s -> {out / 'summary.json'}")
+    stages = {"sft": out / "sft", **({"rl": out / "rl", "sft_more": out / "sft-more"} if cfg.rl else {})}
+    try:  # the demo's figures are in summary.json already: a missing plotting library costs only the page
+        from vlrl.report import write_report
+
+        print(f"report: {write_report(out, out / 'report.html', runs=stages, title='vlrl demo')}")
+    except ImportError as err:
+        print(f"report not written: {err}")
     return summary
 
 

@@ -61,6 +61,7 @@ from vlrl.rollout.types import Group, SamplingParams
 from vlrl.train.dist import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from vlrl.train.harness import RunHarness, Schedule
 from vlrl.train.rl_rollout import score_groups
+from vlrl.train.trackers import check_trackers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # settings that change what is sampled or how it is scored: fixed for the life of a run directory
@@ -100,6 +101,8 @@ class CurateConfig:
     max_seconds: float | None = None  # stop after the batch that crosses this many seconds of sampling in this
     #   invocation (at least one batch runs); re-running the same command continues; null: no limit
     seed: int = 0  # each item's sampling seed is mix_seed(seed, hash of its id)
+    report_to: list[str] = field(default_factory=list)  # experiment trackers that also get the metrics and
+    #   config: tensorboard | wandb | mlflow | trackio (offline, in out/; see vlrl.train.trackers); []: none
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
 
     def __post_init__(self) -> None:
@@ -286,7 +289,7 @@ def _sample(cfg: CurateConfig, info: DistInfo, out: Path, mine: list[Item], prog
     # invocation samples at least one batch, so re-running under the same budget always gets further
     schedule = Schedule(max_steps=first + n_batches, max_seconds=cfg.max_seconds, save_every=0,
                         keep_checkpoints=0, log_every=1, eval_every=0, min_steps=1)
-    harness = RunHarness(out, info, schedule)
+    harness = RunHarness(out, info, schedule, report_to=cfg.report_to, config=cfg)
     with ResultLog(part_path(out, info.rank)) as log:
         harness.start_clock()  # the budget counts this invocation's sampling (the model is loaded)
         return sample_items(engine, mine, cfg, log, harness, progress, first_step=first)
@@ -301,6 +304,7 @@ def run_curate(cfg: CurateConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
+    check_trackers(cfg.report_to)  # an unknown tracker or a missing library fails before any work
     items = load_items(cfg)  # bad data fails before the model loads
     done = read_results(out) if info.is_main else {}
     check_resumable(cfg, out, bool(broadcast_object(bool(done))))

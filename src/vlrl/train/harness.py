@@ -16,23 +16,36 @@ result log, and a re-run skips what is there) has no checkpoint to write or rest
 starts the clock with `start_clock()` (its budget counts this invocation only) and sets `min_steps=1` so every
 invocation makes progress. SFT and RL keep `min_steps=0` and a clock restored from the checkpoint, so their
 budget covers the whole run and a run resumed out of time takes no step.
+
+Each logged step goes to metrics.jsonl (and its rows to samples.jsonl) and, on rank 0, to the experiment trackers
+the run names (`report_to`, `vlrl.train.trackers`: the same scalars, names and steps, the rows as a table; the
+resolved `config` when the loop starts), and prints one progress line (the `progress` fields present in the
+record, then seconds per step over the steps since the previous line) above the progress bar.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from vlrl.config import to_dict
 from vlrl.train import checkpoint as ckpt
 from vlrl.train.dist import DistInfo, barrier
-from vlrl.train.logging import MetricsLogger
+from vlrl.train.logging import MetricsLogger, scalars_of
+from vlrl.train.trackers import Trackers
 
 StepFn = Callable[[int, int], tuple[dict[str, Any], list[dict[str, Any]], int]]
+
+# the progress line's fields of each command: (metrics key, label); a key absent from a record is left out (kl
+# without a KL term, val_accuracy off evaluation steps)
+RL_PROGRESS = (("reward/mean", "reward"), ("reward/accuracy", "accuracy"), ("kl", "kl"),
+               ("completion/len_mean", "length"), ("val_accuracy", "val_accuracy"))
+SFT_PROGRESS = (("loss", "loss"), ("lr", "lr"), ("val_accuracy", "val_accuracy"))
 
 
 @dataclass(frozen=True)
@@ -59,13 +72,22 @@ def schedule_of(cfg: Any) -> Schedule:
 class RunHarness:
     """Resume, loop, validate, log and save one run directory (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, info: DistInfo, schedule: Schedule, *, row_log: bool = False) -> None:
+    def __init__(self, run_dir: Path, info: DistInfo, schedule: Schedule, *, row_log: bool = False,
+                 report_to: Sequence[str] = (), config: Any = None, progress: Sequence[tuple[str, str]] = ()
+                 ) -> None:  # fmt: skip
+        """`report_to`: the trackers (an unknown name or a missing library raises here, before the run loads
+        anything); `config`: the run's config dataclass, sent to them; `progress`: the progress line's fields
+        (`RL_PROGRESS`, `SFT_PROGRESS`; none: no line)."""
         self.run_dir = run_dir
         self.info = info
         self.schedule = schedule
+        self.trackers = Trackers(list(report_to), run_dir, enabled=info.is_main)
+        self.config = config
+        self.progress = tuple(progress)
         self.metrics = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main)
         self.rows = MetricsLogger(run_dir / "samples.jsonl", enabled=info.is_main) if row_log else None
         self.t0 = time.perf_counter()
+        self._line_clock = (self.t0, 0)  # (time, step) of the previous progress line, or of the loop's start
         self.start_from: str | None = None
 
     def resume_point(self, model: str) -> tuple[str, dict[str, Any] | None]:
@@ -82,11 +104,11 @@ class RunHarness:
             sched.load_state_dict(state["scheduler"])
             ckpt.set_rng_state(state["rng"])
             step, position, elapsed = state["step"], state["position"], state.get("elapsed", 0.0)
-            for log in (self.metrics, self.rows):
-                if log is not None:
-                    log.truncate_after(step)  # those steps run again
             if self.info.is_main:
                 print(f"resumed from {self.start_from} at step {step}")
+        for log in (self.metrics, self.rows):
+            if log is not None:
+                log.truncate_after(step)  # those steps run again (all of them when no checkpoint was written)
         self.start_clock(elapsed)
         return step, position
 
@@ -100,14 +122,37 @@ class RunHarness:
     def out_of_time(self) -> bool:
         return self.schedule.max_seconds is not None and self.elapsed() >= self.schedule.max_seconds
 
-    def save(self, step: int, position: int, model: Any, processor: Any, opt: Any, sched: Any) -> None:
-        """Checkpoint `step` (rank 0 writes; every rank waits): weights, optimizer, scheduler, RNG, position."""
+    def save(self, step: int, position: int, model: Any, processor: Any, opt: Any, sched: Any,
+             extra: dict[str, Any] | None = None) -> None:
+        """Checkpoint `step` (rank 0 writes; every rank waits): weights, optimizer, scheduler, RNG, position, and
+        `extra` (more trainer state under its own keys, e.g. SFT's data stream; back in `resume_point`'s state)."""
         barrier()
         if self.info.is_main:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
-                     "step": step, "position": position, "elapsed": self.elapsed()}  # fmt: skip
+                     "step": step, "position": position, "elapsed": self.elapsed(), **(extra or {})}  # fmt: skip
             ckpt.save_checkpoint(self.run_dir, step, model, processor, state, keep=self.schedule.keep_checkpoints)
         barrier()
+
+    def _log(self, step: int, record: dict[str, Any], rows: list[dict[str, Any]], desc: str) -> None:
+        """Write a logged step: metrics.jsonl, samples.jsonl, the trackers and (rank 0) the progress line."""
+        line = self.metrics.log(record)
+        if self.rows is not None:
+            for row in rows:
+                self.rows.log(row)
+        self.trackers.log(step, scalars_of(line), rows if self.rows is not None else [])
+        if self.progress and self.info.is_main:
+            tqdm.write(self.progress_line(step, line, desc))
+
+    def progress_line(self, step: int, line: dict[str, Any], desc: str) -> str:
+        """`desc step N/M  label value ...  S s/step`: the `progress` fields present in `line`, and the wall
+        seconds per step since the previous line (validation and checkpoints included)."""
+        t0, step0 = self._line_clock
+        now = time.perf_counter()
+        self._line_clock = (now, step)
+        parts = [f"{desc} step {step}/{self.schedule.max_steps}"]
+        parts += [f"{label} {_fmt(line[key])}" for key, label in self.progress if line.get(key) is not None]
+        parts.append(f"{(now - t0) / max(1, step - step0):.2f} s/step")
+        return "  ".join(parts)
 
     def _due(self, step: int, every: int) -> bool:
         return every > 0 and step % every == 0 or step == self.schedule.max_steps
@@ -127,8 +172,12 @@ class RunHarness:
         call are done); returns the last step. Ends on a checkpoint unless `save` is None (no checkpoint)."""
         s = self.schedule
         first = step
-        bar = tqdm(total=s.max_steps, initial=step, desc=desc, disable=not self.info.is_main)
-        try:
+        failed = True
+        bar = None
+        try:  # the trackers open before the bar, whose rate and ETA would otherwise count their start-up
+            self.trackers.start(to_dict(self.config) if self.config is not None else {}, step)
+            bar = tqdm(total=s.max_steps, initial=step, desc=desc, disable=not self.info.is_main)
+            self._line_clock = (time.perf_counter(), step)
             while step < s.max_steps and (step - first < s.min_steps or not self.out_of_time()):
                 record, rows, position = step_fn(step, position)
                 step += 1
@@ -139,18 +188,22 @@ class RunHarness:
                     record.update(validate())
                     record["time/eval"] = time.perf_counter() - t
                 if self._due(step, s.log_every) or "val_accuracy" in record:
-                    self.metrics.log(record)
-                    if self.rows is not None:
-                        for row in rows:
-                            self.rows.log(row)
+                    self._log(step, record, rows, desc)
                     bar.set_postfix({postfix: f"{record[postfix]:.3f}"})
                 if save is not None and (self._due(step, s.save_every) or self.out_of_time()):
                     save(step, position)
+            failed = False
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
+            self.trackers.close(failed)
         if save is None:
             return step
         last = ckpt.latest_checkpoint(self.run_dir)
         if last is None or last.name != f"step-{step}":
             save(step, position)
         return step
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,4 +1,5 @@
-"""Run-directory logging: `metrics.jsonl` (one line per logged step) and a console line."""
+"""Run-directory logging: `metrics.jsonl` (one line per logged step) and `samples.jsonl` (rows), one JSON object a
+line; `scalars_of` is what the experiment trackers (`vlrl.train.trackers`) receive of a metrics line."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def scalars_of(line: dict[str, Any]) -> dict[str, float]:
+    """The numeric values of a metrics line as written (`MetricsLogger.log`'s return), `step` aside: the scalars
+    the trackers get, under the same names. A non-finite value (null in the file) is not sent."""
+    return {k: float(v) for k, v in line.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+
+
 class MetricsLogger:
     def __init__(self, path: Path, enabled: bool = True):
         self.path = path
@@ -21,10 +29,13 @@ class MetricsLogger:
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Append `record` (non-finite floats as null); returns the line as written."""
+        line = {k: _clean(v) for k, v in record.items()}
         if self.enabled:
             with self.path.open("a") as f:
-                f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+                f.write(json.dumps(line) + "\n")
+        return line
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps after the checkpoint (they will be logged again)."""

@@ -47,8 +47,9 @@ metrics.jsonl, one line per logged step (all values global over ranks):
       trust/judge_failures (sent completions left without a process reward) = trust/judge_no_reply (call
       failed after retries, or image unusable) + trust/judge_unparsable, trust/process_mean,
       trust/reward_mean (the mixed reward)
-samples.jsonl: the first `logging.log_samples` rows of each logged step: step, row, id, answer, completion, reward,
-advantage, reward/{key} (and reward/trust_process with Trust-GRPO), length, truncated.
+samples.jsonl: the first `logging.log_samples` rows of each logged step: step, row, id, images (the sample's image
+paths), prompt (the last user message's text), answer, completion, reward, advantage, reward/{key} (and
+reward/trust_process with Trust-GRPO), length, truncated.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ from vlrl.rewards.registry import RewardSpec
 from vlrl.rewards.runner import RewardRunner
 from vlrl.rollout.base import RolloutEngine, make_engine
 from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
-from vlrl.train.harness import RunHarness, Schedule
+from vlrl.train.harness import RL_PROGRESS, RunHarness, Schedule
 from vlrl.train.logprobs import rows_logprobs_nograd
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
 from vlrl.train.rl_config import DTYPES, RLConfig, check_config
@@ -185,10 +186,13 @@ def sample_records(step: int, roll: StepRollouts, batch: UpdateBatch, limit: int
     out: list[dict[str, Any]] = []
     G = len(roll.groups[0].completions) if roll.groups else 0
     for li, (gid, group) in enumerate(zip(roll.gids, roll.groups)):
+        users = [m["content"] for m in group.sample.messages if m.get("role") == "user"]
         for j, c in enumerate(group.completions[: max(0, limit - len(out))]):
             r = li * G + j
-            out.append({"step": step, "row": gid * G + j, "id": group.sample.id, "answer": group.sample.answer,
-                        "completion": c.text, "reward": float(roll.scores[r]), "advantage": float(batch.advantages[r]),
+            out.append({"step": step, "row": gid * G + j, "id": group.sample.id,
+                        "images": [str(p) for p in group.sample.images], "prompt": users[-1] if users else "",
+                        "answer": group.sample.answer, "completion": c.text, "reward": float(roll.scores[r]),
+                        "advantage": float(batch.advantages[r]),
                         **{f"reward/{k}": v[r] for k, v in roll.per_reward.items()},
                         "length": c.length, "truncated": c.truncated})
     if is_distributed():
@@ -292,7 +296,8 @@ def run_rl(cfg: RLConfig) -> Path:
     info = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    harness = RunHarness(Path(cfg.out), info, schedule(cfg), row_log=True)
+    harness = RunHarness(Path(cfg.out), info, schedule(cfg), row_log=True, report_to=cfg.logging.report_to,
+                         config=cfg, progress=RL_PROGRESS)
     start_from, state = harness.resume_point(cfg.model)
     if info.is_main:
         save_config(cfg, Path(cfg.out) / "config.yaml")

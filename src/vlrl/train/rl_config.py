@@ -95,6 +95,8 @@ class LoggingConfig:
     log_samples: int = 8  # completions written to samples.jsonl per logged step
     save_every: int = 50  # checkpoint every this many steps (and at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept in out/checkpoints, older ones deleted (0: keep all)
+    report_to: list[str] = field(default_factory=list)  # experiment trackers that also get the metrics, config
+    #   and samples: tensorboard | wandb | mlflow | trackio (offline, in out/; see vlrl.train.trackers); []: none
 
 
 @dataclass

@@ -4,6 +4,11 @@ One global batch of `batch_size` samples per optimizer step, split across ranks 
 (gradient accumulation); the loss is the sum of target-token cross-entropies divided by the global
 target-token count, so every world size and micro-batch size computes the same update.
 Re-running the same command resumes from the newest complete checkpoint.
+
+The data is read whole into memory (global batch `step` = `vlrl.data.order.global_batch`), or with `stream`
+shard by shard through a shuffle buffer (`vlrl.data.stream.SampleStream`: global batch `step` = the stream's
+next `batch_size` samples, every rank reading the same stream; its state is saved in each checkpoint, so a resume
+continues with the same batches).
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import torch.nn.functional as F
 from vlrl.config import save_config
 from vlrl.data.loading import load_samples
 from vlrl.data.order import global_batch, shard
+from vlrl.data.sample import Sample
+from vlrl.data.stream import SampleStream
 from vlrl.models.inputs import IGNORE_INDEX, Encoded, collate, encode_for_sft_cached
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id
 from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
-from vlrl.train.harness import RunHarness, schedule_of
+from vlrl.train.harness import SFT_PROGRESS, RunHarness, schedule_of
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
 
 
@@ -37,6 +44,10 @@ class SFTConfig:
     template: str = "none"  # prompt template: none | answer | thinking | fast (a registry entry's own wins)
     system_prompt: str | None = None  # replaces (or inserts) each prompt's system turn; null: keep the data's
     skip_invalid: bool = False  # drop invalid data records (counted) instead of stopping at the first
+    stream: bool = False  # read `data` shard by shard through a shuffle buffer instead of whole into memory (for
+    #   data larger than memory): each global batch is the stream's next batch_size samples
+    shuffle_buffer: int = 10000  # stream: samples in the shuffle buffer (more: a more uniform shuffle and more
+    #   memory; 1: each shard's own row order, the shards in a seeded order)
     max_steps: int = 100  # optimizer steps to train; also the length of the LR schedule
     max_seconds: float | None = None  # stop after this many seconds of wall time (checkpointed); null: none
     batch_size: int = 32  # samples per optimizer step, over all ranks
@@ -55,6 +66,8 @@ class SFTConfig:
     save_every: int = 50  # checkpoint every this many steps (and at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept in out/checkpoints, older ones deleted (0: keep all)
     log_every: int = 10  # a metrics.jsonl line every this many steps (and at the last and validation steps)
+    report_to: list[str] = field(default_factory=list)  # experiment trackers that also get the metrics and
+    #   config: tensorboard | wandb | mlflow | trackio (offline, in out/; see vlrl.train.trackers); []: none
     val_data: list[str] = field(default_factory=list)  # validation splits, evaluated every `eval_every` steps
     val_limit: int = 200  # first this many records of each validation dataset
     eval_every: int = 0  # greedy validation accuracy every this many steps and at the end (0: never)
@@ -119,10 +132,14 @@ def run_sft(cfg: SFTConfig) -> Path:
     """Train; returns the final checkpoint folder. Re-running the same command resumes."""
     if cfg.loss_agg not in LOSS_AGGS:
         raise ValueError(f"loss_agg {cfg.loss_agg!r}; valid: {', '.join(LOSS_AGGS)}")
+    if cfg.stream and (cfg.cache_encoded or cfg.shuffle_buffer < 1):
+        raise ValueError("stream=true needs shuffle_buffer >= 1 and cache_encoded=false (a cache of every "
+                         "sample's encoding would hold the whole dataset in memory)")
     info = init_distributed()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    harness = RunHarness(Path(cfg.out), info, schedule_of(cfg))
+    harness = RunHarness(Path(cfg.out), info, schedule_of(cfg), report_to=cfg.report_to, config=cfg,
+                         progress=SFT_PROGRESS)
     start_from, state = harness.resume_point(cfg.model)
     if info.is_main:
         save_config(cfg, Path(cfg.out) / "config.yaml")
@@ -133,16 +150,17 @@ def run_sft(cfg: SFTConfig) -> Path:
     params = set_trainable(model, cfg.stage, freeze_vision=cfg.freeze_vision)
     opt = make_optimizer(params, cfg.lr, cfg.weight_decay, betas=(cfg.adam_betas[0], cfg.adam_betas[1]))
     sched = make_scheduler(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-    samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template,
-                           skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)
+    stream = open_stream(cfg, state) if cfg.stream else None
+    samples = [] if stream is not None else load_samples(cfg.data, registry=cfg.registry, template=cfg.template,
+                                                         skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)
     val = _load_val(cfg)
     cache: dict[int, Encoded] | None = {} if cfg.cache_encoded else None
     step, position = harness.restore(state, opt, sched)
 
     def step_fn(step: int, position: int) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
         ts = time.perf_counter()
-        indices = global_batch(step, cfg.batch_size, len(samples), cfg.seed)
-        stats = train_step(model, processor, samples, indices, cfg, info, params, cache)
+        batch, indices = next_batch(step, cfg, samples, stream)
+        stats = train_step(model, processor, batch, indices, cfg, info, params, cache)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         opt.step()
         sched.step()
@@ -152,12 +170,37 @@ def run_sft(cfg: SFTConfig) -> Path:
 
     step = harness.loop(
         step, position, step_fn, desc=f"sft/{cfg.stage}", postfix="loss",
-        save=lambda step, position: harness.save(step, position, model, processor, opt, sched),
+        save=lambda step, position: harness.save(step, position, model, processor, opt, sched,
+                                                 extra=None if stream is None else {"stream": stream.state_dict()}),
         validate=(lambda: _validate(model, processor, val, info)) if val else None,
     )  # fmt: skip
     barrier()
     cleanup()
     return Path(cfg.out) / "checkpoints" / f"step-{step}"
+
+
+def open_stream(cfg: SFTConfig, state: dict[str, Any] | None) -> SampleStream:
+    """The run's data stream, at the checkpoint's position when resuming (`state`: its trainer state)."""
+    saved = None if state is None else state.get("stream")
+    if state is not None and saved is None and state["position"] > 0:
+        raise ValueError(f"the checkpoint in {cfg.out} was written with stream=false: its data position is not a "
+                         "stream's; resume with stream=false or train into another out directory")
+    return SampleStream(cfg.data, registry=cfg.registry, seed=cfg.seed, buffer_size=cfg.shuffle_buffer,
+                        template=cfg.template, system_prompt=cfg.system_prompt, skip_invalid=cfg.skip_invalid,
+                        state=saved)
+
+
+def next_batch(step: int, cfg: SFTConfig, samples: list[Sample], stream: SampleStream | None
+               ) -> tuple[list[Sample], list[int]]:
+    """Global batch `step` as (samples, the batch's indices into them); every rank gets the same and trains its
+    `shard` of the indices. In memory: `global_batch` of the whole list. Streamed: the stream's next `batch_size`
+    samples (called once per step, in step order: the stream is where the previous batch left it)."""
+    if stream is None:
+        return samples, global_batch(step, cfg.batch_size, len(samples), cfg.seed)
+    batch = stream.take(cfg.batch_size)
+    if len(batch) < cfg.batch_size:  # the stream is endless: only data without a valid sample ends it
+        raise ValueError(f"no samples in {', '.join(cfg.data)}")
+    return batch, list(range(len(batch)))
 
 
 def _load_val(cfg: SFTConfig) -> list:
