@@ -190,6 +190,8 @@ def test_check_config_rejects_bad_names_and_options(tmp_path):
         check_config(cfg(rollout={"group_size": 0}))
     with pytest.raises(ConfigError, match="valid: accuracy"):
         cfg(rewards=[{"name": "acuracy"}])
+    with pytest.raises(ValueError, match="duplicate reward key 'accuracy'"):  # at start, not at the first step
+        check_config(cfg(rewards=[{"name": "accuracy"}, {"name": "accuracy", "weight": 0.5}]))
     with pytest.raises(ValueError, match="replay.coef > 0 needs replay.data"):
         check_config(cfg(replay={"coef": 0.1}))
     with pytest.raises(ValueError, match="replay.coef must be >= 0"):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from vlrl.algos import ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES
-from vlrl.rewards.registry import RewardSpec
+from vlrl.rewards.registry import RewardSpec, check_reward_keys
 from vlrl.rollout.types import SamplingParams
 from vlrl.train.sft import LOSS_AGGS
 from vlrl.train.trust import TrustConfig
@@ -173,6 +173,7 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
                 raise ValueError(f"{key} must be >= 1, got {getattr(obj, name)}")
     if not cfg.rewards:
         raise ValueError("rewards: name at least one reward")
+    check_reward_keys(cfg.rewards)
     p = cfg.replay
     if p.coef < 0:
         raise ValueError(f"replay.coef must be >= 0, got {p.coef}")
