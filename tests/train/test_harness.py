@@ -115,3 +115,14 @@ def test_a_fresh_start_drops_metrics_lines_left_by_a_run_killed_before_its_first
     harness = RunHarness(tmp_path, INFO, Schedule(2, None, 0, 0, 1, 0))
     assert harness.restore(None, None, None) == (0, 0)
     assert not (tmp_path / "metrics.jsonl").read_text().strip()
+
+
+def test_steps_in_budget_is_the_step_the_time_budget_ends_on() -> None:
+    """The progress bar's total for a time-bounded run: steps so far plus the seconds left at the pace so far."""
+    from vlrl.train.harness import steps_in_budget
+
+    # 10 steps in 5 s (2 steps/s), 30 s left: 60 more steps, far below a max_steps of 1,000,000
+    assert steps_in_budget(1_000_000, 10, 10, 5.0, 30.0) == 70
+    assert steps_in_budget(50, 10, 10, 5.0, 30.0) == 50  # max_steps comes first
+    assert steps_in_budget(1_000_000, 12, 2, 1.0, -3.0) == 12  # out of time: it ends here
+    assert steps_in_budget(80, 0, 0, 0.0, 30.0) == 80  # no pace yet

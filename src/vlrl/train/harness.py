@@ -69,6 +69,16 @@ def schedule_of(cfg: Any) -> Schedule:
                     cfg.eval_every)  # fmt: skip
 
 
+def steps_in_budget(max_steps: int, step: int, steps_done: int, seconds_done: float, seconds_left: float) -> int:
+    """The step a time-bounded run will end on at its pace so far (`steps_done` steps in `seconds_done` s), capped
+    by `max_steps`: the progress bar's total, so that its percentage and ETA show whichever bound comes first
+    (a run given a large max_steps and a time budget shows the time left, not the steps)."""
+    if steps_done <= 0 or seconds_done <= 0:
+        return max_steps
+    more = int(max(0.0, seconds_left) * steps_done / seconds_done)
+    return min(max_steps, step + more)
+
+
 class RunHarness:
     """Resume, loop, validate, log and save one run directory (see the module docstring)."""
 
@@ -176,12 +186,18 @@ class RunHarness:
         bar = None
         try:  # the trackers open before the bar, whose rate and ETA would otherwise count their start-up
             self.trackers.start(to_dict(self.config) if self.config is not None else {}, step)
-            bar = tqdm(total=s.max_steps, initial=step, desc=desc, disable=not self.info.is_main)
-            self._line_clock = (time.perf_counter(), step)
+            # a time-bounded run's step count is unknown until its pace is: no total before the first step
+            bar = tqdm(total=s.max_steps if s.max_seconds is None else None, initial=step, desc=desc,
+                       disable=not self.info.is_main)
+            self._line_clock = t_loop = (time.perf_counter(), step)
             while step < s.max_steps and (step - first < s.min_steps or not self.out_of_time()):
                 record, rows, position = step_fn(step, position)
                 step += 1
                 bar.update(1)
+                if s.max_seconds is not None:
+                    bar.total = steps_in_budget(s.max_steps, step, step - t_loop[1], time.perf_counter() - t_loop[0],
+                                                s.max_seconds - self.elapsed())
+                    bar.refresh()
                 record = {"step": step, **record, "elapsed_s": self.elapsed()}
                 if validate is not None and s.eval_every > 0 and self._due(step, s.eval_every):
                     t = time.perf_counter()
