@@ -1,6 +1,6 @@
 """RL on the tiny model with rewards loaded from a file of the user's own (`rewards/mine.py:function`, a path
 relative to the current directory): it trains, logs `reward/<key>` every step, and a file whose rewards raise or
-return the wrong length on every call leaves them unscored while the run completes its steps."""
+return the wrong length or hang on every call leaves them unscored while the run completes its steps."""
 
 from __future__ import annotations
 
@@ -44,6 +44,12 @@ def broken(completions, samples):
 
 def wrong_length(completions, samples):
     return [1.0] * (len(completions) + 1)
+
+
+def hangs(completions, samples):
+    import time
+
+    time.sleep(3600)
 '''
 
 
@@ -94,13 +100,17 @@ def test_rl_trains_with_file_rewards_in_reward_workers(
 def test_rl_completes_when_a_file_reward_fails_on_every_call(
     tiny_model_dir, synth_dir, tmp_path, reward_file
 ) -> None:
-    """Documented None handling: an exception or a malformed result (here the wrong length) on every call makes
-    that reward None for every completion; a row no reward can score is unscored (no advantage); the run goes on."""
-    rewards = "[{name: rewards/mine.py:broken}, {name: rewards/mine.py:wrong_length}]"
-    final = _run(tiny_model_dir, synth_dir, tmp_path / "run", rewards)
+    """Documented None handling: an exception, a malformed result (here the wrong length) or a call that hangs
+    past `rollout.reward_timeout` (killed in its worker) on every call makes that reward None for every
+    completion; a row no reward can score is unscored (no advantage); the run goes on."""
+    rewards = "[{name: rewards/mine.py:broken}, {name: rewards/mine.py:wrong_length}, {name: rewards/mine.py:hangs}]"
+    final = _run(tiny_model_dir, synth_dir, tmp_path / "run", rewards,
+                 {"rollout.reward_workers": 1, "rollout.reward_timeout": 1.0})
     metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     for m in metrics:
         assert m["reward/unscored"] == B * G
-        assert m["reward/broken"] == 0.0 and m["reward/wrong_length"] == 0.0  # the mean of no scored value
+        for key in ("broken", "wrong_length", "hangs"):
+            assert m[f"reward/{key}"] == 0.0  # the mean of no scored value
+        assert m["time/reward"] < 30.0  # the hanging call was cut at its time limit, not waited for
     assert (final / "model.safetensors").exists()

@@ -262,7 +262,7 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     engine = make_engine(r.engine, model, processor, device=info.device, **engine_kw)
     samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template, skip_invalid=cfg.skip_invalid,
                            system_prompt=cfg.system_prompt)
-    runner = RewardRunner(workers=r.reward_workers) if r.reward_workers > 0 else None
+    runner = RewardRunner(workers=r.reward_workers, timeout=r.reward_timeout) if r.reward_workers > 0 else None
     rollout = RolloutSpec(batch_size=r.batch_size, group_size=r.group_size, sampling=cfg.sampling,
                           rewards=list(cfg.rewards), seed=cfg.seed, dynamic_sampling=r.dynamic_sampling,
                           dynamic_max_tries=r.dynamic_max_tries, runner=runner)

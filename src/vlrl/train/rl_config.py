@@ -41,7 +41,9 @@ class RolloutConfig:
     top_k: int = 0  # sample among the k most likely tokens (0: off)
     max_prompts_per_call: int = 0  # prompts per generate call on a rank (0: all)
     decode_threads: int = 1  # hf engine on CPU: decode shards in Python threads (>1 helps on a busy machine)
-    reward_workers: int = 0  # reward worker processes (0: in-process)
+    reward_workers: int = 0  # reward worker processes (0: in-process, no time limit)
+    reward_timeout: float = 10.0  # reward_workers > 0: seconds a reward call may take; a call past it is killed
+    #   and its completions get None (unscored by that reward)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     dynamic_max_tries: int = 4  # draws per step at most (the first included)
 
@@ -183,6 +185,8 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
         raise ValueError(f"replay.loss_agg {p.loss_agg!r}; valid: {', '.join(LOSS_AGGS)}")
     if len(cfg.optim.adam_betas) != 2:
         raise ValueError(f"optim.adam_betas must be [beta1, beta2], got {cfg.optim.adam_betas}")
+    if r.reward_timeout <= 0:
+        raise ValueError(f"rollout.reward_timeout must be > 0, got {r.reward_timeout}")
     if r.temperature <= 0:
         raise ValueError("rollout.temperature must be > 0 for RL sampling")
     keys = [spec.key for spec in cfg.rewards]
