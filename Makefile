@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint install clean
+.PHONY: demo test fuzz lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+# the long fuzzing campaign: FUZZ_EXAMPLES cases per target from a random seed (`make test` runs a short, fixed one)
+FUZZ_EXAMPLES ?= 5000
+fuzz: $(STAMP)
+	VLRL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/fuzz
 
 clean:
 	rm -rf runs .pytest_cache
