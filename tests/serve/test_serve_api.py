@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import threading
 import time
@@ -117,7 +118,8 @@ def test_body_too_large(served: Served) -> None:
             yield b"y" * 10_000
         yield b'"}]}'
 
-    resp = httpx.post(served.url + "/v1/chat/completions", content=chunks(), timeout=30)
+    resp = httpx.post(served.url + "/v1/chat/completions", content=chunks(), timeout=30,
+                      headers={"Content-Type": "application/json"})
     _assert_error(resp, 413, "exceeds the limit")
 
 
@@ -154,7 +156,9 @@ def test_malformed_json(served: Served) -> None:
         ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400, "unsupported content part"),
         ({"messages": [{"role": "user", "content": "look <|image_pad|> here"}]}, 400, "reserved token"),
         ({"messages": [{"role": "user", "content": "private \ue000 use"}]}, 400, "reserved token"),
-        ({"messages": [{"role": "user", "content": "x"}], "stream": True}, 400, "stream"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400,
+         "response_format"),
         ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, 400, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 99}, 400, "n must be"),
         ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "not served"),
@@ -167,6 +171,27 @@ def test_malformed_json(served: Served) -> None:
 )
 def test_bad_requests(served: Served, body: dict[str, Any], status: int, needle: str) -> None:
     _assert_error(_chat(served, body), status, needle)
+
+
+def test_lone_surrogate_is_a_400(served: Served) -> None:
+    """Finding 7: the tokenizer cannot encode a lone surrogate; the request is refused before it gets there."""
+    err = _assert_error(_chat(served, content=b'{"messages": [{"role": "user", "content": "x \\ud800"}]}'), 400,
+                        "surrogate")
+    assert err["param"] == "messages.0.content"
+
+
+def test_stream_matches_the_completion(served: Served) -> None:
+    """Finding 12: a streamed greedy completion carries the same text as the plain one, as OpenAI chunks."""
+    body = {"messages": [{"role": "user", "content": "Count: 1 2 3"}], "max_tokens": 8, "temperature": 0}
+    plain = _chat(served, body).json()["choices"][0]["message"]["content"]
+    with httpx.stream("POST", served.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == plain
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
 def test_unknown_route_has_openai_error_shape(served: Served) -> None:

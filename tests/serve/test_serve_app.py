@@ -1,11 +1,15 @@
 """The app with a scripted engine under uvicorn in a thread (fast, no model): generation is serialised, the
-queue is bounded (429), engine errors keep OpenAI's error shape; plus the CLI's argument parsing."""
+queue is bounded (429 with Retry-After), engine errors keep OpenAI's error shape, abandoned requests stop,
+oversized ones are refused before the lock, streaming, unsupported features, Host / Origin / Content-Type checks;
+plus the CLI's argument parsing and a port in use."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,18 +38,28 @@ class ScriptedEngine:
         self.fail: Exception | None = None
         self.active = 0
         self.max_active = 0
+        self.calls = 0  # generate calls
+        self.tokens = 0  # decode steps taken over all calls
+        self.should_stop: Callable[[], bool] | None = None  # the last call's cancellation check
         self.seen: list[tuple[Sample, list[Image.Image], SamplingParams, list[str]]] = []
         self._lock = threading.Lock()
 
     def generate(self, sample: Sample, images: list[Image.Image], sampling: SamplingParams,
-                 stop: Sequence[str] = (), seed: int | None = None) -> GenerationResult:
+                 stop: Sequence[str] = (), seed: int | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
         with self._lock:
             self.active += 1
+            self.calls += 1
             self.max_active = max(self.max_active, self.active)
+            self.should_stop = should_stop
         try:
             time.sleep(self.delay)
             if self.gate is not None:
                 assert self.gate.wait(timeout=30)
+            for _ in range(sampling.max_new_tokens):  # one "decode step" per token, as the hf engine checks
+                if should_stop is not None and should_stop():
+                    break
+                self.tokens += 1
             if self.fail is not None:
                 raise self.fail
             self.seen.append((sample, images, sampling, list(stop)))
@@ -134,6 +148,7 @@ def test_generation_is_serialised_and_queue_bounded(app_server: tuple[str, Scrip
     assert engine.max_active == 1
     busy = refused[0].json()["error"]
     assert busy["type"] == "rate_limit_error" and busy["code"] == "server_busy"
+    assert all(int(r.headers.get("retry-after", "0")) >= 1 for r in refused)  # finding 5: clients know when
     assert httpx.get(url + "/health", timeout=5).json()["waiting"] == 0
 
 
@@ -159,3 +174,209 @@ def test_cli_arguments() -> None:
         parse_args(["--model", "m", "--max-n", "0"])
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
+
+
+# --- issue 18: bounded requests (4), abandoned requests (5), lone surrogates (7), compatibility and origin (12) ---
+
+
+def _raw_request(url: str, body: dict[str, Any]) -> socket.socket:
+    """A chat request sent on a raw socket, the response never read: the test decides when the client leaves."""
+    port = int(url.rsplit(":", 1)[1])
+    data = json.dumps(body).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(head + data)
+    return sock
+
+
+def _health(url: str) -> dict[str, Any]:
+    return dict(httpx.get(url + "/health", timeout=5).json())
+
+
+def test_abandoned_requests_stop_and_leave_the_queue(app_server: tuple[str, ScriptedEngine]) -> None:
+    """Finding 5: three clients give up (close their connections): the one generating is cancelled before its
+    next decode step and the two queued ones leave the queue at once and never reach the engine."""
+    url, engine = app_server
+    engine.gate = threading.Event()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32}
+    first = _raw_request(url, body)
+    _wait_for(lambda: engine.active == 1, "the first request to reach the engine")
+    queued = [_raw_request(url, body) for _ in range(2)]
+    _wait_for(lambda: _health(url)["waiting"] == 2, "two requests to queue")
+    for sock in (first, *queued):
+        sock.close()
+    _wait_for(lambda: _health(url)["waiting"] == 0, "the gone clients' requests to leave the queue")
+    _wait_for(lambda: engine.should_stop is not None and engine.should_stop(), "the generation to be cancelled")
+    engine.gate.set()
+    _wait_for(lambda: engine.active == 0 and not _health(url)["busy"], "the cancelled generation to end")
+    assert (engine.calls, engine.tokens) == (1, 0)  # no decode step after the cancel; the queued never ran
+    resp = _post(url, {**body, "max_tokens": 5})  # the next client is served at once, to the end
+    assert resp.status_code == 200 and (engine.calls, engine.tokens) == (2, 5)
+
+
+def test_oversized_requests_are_refused_before_the_lock(app_server: tuple[str, ScriptedEngine]) -> None:
+    """Finding 4: too much text or too many content parts is a 400 found while validating: it neither waits
+    for the generation lock (held here by a gated request) nor reaches the engine."""
+    url, engine = app_server
+    engine.gate = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(_post, url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        _wait_for(lambda: engine.active == 1, "the first request to reach the engine")
+        long_text = {"messages": [{"role": "system", "content": "s" * 300_000},
+                                  {"role": "user", "content": [{"type": "text", "text": "x" * 300_000}]}]}
+        err = _assert_api_error(_post(url, long_text), 400, "characters")
+        assert err["code"] == "text_too_long" and err["param"] == "messages"
+        parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": ""}] * 50_000}]}
+        err = _assert_api_error(_post(url, parts), 400, "content parts")
+        assert err["param"] == "messages"
+        many = {"messages": [{"role": "user", "content": "x"}] * 5_000}
+        _assert_api_error(_post(url, many), 400, "too many messages")
+        assert engine.active == 1 and _health(url)["busy"]  # all answered while the lock is held
+        engine.gate.set()
+        assert running.result(timeout=30).status_code == 200
+    assert engine.calls == 1
+
+
+def _assert_api_error(resp: httpx.Response, status: int, needle: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert needle.lower() in err["message"].lower(), err["message"]
+    return dict(err)
+
+
+def _post_raw(url: str, content: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", content=content,
+                      headers={"Content-Type": "application/json"} if headers is None else headers, timeout=30)
+
+
+def test_lone_surrogates_are_a_400(app_server: tuple[str, ScriptedEngine]) -> None:
+    """Finding 7: a lone surrogate escape (valid JSON, not encodable text) is refused naming its field."""
+    url, engine = app_server
+    msg = b'{"role": "user", "content": "hi"}'
+    err = _assert_api_error(_post_raw(url, b'{"messages": [{"role": "user", "content": "a \\ud800 b"}]}'), 400,
+                            "surrogate")
+    assert err["param"] == "messages.0.content"
+    err = _assert_api_error(_post_raw(url, b'{"messages": [' + msg + b'], "stop": ["\\udfff"]}'), 400, "surrogate")
+    assert err["param"] == "stop.0"
+    _assert_api_error(_post_raw(url, b'{"messages": [' + msg + b'], "model": "\\udc00"}'), 400, "surrogate")
+    pair = _post_raw(url, b'{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}], "max_tokens": 2}')
+    assert pair.status_code == 200, pair.text  # a surrogate pair is one valid character
+    assert engine.seen[-1][0].messages[0]["content"] == "smile \U0001f600"
+
+
+def _events(resp: httpx.Response) -> list[str]:
+    return [line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def test_stream_sends_chat_completion_chunks(app_server: tuple[str, ScriptedEngine]) -> None:
+    """Finding 12: `stream: true` answers with server-sent events in OpenAI's chunk format, then `[DONE]`."""
+    url, _ = app_server
+    body = {"messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 3, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = _events(resp)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "fake" for c in chunks)
+    text, roles, finish = {0: "", 1: ""}, {}, {}
+    for chunk in chunks[:-1]:
+        for choice in chunk["choices"]:
+            delta, i = choice["delta"], choice["index"]
+            roles.setdefault(i, delta.get("role"))
+            text[i] += delta.get("content") or ""
+            if choice["finish_reason"] is not None:
+                finish[i] = choice["finish_reason"]
+    assert text == {0: "answer 0", 1: "answer 1"} and roles == {0: "assistant", 1: "assistant"}
+    assert finish == {0: "stop", 1: "stop"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 6,
+                                                                   "total_tokens": 13}
+    bad = httpx.post(url + "/v1/chat/completions", json={**body, "temperature": 9}, timeout=30)
+    _assert_api_error(bad, 400, "temperature")  # errors found before generating stay plain JSON
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+])
+def test_unsupported_features_are_refused(app_server: tuple[str, ScriptedEngine], extra: dict[str, Any],
+                                          param: str) -> None:
+    """Finding 12: a feature the server cannot honour is a 400 naming the field, not silently ignored."""
+    url, engine = app_server
+    err = _assert_api_error(_post(url, {"messages": [{"role": "user", "content": "x"}], **extra}), 400, param)
+    assert err["param"] == param and not engine.seen
+
+
+def test_neutral_values_of_unsupported_features_are_accepted(app_server: tuple[str, ScriptedEngine]) -> None:
+    url, _ = app_server
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "logprobs": False, "tools": [],
+            "tool_choice": "none", "response_format": {"type": "text"}}
+    assert _post(url, body).status_code == 200
+
+
+def test_content_type_host_and_origin(app_server: tuple[str, ScriptedEngine]) -> None:
+    """Finding 12: only JSON bodies, only a Host naming this server and no cross-origin callers: a web page in a
+    local browser cannot drive the model (simple form posts, DNS rebinding, fetch from another origin)."""
+    url, engine = app_server
+    port = url.rsplit(":", 1)[1]
+    body = json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}).encode()
+    assert _post_raw(url, body, {"Content-Type": "application/json; charset=utf-8"}).status_code == 200
+    for ctype in (None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=b"):
+        err = _assert_api_error(_post_raw(url, body, {} if ctype is None else {"Content-Type": ctype}), 415,
+                                "application/json")
+        assert err["code"] == "unsupported_media_type"
+    json_ct = {"Content-Type": "application/json"}
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", f"localhost.:{port}x"):
+        err = _assert_api_error(_post_raw(url, body, {**json_ct, "Host": host}), 400, "host")
+        assert err["code"] == "invalid_host"
+    _assert_api_error(httpx.get(url + "/health", headers={"Host": "evil.example"}, timeout=5), 400, "host")
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        assert _post_raw(url, body, {**json_ct, "Host": host}).status_code == 200, host
+    for origin in ("http://evil.example", "null", f"http://evil.example:{port}", "https://localhost.evil:1"):
+        err = _assert_api_error(_post_raw(url, body, {**json_ct, "Origin": origin}), 403, "origin")
+        assert err["code"] == "forbidden_origin"
+    assert _post_raw(url, body, {**json_ct, "Origin": f"http://127.0.0.1:{port}"}).status_code == 200
+    preflight = httpx.options(url + "/v1/chat/completions", timeout=5, headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+    calls = engine.calls
+    assert calls == 5  # only the accepted requests reached the engine
+
+
+def test_host_allowed() -> None:
+    from vlrl.serve.app import host_allowed
+
+    names = ("localhost", "127.0.0.1", "::1", "myhost")
+    assert host_allowed("localhost:8000", names, 8000) and host_allowed("LOCALHOST", names, 8000)
+    assert host_allowed("[::1]:8000", names, 8000) and host_allowed("myhost:8000", names, 8000)
+    assert host_allowed("127.0.0.1:8000", names, None)
+    for bad in ("localhost:8001", "evil:8000", "[::1]x:8000", "", "localhost:", "localhost:80:80", "::1:8000",
+                "127.0.0.1:-8000", "127.0.0.1:8000 "):
+        assert not host_allowed(bad, names, 8000), bad
+
+
+def test_port_in_use_is_a_clear_error(tiny_model_dir: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Finding 12: a port already in use is `error: ...` naming it, exit 2, and no "serving on" line."""
+    from vlrl import cli
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        try:
+            code = cli.main(["serve", "--model", str(tiny_model_dir), "--port", str(port), "--log-level", "warning"])
+        except SystemExit as exc:  # the CLI's argparse-style exit
+            code = exc.code
+    out = capsys.readouterr()
+    assert code == 2, out
+    assert "error:" in out.err and f"127.0.0.1:{port}" in out.err and "in use" in out.err
+    assert "serving" not in out.out

@@ -133,3 +133,22 @@ def test_max_time_ends_with_length(served: ServedModel) -> None:
     result = bounded.generate(sample, images, SamplingParams(max_new_tokens=24, n=2), seed=1)
     for choice in result.choices:  # the deadline has passed at the first check: one token each
         assert choice.completion_tokens == 1 and choice.finish_reason == "length"
+
+
+def test_should_stop_cancels_between_decode_steps(served: ServedModel) -> None:
+    """Finding 5: the server's cancellation (its client is gone) ends the decode loop at the next step."""
+    sample, images = CASES[1]
+    checks: list[int] = []
+
+    def stop_after_three() -> bool:
+        checks.append(1)
+        return len(checks) >= 3
+
+    result = served.generate(sample, images, SamplingParams(max_new_tokens=24, temperature=1.0, n=2), seed=1,
+                             should_stop=stop_after_three)
+    # one check before encoding, one after each token: the third call ends the decode after its second token
+    assert len(checks) == 3 and [c.completion_tokens for c in result.choices] == [2, 2]
+    from vlrl.serve.generate import Cancelled
+
+    with pytest.raises(Cancelled):  # a request whose client left before its turn is not even encoded
+        served.generate(sample, images, SamplingParams(max_new_tokens=24, n=2), seed=1, should_stop=lambda: True)

@@ -11,7 +11,8 @@ Per chunk of B prompts, G completions each (`vlrl.rollout.prefix`):
      seeds, the sampling log-probs recorded) -- no `generate` machinery per token. The loop
      stops when every row has produced a stop token or `max_new_tokens` are out; rows that have stopped drop out
      of the batch once a quarter of the rows have (their cache rows are compacted away), or when the call's
-     `max_seconds` are out (checked after each token: every row has at least one).
+     `max_seconds` are out or the call's `should_stop()` returns True (both checked after each token: every row has
+     at least one; the server cancels a request whose client is gone this way).
 On CPU, the decode step runs on a copy of the text decoder's weights laid out for small-batch products
 (`vlrl.rollout.lean_step.LeanStep`, built at the first `generate` call and reloaded with the current weights at
 every later one, or only after `sync_weights` with `reload_weights=False`; `lean_step=False` or a model it does
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -114,9 +115,11 @@ class HFEngine:
     def generate(
         self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None,
         encoded: Sequence[Encoded] | None = None, max_seconds: float | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> list[Group]:
         """`RolloutEngine.generate`: `encoded` replaces the encoding of `prompts`; `max_seconds` ends the decode
-        loop of a chunk once that wall time has passed since this call began."""
+        loop of a chunk once that wall time has passed since this call began, `should_stop` (called after each
+        token) once it returns True."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         if n < 1:
             raise ValueError(f"n (completions per prompt) must be >= 1, got {n}")
@@ -136,7 +139,8 @@ class HFEngine:
         @torch.no_grad()
         def run(lo: int, hi: int) -> list[Group]:  # grad mode is per thread
             part = None if seeds is None else list(seeds[lo:hi])
-            return self._generate_chunk(prompts[lo:hi], encoded[lo:hi], n, sampling, part, step, deadline)
+            return self._generate_chunk(prompts[lo:hi], encoded[lo:hi], n, sampling, part, step, deadline,
+                                        should_stop)
 
         was_training, threads = self.model.training, torch.get_num_threads()
         self.model.eval()
@@ -169,9 +173,10 @@ class HFEngine:
 
     def _generate_chunk(self, prompts: Sequence[Sample], encoded: Sequence[Encoded], n: int,
                         sampling: SamplingParams, seeds: list[int] | None, step: LeanStep | None = None,
-                        deadline: float | None = None) -> list[Group]:
+                        deadline: float | None = None, should_stop: Callable[[], bool] | None = None) -> list[Group]:
         sampler = SeededSampler(sampling, self.suppress_ids, row_seeds(seeds, n) if seeds is not None else None)
-        new = self._decode(encoded, n, sampling.max_new_tokens, sampler, step, deadline=deadline)  # [N, T]
+        new = self._decode(encoded, n, sampling.max_new_tokens, sampler, step, deadline=deadline,
+                           should_stop=should_stop)  # [N, T]
         logps = sampler.stacked(new.shape[1]).cpu()  # [N, T]
         stop = torch.isin(new, torch.tensor(self.stop_ids))  # [N, T]
         has_stop = stop.any(dim=1)  # [N]; False = truncated
@@ -189,9 +194,10 @@ class HFEngine:
         return groups
 
     def _decode(self, encoded: Sequence[Encoded], n: int, max_new: int, sampler: SeededSampler,
-                step: LeanStep | None = None, *, deadline: float | None = None) -> Tensor:
+                step: LeanStep | None = None, *, deadline: float | None = None,
+                should_stop: Callable[[], bool] | None = None) -> Tensor:
         """Prefill the prompts at batch B, expand to B*n rows, decode up to `max_new` tokens, or fewer once
-        `time.monotonic()` passes `deadline`: [B*n, T] (CPU)."""
+        `time.monotonic()` passes `deadline` or `should_stop()` is True: [B*n, T] (CPU)."""
         inputs = {k: v.to(self.device) for k, v in prompt_inputs(encoded, self.pad_id, self.image_id).items()}
         rows = torch.arange(len(encoded), device=self.device).repeat_interleave(n)  # [N]: row -> prompt
         first, cache, next_pos = prefill(self.model, inputs)  # [B, V], KV of [B, L], [B]
@@ -216,6 +222,8 @@ class HFEngine:
             out[live, t] = tokens.cpu()
             done |= torch.isin(tokens, stop)
             if t == max_new - 1 or bool(done.all()) or (deadline is not None and time.monotonic() >= deadline):
+                break
+            if should_stop is not None and should_stop():
                 break
             if 4 * int(done.sum()) >= len(live):  # a quarter of the rows have stopped: drop them from the batch
                 keep = (~done).nonzero().squeeze(1)  # [n_keep]

@@ -3,14 +3,15 @@ use) behind `ServedModel.generate(sample, images, sampling, stop, seed)`.
 
 The server receives images inline, so it encodes each request itself (`encode_sample`: literal "<image>" text
 restored after the placeholders became image slots) and passes that encoding to the engine, with one seed per
-request (the request's `seed`, else a fresh random one) and the wall-time bound `max_time`. Stop strings cut the
-decoded text; usage counts come from the completions' token ids.
+request (the request's `seed`, else a fresh random one), the wall-time bound `max_time` and the request's
+cancellation check `should_stop` (the app's "client is gone"), which the engine calls after every decode step.
+Stop strings cut the decoded text; usage counts come from the completions' token ids.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +20,17 @@ from PIL import Image
 from vlrl.data.sample import IMAGE_PLACEHOLDER, Sample
 from vlrl.models.inputs import Encoded, to_chat
 from vlrl.models.processor import reserved_tokens
-from vlrl.rollout.base import make_engine
+from vlrl.rollout.hf_engine import HFEngine
 from vlrl.rollout.types import Completion, SamplingParams
 from vlrl.serve.schemas import LITERAL_IMAGE
 
 
 class ContextLengthError(ValueError):
     """Prompt + max_tokens exceed the model's context; the message is safe to return to the client."""
+
+
+class Cancelled(Exception):
+    """The request was cancelled (its client is gone) before its generation began; nobody reads an answer."""
 
 
 @dataclass
@@ -86,8 +91,8 @@ def _choice(tok: Any, completion: Completion, stop: Sequence[str]) -> Choice:
 
 
 class ServedModel:
-    """One local model behind the server: `generate(sample, images, sampling, stop, seed)` through one `hf`
-    rollout engine built at start (its `LeanStep` weight copy loaded once: the served weights do not change).
+    """One local model behind the server: `generate(sample, images, sampling, stop, seed, should_stop)` through
+    one `hf` rollout engine built at start (its `LeanStep` weight copy loaded once: the served weights do not change).
 
     max_time: wall-time bound of one request's generation (its completions then end with finish_reason "length").
     reserved_tokens: the processor's vision tokens (Qwen-VL's `<|image_pad|>`, ...; InternVL's `<IMG_CONTEXT>`,
@@ -102,15 +107,20 @@ class ServedModel:
         self.max_time = max_time
         self.context = max_context(model)
         self.reserved_tokens = reserved_tokens(processor)
-        self.engine = make_engine("hf", self.model, processor, device=device, reload_weights=False)
+        self.engine = HFEngine(self.model, processor, device=device, reload_weights=False)
 
     def generate(self, sample: Sample, images: list[Image.Image], sampling: SamplingParams,
-                 stop: Sequence[str] = (), seed: int | None = None) -> GenerationResult:
+                 stop: Sequence[str] = (), seed: int | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
         """`sampling.n` completions of `sample.messages` with `images` standing at its `<image>` placeholders.
 
         Raises `ContextLengthError` when the prompt plus `sampling.max_new_tokens` exceed the model's context;
         `ValueError` from the processor (e.g. an image of extreme aspect ratio) propagates. Equal `seed`s give
-        equal completions; greedy (temperature 0) decodes once and repeats it n times."""
+        equal completions; greedy (temperature 0) decodes once and repeats it n times. `should_stop` is checked
+        before encoding (`Cancelled` when True) and after every decode step (the completions then end there, with
+        finish_reason "length"), so an abandoned request stops costing model time within one step."""
+        if should_stop is not None and should_stop():
+            raise Cancelled("the request was cancelled before generation")
         enc = encode_sample(self.processor, sample, images)
         prompt_len = int(enc.input_ids.shape[0])
         if prompt_len + sampling.max_new_tokens > self.context:
@@ -121,7 +131,7 @@ class ServedModel:
         runs = 1 if sampling.greedy else sampling.n
         seed = secrets.randbits(63) if seed is None else seed
         group = self.engine.generate([sample], runs, sampling, seeds=[seed], encoded=[enc],
-                                     max_seconds=self.max_time)[0]
+                                     max_seconds=self.max_time, should_stop=should_stop)[0]
         choices = [_choice(self.processor.tokenizer, c, stop) for c in group.completions]
         if runs < sampling.n:
             choices = [Choice(c.text, c.completion_tokens, c.finish_reason) for c in choices * sampling.n]
