@@ -120,3 +120,15 @@ def test_repetition_penalty_hand_values() -> None:
     assert repetition_penalty("a b", ngram_size=3) == 0.0 and repetition_penalty("") == 0.0
     with pytest.raises(ValueError, match="max_penalty"):
         repetition_penalty("a", max_penalty=1.0)
+
+
+@pytest.mark.parametrize("given", [-(10**400), -5, -1.5, "12", None, True])
+def test_a_metadata_length_that_is_no_token_count_is_not_used(given: object) -> None:
+    """Found while fuzzing (tests/fuzz/test_fuzz_rewards.py): ``completion_length: -1e400`` (an integer in the data)
+    made the cosine reward raise OverflowError. A metadata length must be a non-negative int; anything else is
+    ignored and the length counted from the text (here 2 words)."""
+    sample = Sample(id="1", images=[], messages=[], answer="x y", problem_type="free_form",
+                    metadata={"completion_length": given})  # fmt: skip
+    expected = cosine_scaled(2, True, 4)
+    assert get_reward("cosine")(["x y"], [sample], max_length=4) == [pytest.approx(expected)]
+    assert get_reward("overlong")(["x y"], [sample], max_length=4, cache_length=2) == [0.0]

@@ -159,3 +159,23 @@ def test_multi_box_grounding_through_score_and_rewards() -> None:
     values = [get_reward(n)(["[5,5,15,15]"], [single])[0] for n in ("iou", "iou_hit", "iou_mixed")]
     assert values == [pytest.approx(1 / 7), 0.0, pytest.approx(0.5 / 7)]
     assert math.isclose(get_reward("det_vlmr1")(["[0,0,10,10]"], [single])[0] or 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"coord_space": "norm1", "image_size": [float("inf"), 100]},  # inf (JSON Infinity)
+        {"coord_space": "norm1000", "image_size": [10**400, 100]},  # too large for a float
+        {"coord_space": "resized", "image_size": [10**300, 10**300]},  # smart_resize overflows
+        {"coord_space": "resized", "image_size": [True, 100]},  # a bool is no size
+        {"coord_space": "resized", "image_size": [100, 100], "factor": "x"},
+        {"coord_space": "resized", "image_size": [100, 100], "factor": 0},
+        {"coord_space": "resized", "image_size": [100, 100], "max_pixels": 0},
+        {"coord_space": "resized", "image_size": [100, 100], "min_pixels": [1]},
+    ],
+)
+def test_absurd_grounding_metadata_is_unscorable_not_an_exception(metadata: dict[str, object]) -> None:
+    """Found by tests/fuzz/test_fuzz_rewards.py: metadata the coordinate mapping cannot use raised
+    (OverflowError, ValueError, ZeroDivisionError) out of the reward instead of giving None."""
+    assert scale_factors(str(metadata["coord_space"]), metadata) is None
+    assert grounding_score("[1, 2, 3, 4]", "[1, 2, 3, 4]", metadata) is None

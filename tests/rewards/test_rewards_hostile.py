@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -24,6 +25,7 @@ HOSTILE = {
     "nested_boxed": "\\boxed{" * 10_000,
     "one_mb": "<think>" + "step " * 200_000 + "</think><answer>3</answer>",
     "one_mb_tags": "</think><answer>" * 65_000,
+    "open_thinks": "<think>" * 150_000,  # no closing tag: a lazy regex rescans the rest of the text per tag
     "one_mb_line": "x" * 1_000_000,
     "huge_exponent": "1e999999",
     "many_nines": "9" * 10_000,
@@ -60,6 +62,19 @@ def test_all_registered_rewards_bounded(name: str) -> None:
     start = time.perf_counter()
     extract_answer(HOSTILE[name])
     parse_boxes(HOSTILE[name])
+    assert time.perf_counter() - start < BOUND
+
+
+def test_unclosed_think_tags_cost_linear_time() -> None:
+    """Found by tests/fuzz/test_fuzz_rewards.py: dropping ``<think>`` blocks with ``<think>.*?</think>`` rescanned
+    the rest of the text from every unclosed tag, so 1 MB of ``<think>`` (a math completion) took hours."""
+    from vlrl.rewards.extract import without_thinking
+
+    text = "<think>" * 150_000
+    start = time.perf_counter()
+    assert without_thinking(text) == text
+    assert without_thinking("a<think>x</think>b<THINK>y</Think>c<think>z") == "a\nb\nc<think>z"
+    assert score_answer(text + "\n42", "42", "math", math_timeout=2.0) == 1.0
     assert time.perf_counter() - start < BOUND
 
 
@@ -100,3 +115,35 @@ def test_math_deadline_gives_back_a_callers_timer() -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_math_deadline_is_not_raised_inside_a_gc_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found while fuzzing (tests/fuzz/test_fuzz_rewards.py): the deadline's timer fired inside a gc callback
+    (hypothesis registers one), where Python swallows the exception and reports it as unraisable; the comparison
+    went on until the timer fired again, and under pytest the report itself was interrupted (an error). The
+    time-out must be raised in the comparison's own code, after the callback returns."""
+    import gc
+
+    from vlrl.rewards.mathcheck import MathTimeout, deadline
+
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    def slow_callback(phase: str, info: dict[str, int]) -> None:  # outlasts the deadline below
+        if phase == "start":
+            until = time.monotonic() + 0.3
+            while time.monotonic() < until:
+                pass
+
+    gc.callbacks.append(slow_callback)
+    try:
+        with pytest.raises(MathTimeout), deadline(0.05):
+            gc.collect()
+            gc.callbacks.remove(slow_callback)
+            until = time.monotonic() + BOUND
+            while time.monotonic() < until:
+                pass
+    finally:
+        if slow_callback in gc.callbacks:
+            gc.callbacks.remove(slow_callback)
+    assert unraisable == []

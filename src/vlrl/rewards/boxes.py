@@ -14,7 +14,9 @@
 6. bare lists ``[x1, y1, x2, y2]``.
 
 Bounds: JSON text longer than `MAX_JSON_CHARS` is not parsed, numbers beyond +-`MAX_COORD` or not finite
-are refused, regex numbers have at most 9+9 digits; every pattern is linear in the text length.
+are refused, regex numbers have at most 9+9 digits; every pattern is linear in the text length. Metadata is data
+too: an ``image_size`` side that is not a positive integer up to `MAX_COORD`, or a ``factor`` / ``min_pixels`` /
+``max_pixels`` that is not a positive integer, gives no scale factors (the item is unscorable), never an exception.
 
 Coordinate spaces (`to_pixel_box`), for a box predicted in space S of an image of original size (w, h):
 
@@ -189,20 +191,39 @@ def parse_boxes(text: str) -> list[Box]:
     return []
 
 
+def _positive_int(value: Any, bound: float = MAX_COORD) -> int | None:
+    """`value` as a positive int no larger than `bound`, else None (a bool, NaN, inf, 10**400, "x", a list):
+    metadata comes from data files, and an absurd size must make an item unscorable, not raise in the reward."""
+    if isinstance(value, bool):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return n if 0 < n <= bound else None
+
+
 def image_size(metadata: dict[str, Any]) -> tuple[int, int] | None:
-    """(w, h) from ``metadata["image_size"]`` = [w, h] with positive integers, else None."""
+    """(w, h) from ``metadata["image_size"]`` = [w, h] with positive integers (at most `MAX_COORD`), else None."""
     size = metadata.get("image_size")
     if not isinstance(size, (list, tuple)) or len(size) != 2:
         return None
-    try:
-        w, h = int(size[0]), int(size[1])
-    except (TypeError, ValueError):
+    w, h = _positive_int(size[0]), _positive_int(size[1])
+    return (w, h) if w is not None and h is not None else None
+
+
+def _resize_options(metadata: dict[str, Any]) -> dict[str, int] | None:
+    """``factor``, ``min_pixels``, ``max_pixels`` given in `metadata`, as positive ints; None if one is unusable."""
+    given = {k: metadata[k] for k in ("factor", "min_pixels", "max_pixels") if metadata.get(k) is not None}
+    options = {k: _positive_int(v, MAX_COORD if k == "factor" else MAX_COORD**2) for k, v in given.items()}
+    if any(v is None for v in options.values()):
         return None
-    return (w, h) if w > 0 and h > 0 else None
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def scale_factors(coord_space: str, metadata: dict[str, Any]) -> tuple[float, float] | None:
-    """(sx, sy) mapping `coord_space` coordinates to original pixels; None if the metadata cannot tell."""
+    """(sx, sy) mapping `coord_space` coordinates to original pixels; None if the metadata cannot tell (no usable
+    image size, or resize options that are not positive integers)."""
     if coord_space == "pixel":
         return 1.0, 1.0
     size = image_size(metadata)
@@ -213,12 +234,12 @@ def scale_factors(coord_space: str, metadata: dict[str, Any]) -> tuple[float, fl
         return w / 1000.0, h / 1000.0
     if coord_space == "norm1":
         return float(w), float(h)
-    kwargs = {
-        k: int(metadata[k]) for k in ("factor", "min_pixels", "max_pixels") if metadata.get(k) is not None
-    }
+    options = _resize_options(metadata)
+    if options is None:
+        return None
     try:
-        rh, rw = smart_resize(h, w, **kwargs)
-    except ValueError:
+        rh, rw = smart_resize(h, w, **options)
+    except (ValueError, ArithmeticError):
         return None
     return w / rw, h / rh
 

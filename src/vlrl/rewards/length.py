@@ -17,8 +17,8 @@
 
 Length L, in order of preference: the ``completion_lengths`` keyword (a list of token counts aligned
 with the completions, which the trainer passes at run time), else ``sample.metadata["completion_length"]``
-(tokens), else counted from the text by ``length_unit``: "whitespace" (default: whitespace-separated
-tokens, roughly 0.75 of a BPE token count for English) or "chars" (characters).
+(tokens; used only when it is a non-negative int), else counted from the text by ``length_unit``: "whitespace"
+(default: whitespace-separated tokens, roughly 0.75 of a BPE token count for English) or "chars" (characters).
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ def text_length(text: str, unit: str = "whitespace") -> int:
 def completion_length(
     completion: str, sample: Sample, index: int, completion_lengths: Sequence[int] | None, unit: str
 ) -> int:
-    """Token count from `completion_lengths`, else metadata ``completion_length``, else `text_length`."""
+    """Token count from `completion_lengths`, else metadata ``completion_length`` when it is a non-negative int
+    (the data may hold anything: -1e400 there made the cosine schedule overflow), else `text_length`."""
     if completion_lengths is not None:
         return int(completion_lengths[index])
     given = sample.metadata.get("completion_length") if isinstance(sample.metadata, dict) else None
-    if isinstance(given, int) and not isinstance(given, bool):
+    if isinstance(given, int) and not isinstance(given, bool) and given >= 0:
         return given
     return text_length(completion, unit)
 

@@ -7,7 +7,8 @@ and the whole comparison (both parses and the verify) runs under `deadline`:
 - in the main thread of the process (the usual case, and the case inside a `RewardRunner` worker
   process), an ``ITIMER_REAL`` timer raises `MathTimeout` (a BaseException, so library code's
   ``except Exception`` cannot swallow it) when the budget is spent, and keeps re-firing every 50 ms
-  until the comparison has unwound;
+  until the comparison has unwound; a firing that lands in a gc callback or a ``__del__`` (where Python
+  would swallow the exception) raises nothing and leaves it to the next;
 - in any other thread no timer can be set: the comparison runs without an in-process bound and the
   caller must rely on the runner's process pool (which kills a worker past its time limit).
 
@@ -29,11 +30,13 @@ and ``expr`` (plain expressions and numbers); both by default.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import signal
 import threading
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -84,6 +87,17 @@ def warm_up() -> None:
     )
 
 
+def _in_finalizer(frame: types.FrameType | None) -> bool:
+    """True if `frame` runs inside a gc callback or a ``__del__``, where Python swallows an exception (reporting it
+    as unraisable): the time-out waits for the timer's next firing, in the comparison's own code."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextmanager
 def deadline(seconds: float | None) -> Iterator[bool]:
     """Raise `MathTimeout` in the body after `seconds` (main thread only); yields whether a timer is armed."""
@@ -97,8 +111,8 @@ def deadline(seconds: float | None) -> Iterator[bool]:
         return
     armed = [True]
 
-    def _handler(signum: int, frame: object) -> None:
-        if armed[0]:
+    def _handler(signum: int, frame: types.FrameType | None) -> None:
+        if armed[0] and not _in_finalizer(frame):
             raise MathTimeout()
 
     old_handler = signal.signal(signal.SIGALRM, _handler)

@@ -94,7 +94,12 @@ def parse_target(spec: str, cwd: str | Path | None = None) -> UserTarget:
     if location.endswith(".py") or "/" in location or os.sep in location:
         if not location.endswith(".py"):
             raise UserRewardError(f"reward {spec!r}: {location!r} is not a .py file ({form})")
-        path = Path(location).expanduser()
+        try:
+            path = Path(location).expanduser()
+        except RuntimeError:  # ~user whose home directory cannot be determined
+            raise UserRewardError(
+                f"reward {spec!r}: cannot expand the home directory in {location!r}"
+            ) from None
         if not path.is_absolute():
             path = Path(cwd if cwd is not None else os.getcwd()) / path
         return UserTarget(spec, "file", os.path.normpath(path), function)
@@ -118,10 +123,10 @@ def _load_file(target: UserTarget) -> types.ModuleType:
     if path in _MODULES:
         return _MODULES[path]
     if not os.path.isfile(path):
-        written = Path(target.spec.rpartition(SEPARATOR)[0]).expanduser()
+        written = Path(target.spec.rpartition(SEPARATOR)[0].strip())
         hint = (
             ""
-            if written.is_absolute()
+            if written.is_absolute() or target.spec.strip().startswith("~")
             else f" (a relative path is resolved against the current directory, {os.getcwd()})"
         )
         raise target.fail(f"file {path} not found{hint}")
