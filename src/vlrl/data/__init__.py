@@ -13,6 +13,7 @@ from vlrl.data.images import check_image, image_size, load_image
 from vlrl.data.registry import RegistryEntry, load_dataset, load_registry
 from vlrl.data.resize import smart_resize
 from vlrl.data.sample import IMAGE_PLACEHOLDER, PROBLEM_TYPES, Sample
+from vlrl.data.screen import RESERVED_TOKENS, TextLimits
 from vlrl.data.stream import SampleStream
 from vlrl.data.templates import R1_SYSTEM_PROMPT, TEMPLATES, apply_template
 from vlrl.data.writers import write_dataset
@@ -22,7 +23,9 @@ __all__ = [
     "IMAGE_PLACEHOLDER",
     "PROBLEM_TYPES",
     "R1_SYSTEM_PROMPT",
+    "RESERVED_TOKENS",
     "TEMPLATES",
+    "TextLimits",
     "ColumnMap",
     "DataError",
     "Dataset",

@@ -51,11 +51,14 @@ class ColumnMap:
     def from_dict(cls, mapping: dict[str, Any], *, path: str | None = None) -> ColumnMap:
         """Build from a registry entry's `columns:`; an unknown key is an error naming the valid ones."""
         valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(mapping) - set(valid))
+        unknown = sorted(str(k) for k in mapping if k not in valid)
         if unknown:
             raise DataError(
                 path, None, "columns", f"unknown key(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
             )
+        for key, value in mapping.items():
+            if value is not None and not isinstance(value, str):
+                raise DataError(path, None, f"columns.{key}", f"must be a column name (a string), got {value!r}")
         return cls(**mapping)
 
     def used(self) -> set[str]:

@@ -11,8 +11,9 @@ from typing import Any
 
 from vlrl.data.embedded import CONTAINERS, cell_bytes, cell_path, is_ref, make_ref, parse_ref
 from vlrl.data.errors import DataError
-from vlrl.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_image, check_image_bytes
+from vlrl.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_image, check_image_bytes, missing_image
 from vlrl.data.sample import IMAGE_PLACEHOLDER, PROBLEM_TYPES
+from vlrl.data.screen import TextLimits
 
 # Spellings found in the wild (VLM-R1 / Video-R1 jsonl use "multiple choice", "OCR", "free-form").
 # SophiaVL-R1 scores "text" and "caption" answers as free-form text (its reward manager's free_form_compute_score).
@@ -37,6 +38,8 @@ class ReadContext:
     problem_type: str | None = None  # fixed / default problem type from the caller or registry
     container: str = "jsonl"  # jsonl | json | parquet | arrow: where embedded image bytes can be referred to
     checked: dict[str, str | None] = field(default_factory=dict)  # image path -> error message or None
+    limits: TextLimits = field(default_factory=TextLimits)  # bounds on text and nesting, reserved tokens
+    allow_outside_root: bool = False  # relative image paths may climb out of image_root (`../x.png`)
 
     def at(self, line: int) -> RecordContext:
         return RecordContext(self, line)
@@ -80,7 +83,21 @@ def _image_path(value: Any, ctx: RecordContext, field_name: str) -> str:
         raise ctx.error(field_name, f"image must be a non-empty path string, got {value!r}")
     if is_ref(value):
         return value
-    return os.path.normpath(os.path.join(ctx.read.image_root, value))
+    return _inside_root(value, ctx, field_name)
+
+
+def _inside_root(value: str, ctx: RecordContext, field_name: str) -> str:
+    """The absolute path of an image path: a relative one must stay inside image_root (`../../etc/passwd` is
+    refused) unless the read allows it. An absolute path is the data's explicit choice (vlrl's own writers
+    write them) and is taken as it is; symlinks inside the root may point anywhere (datasets link image
+    folders from other disks)."""
+    root = os.path.normpath(ctx.read.image_root)
+    path = os.path.normpath(os.path.join(root, value))
+    if os.path.isabs(value) or ctx.read.allow_outside_root or os.path.commonpath([root, path]) == root:
+        return path
+    raise ctx.error(field_name, f"image path {value[:200]!r} resolves outside image_root {root}; allow it with "
+                    "`allow_outside_image_root: true` in the registry entry (read_file(allow_outside_image_root="
+                    "True))")
 
 
 def _embedded(data: bytes, ctx: RecordContext, column: str, index: int | None, name: str) -> str:
@@ -123,7 +140,7 @@ def resolve_images(value: Any, ctx: RecordContext, field_name: str = "image") ->
 def _check(path: str, read: ReadContext) -> str | None:
     ref = parse_ref(path)
     if ref is None and not os.path.isfile(path):
-        return f"image file not found: {path}"
+        return missing_image(path)
     if ref is not None and not os.path.isfile(ref.file):
         return f"data file of the embedded image not found: {ref.file}"
     if read.check_images:

@@ -29,7 +29,7 @@ def _turns(conversations: Any, ctx: RecordContext) -> list[dict[str, str]]:
         if not isinstance(turn, dict):
             raise ctx.error(f"conversations[{i}]", f"a turn must be an object, got {type(turn).__name__}")
         speaker = turn.get("from", turn.get("role"))
-        if speaker not in ROLES:
+        if not isinstance(speaker, str) or speaker not in ROLES:
             raise ctx.error(
                 f"conversations[{i}].from", f"unknown speaker {speaker!r}; valid: {', '.join(ROLES)}"
             )

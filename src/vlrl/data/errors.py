@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MAX_SHOWN = 1000
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN]}... ({len(text) - MAX_SHOWN} characters cut)"
+
 
 class DataError(ValueError):
     """A data file or record that cannot be used.
@@ -13,7 +19,9 @@ class DataError(ValueError):
     field: the record field at fault (e.g. "conversations[0].value", "image"), or None.
     message: what is wrong, in words.
 
-    `str(err)` reads `"{path}:{line}: field '{field}': {message}"`, leaving out the parts that are None.
+    `str(err)` reads `"{path}:{line}: field '{field}': {message}"`, leaving out the parts that are None; a
+    message or field past MAX_SHOWN characters (one quoting a huge value from the data) is cut there, since errors
+    are printed.
     """
 
     def __init__(
@@ -33,8 +41,8 @@ class DataError(ValueError):
             where = f"line {self.line}"
         parts = [where] if where else []
         if self.field is not None:
-            parts.append(f"field '{self.field}'")
-        parts.append(self.message)
+            parts.append(f"field '{_cut(self.field)}'")
+        parts.append(_cut(self.message))
         return ": ".join(parts)
 
     def __str__(self) -> str:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlrl.data.benchmarks import from_mathv, from_nlvr
+from vlrl.data.checks import screened
 from vlrl.data.columns import ColumnMap, from_columns
 from vlrl.data.common import ReadContext, RecordContext, normalize_problem_type
 from vlrl.data.conversation import from_conversation
@@ -35,6 +37,7 @@ from vlrl.data.errors import DataError
 from vlrl.data.frameworks import SOPHIAVL_COLUMNS, from_prompt_answer, from_verl
 from vlrl.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from vlrl.data.sample import Sample
+from vlrl.data.screen import NESTING_MESSAGE, TextLimits, bounded_lines, line_too_long
 from vlrl.data.sources import resolve_source
 
 FORMATS = ("vlmr1", "llava", "mathv", "nlvr", "columns", "easyr1", "hf", "sophiavl", "verl")
@@ -79,46 +82,98 @@ def _container(path: Path) -> str:
     return "json" if head.startswith(b"[") else "jsonl"
 
 
-def _jsonl(path: Path) -> Iterator[Record]:
-    with path.open("rb") as f:
-        for line, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-                msg = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)
-                yield line, DataError(path, line, None, f"invalid JSON: {msg}")
-                continue
-            if not isinstance(record, dict):
-                yield (
-                    line,
-                    DataError(
-                        path, line, None, f"a record must be a JSON object, got {type(record).__name__}"
-                    ),
-                )
-                continue
-            yield line, record
-
-
-def _json_list(path: Path) -> Iterator[Record]:
+def _parsed(path: Path, line: int, raw: bytes | str, limits: TextLimits) -> dict[str, Any] | DataError:
+    """One JSON record, or the DataError saying why it is none (invalid JSON, not an object, nested past the
+    parser's recursion limit)."""
     try:
-        with path.open("rb") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise DataError(path, exc.lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
-    except ValueError as exc:
+        record = json.loads(raw)
+    except RecursionError:
+        return DataError(path, line, None, NESTING_MESSAGE.format(limits.max_depth))
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        msg = f"{exc.msg} (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        return DataError(path, line, None, f"invalid JSON: {msg}")
+    if not isinstance(record, dict):
+        return DataError(path, line, None, f"a record must be a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _jsonl(path: Path, limits: TextLimits) -> Iterator[Record]:
+    with path.open("rb") as f:
+        for line, raw in bounded_lines(f, limits.max_line_bytes):
+            if raw is None:
+                yield line, DataError(path, line, None, line_too_long(limits))
+            elif raw.strip():
+                yield line, _parsed(path, line, raw, limits)
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_SPACE = re.compile(r"[ \t\r\n]*")
+
+
+def _after_space(text: str, pos: int) -> int:
+    match = _SPACE.match(text, pos)
+    return pos if match is None else match.end()
+
+
+def _value_end(text: str, pos: int) -> int:
+    """The end of the JSON array or object starting at `pos`, found by bracket counting (no recursion), so that a
+    record too deep to parse can be skipped and the ones after it read."""
+    depth = 0
+    for match in _JSON_TOKEN.finditer(text, pos):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+        elif token in "]}":
+            depth -= 1
+            if depth == 0:
+                return match.end()
+    return len(text)
+
+
+def _json_list(path: Path, limits: TextLimits) -> Iterator[Record]:
+    """The records of a JSON list. The whole file is parsed before the first record is used (as `json.load`
+    would: a syntax error anywhere fails the file first), one element at a time, so that a record nested too
+    deep is reported at its own index and the others still read."""
+    return iter(list(_json_elements(path, limits)))
+
+
+def _json_elements(path: Path, limits: TextLimits) -> Iterator[Record]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         raise DataError(path, None, None, f"invalid JSON: {exc}") from exc
-    if not isinstance(data, list):
-        raise DataError(path, None, None, f"expected a JSON list of records, got {type(data).__name__}")
-    for index, record in enumerate(data, start=1):
-        if isinstance(record, dict):
-            yield index, record
+    decoder = json.JSONDecoder()
+    pos = _after_space(text, 0)
+    if not text.startswith("[", pos):
+        raise DataError(path, None, None, "expected a JSON list of records")
+    pos, index = pos + 1, 0
+    while True:
+        pos = _after_space(text, pos)
+        if text.startswith("]", pos) and index == 0:
+            pos += 1
+            break
+        index += 1
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except RecursionError:
+            yield index, DataError(path, index, None, NESTING_MESSAGE.format(limits.max_depth))
+            pos = _value_end(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(path, exc.lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
         else:
-            yield (
-                index,
-                DataError(path, index, None, f"a record must be a JSON object, got {type(record).__name__}"),
-            )
+            kind = type(record).__name__
+            yield index, record if isinstance(record, dict) else DataError(
+                path, index, None, f"a record must be a JSON object, got {kind}")
+        pos = _after_space(text, pos)
+        if text.startswith(",", pos):
+            pos += 1
+        elif text.startswith("]", pos):
+            pos += 1
+            break
+        else:
+            raise DataError(path, text.count("\n", 0, pos) + 1, None, "invalid JSON: expected ',' or ']' after a record")
+    if text[pos:].strip():
+        raise DataError(path, text.count("\n", 0, pos) + 1, None, "invalid JSON: extra data after the list")
 
 
 def _rows(path: Path, batches: Iterator[Any], before: int = 0) -> Iterator[Record]:
@@ -174,9 +229,11 @@ def _arrow(path: Path, start: int = 1) -> Iterator[Record]:
     return _rows(path, iter(table.slice(start - 1).to_batches(max_chunksize=16)), start - 1)
 
 
-def iter_records(path: str | Path, start: int = 1) -> Iterator[Record]:
+def iter_records(path: str | Path, start: int = 1, limits: TextLimits | None = None) -> Iterator[Record]:
     """(line, record) for each record of the file from line (row) `start` on, or (line, DataError) for one that
-    is not an object. Parquet and Arrow files skip to `start` without reading the rows before it."""
+    is not an object (or a jsonl line over `limits.max_line_bytes`, or nested past the JSON parser's limit).
+    Parquet and Arrow files skip to `start` without reading the rows before it."""
+    limits = limits or TextLimits()
     p = Path(path)
     if not p.is_file():
         raise DataError(p, None, None, "data file not found")
@@ -185,7 +242,7 @@ def iter_records(path: str | Path, start: int = 1) -> Iterator[Record]:
         return _parquet(p, start)
     if kind == "arrow":
         return _arrow(p, start)
-    records = _json_list(p) if kind == "json" else _jsonl(p)
+    records = _json_list(p, limits) if kind == "json" else _jsonl(p, limits)
     return records if start <= 1 else ((line, r) for line, r in records if line >= start)
 
 
@@ -210,6 +267,11 @@ def detect_format(record: dict[str, Any], container: str, columns: ColumnMap | N
 
 
 def _converter(fmt: str, columns: ColumnMap | None, rename: dict[str, str] | None = None) -> Converter:
+    """The format's converter behind the screening every format shares (`vlrl.data.checks.screened`)."""
+    return screened(_format_converter(fmt, columns, rename))
+
+
+def _format_converter(fmt: str, columns: ColumnMap | None, rename: dict[str, str] | None) -> Converter:
     if fmt in ("vlmr1", "llava"):
         return from_conversation
     if fmt in ("easyr1", "hf"):
@@ -239,6 +301,8 @@ def read_file(
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     split: str | None = None,
     rename: dict[str, str] | None = None,
+    limits: TextLimits | None = None,
+    allow_outside_image_root: bool = False,
 ) -> Dataset:
     """Read and validate every record of `path`: a data file, or several read as one dataset (a folder of
     parquet shards, a glob, a `save_to_disk` folder, `PATH@SPLIT`; see `vlrl.data.sources`).
@@ -251,7 +315,11 @@ def read_file(
     skip_invalid: drop invalid records, counting them in `n_skipped` / `errors`, instead of raising the first
     error. limit: stop after this many valid samples. Duplicate ids are invalid records. split: the split of a
     folder holding several. rename: SophiaVL-R1's source column -> role map (formats easyr1 / sophiavl).
+    limits: the bounds on lines, strings and nesting and the reserved tokens (`vlrl.data.screen.TextLimits`).
+    allow_outside_image_root: accept relative image paths that climb out of image_root (`../x.png`); refused
+    by default, since a data file from elsewhere could name any file of the machine.
     """
+    limits = limits or TextLimits()
     p = Path(path)
     if format is not None and format not in FORMATS:
         raise DataError(p, None, "format", f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
@@ -268,8 +336,9 @@ def read_file(
     for file in source.files:
         container = _container(file)
         root = Path(os.path.abspath(image_root if image_root is not None else file.parent))
-        read = ReadContext(file, root, check_images, max_image_pixels, problem_type, container=container)
-        for line, record in iter_records(file):
+        read = ReadContext(file, root, check_images, max_image_pixels, problem_type, container=container,
+                           limits=limits, allow_outside_root=allow_outside_image_root)
+        for line, record in iter_records(file, limits=limits):
             if limit is not None and len(dataset.samples) >= limit:
                 return dataset
             if convert is None and isinstance(record, dict):  # the first object decides; failing that is fatal
@@ -299,7 +368,7 @@ def _pick_format(
         return fmt
     found = "columns" if cmap is not None else detect_format(record, container)
     if found is None:
-        keys = ", ".join(sorted(record))
+        keys = ", ".join(ascii(k)[:40] for k in sorted(record)[:20])  # hostile keys: escaped, bounded
         raise DataError(
             path,
             line,

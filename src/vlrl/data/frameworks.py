@@ -39,6 +39,7 @@ from vlrl.data.common import (
 from vlrl.data.embedded import cell_bytes
 from vlrl.data.errors import DataError
 from vlrl.data.sample import IMAGE_PLACEHOLDER, PROBLEM_TYPES, Sample
+from vlrl.data.screen import NESTING_MESSAGE, record_problem
 
 ROLES = ("prompt", "answer", "images")
 SOPHIAVL_COLUMNS = {"problem": "prompt", "solution": "answer", "path": "images"}  # its dataset_info.json's demo
@@ -73,10 +74,15 @@ def _restore(record: dict[str, Any], ctx: RecordContext, field_name: str) -> dic
         return None
     try:
         data = json.loads(raw) if isinstance(raw, str) else None
+    except RecursionError:
+        raise ctx.error(field_name, NESTING_MESSAGE.format(ctx.read.limits.max_depth)) from None
     except ValueError as exc:
         raise ctx.error(field_name, f"invalid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ctx.error(field_name, "must be a JSON object written by vlrl")
+    problem = record_problem(data, ctx.read.limits)  # the JSON inside the record is screened as the record was
+    if problem is not None:
+        raise ctx.error(f"{field_name}.{problem[0]}" if problem[0] else field_name, problem[1])
     return data
 
 

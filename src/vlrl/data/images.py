@@ -13,7 +13,9 @@ asked for bigger images explicitly and the warning is silenced).
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +32,26 @@ _DEFAULT_MIN_PIXELS = 56 * 56
 _DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 
 
+def missing_image(path: str | Path) -> str:
+    """Why `path` (not a regular file) is no image, in words: a directory, a symlink loop, a broken symlink, or
+    simply not there."""
+    p = Path(path)
+    if p.is_dir():
+        return f"image path is a directory, not a file: {p}"
+    if p.is_symlink():
+        try:
+            p.resolve(strict=True)
+        except RuntimeError:  # Python 3.11 raises RuntimeError on a loop, later ones OSError (ELOOP)
+            return f"image path is a symlink loop: {p}"
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"image path is a symlink loop: {p}"
+            return f"image path is a broken symlink (to {os.readlink(p)}): {p}"
+    if p.exists():
+        return f"image path is not a regular file: {p}"
+    return f"image file not found: {p}"
+
+
 def _source(path: str | Path) -> tuple[Any, Callable[[str], DataError]]:
     """(what PIL opens: a file path or the embedded bytes, a builder of errors located at the image)."""
     ref = parse_ref(path) if isinstance(path, str) else None
@@ -38,7 +60,7 @@ def _source(path: str | Path) -> tuple[Any, Callable[[str], DataError]]:
         return io.BytesIO(data), ref.error
     p = Path(path)
     if not p.is_file():
-        raise DataError(p, message="image file not found")
+        raise DataError(p, message=missing_image(p).rsplit(": ", 1)[0])
     return p, lambda message: DataError(p, message=message)
 
 

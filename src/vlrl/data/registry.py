@@ -6,6 +6,8 @@
       image_root: synth/counting   # optional; default: the data file's folder
       template: answer             # optional; the prompt template training / eval apply
       split: train                 # optional: the split read from a folder holding several (and a label)
+      allow_outside_image_root: false  # optional: relative image paths may climb out of image_root (../x.png)
+      max_text_chars: 100000       # optional: the longest string a record may hold (`vlrl.data.screen`)
     my_table:
       file: tables/q.parquet
       columns: {question: q, answer: a, image: img_path}
@@ -33,12 +35,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from vlrl.config import ConfigError, load_yaml
 from vlrl.data.columns import ColumnMap
 from vlrl.data.errors import DataError
 from vlrl.data.formats import FORMATS, Dataset, read_file
 from vlrl.data.frameworks import ROLES
+from vlrl.data.screen import TextLimits, record_problem
 from vlrl.data.sources import is_dataset_path, split_spec
 from vlrl.data.templates import TEMPLATES
 
@@ -58,23 +60,26 @@ class RegistryEntry:
     template: str | None = None
     split: str | None = None
     rename: dict[str, str] | None = None  # SophiaVL-R1's `columns`: source column -> role
+    allow_outside_image_root: bool | None = None  # relative image paths may climb out of image_root (`../x.png`)
+    max_text_chars: int | None = None  # longest string a record may hold (default `screen.DEFAULT_MAX_TEXT_CHARS`)
 
 
 _ENTRY_KEYS = tuple(f.name for f in fields(RegistryEntry) if f.name not in ("name", "rename"))
-_SOPHIAVL_KEYS = ("file_path", "image_base_path", "columns", "format", "problem_type", "template", "split")
+_SOPHIAVL_KEYS = ("file_path", "image_base_path", "columns", "format", "problem_type", "template", "split",
+                  "allow_outside_image_root", "max_text_chars")
 
 
 def _parse_file(path: Path) -> Any:
     if not path.is_file():
         raise DataError(path, None, None, "registry file not found")
-    try:
-        with path.open(encoding="utf-8") as f:
-            return yaml.safe_load(f)  # JSON is YAML too
-    except yaml.MarkedYAMLError as exc:
-        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else None
-        raise DataError(path, line, None, f"invalid registry: {exc.problem}") from exc
-    except yaml.YAMLError as exc:
-        raise DataError(path, None, None, f"invalid registry: {exc}") from exc
+    try:  # no anchors or aliases (an alias bomb expands a few lines into billions of nodes), no deep nesting
+        return load_yaml(path.read_text(encoding="utf-8"), str(path))  # JSON is YAML too
+    except UnicodeDecodeError as exc:
+        raise DataError(path, None, None, f"invalid registry: not UTF-8 ({exc.reason})") from None
+    except ConfigError as exc:
+        where, _, problem = str(exc).partition(": ")
+        line = where.rpartition(":")[2]
+        raise DataError(path, int(line) if line.isdigit() else None, None, f"invalid registry: {problem}") from None
 
 
 def _check_entry(path: Path, name: str, raw: Any) -> None:
@@ -92,13 +97,18 @@ def _check_entry(path: Path, name: str, raw: Any) -> None:
         raise DataError(
             path, None, f"{name}.format", f"unknown format {raw['format']!r}; valid: {', '.join(FORMATS)}"
         )
-    if raw.get("template") is not None and raw["template"] not in TEMPLATES:
+    if raw.get("template") is not None and (not isinstance(raw["template"], str) or raw["template"] not in TEMPLATES):
         raise DataError(
             path,
             None,
             f"{name}.template",
             f"unknown template {raw['template']!r}; valid: {', '.join(TEMPLATES)}",
         )
+    if not isinstance(raw.get("allow_outside_image_root", False), bool):
+        raise DataError(path, None, f"{name}.allow_outside_image_root", "must be true or false")
+    chars = raw.get("max_text_chars")
+    if chars is not None and (isinstance(chars, bool) or not isinstance(chars, int) or chars < 1):
+        raise DataError(path, None, f"{name}.max_text_chars", f"must be a positive integer, got {chars!r}")
     columns = raw.get("columns")
     if columns is not None and not isinstance(columns, dict):
         raise DataError(path, None, f"{name}.columns", "must be a mapping of role -> column name")
@@ -139,6 +149,8 @@ def _entry(path: Path, name: str, raw: Any) -> RegistryEntry:
             template=raw.get("template"),
             split=None if raw.get("split") is None else str(raw["split"]),
             rename=rename,
+            allow_outside_image_root=raw.get("allow_outside_image_root"),
+            max_text_chars=raw.get("max_text_chars"),
         )
     return RegistryEntry(
         name=name,
@@ -149,6 +161,8 @@ def _entry(path: Path, name: str, raw: Any) -> RegistryEntry:
         problem_type=raw.get("problem_type"),
         template=raw.get("template"),
         split=None if raw.get("split") is None else str(raw["split"]),
+        allow_outside_image_root=raw.get("allow_outside_image_root"),
+        max_text_chars=raw.get("max_text_chars"),
     )
 
 
@@ -160,6 +174,9 @@ def load_registry(path: str | Path) -> dict[str, RegistryEntry]:
         return {}
     if not isinstance(data, dict):
         raise DataError(p, None, None, f"a registry is a mapping of name -> entry, got {type(data).__name__}")
+    problem = record_problem(data, TextLimits())  # lone surrogates (YAML decodes "\ud800"), huge text, depth
+    if problem is not None:
+        raise DataError(p, None, *problem)
     return {str(name): _entry(p, str(name), raw) for name, raw in data.items()}
 
 
@@ -196,7 +213,9 @@ def resolve_dataset(
             spec, None, None, f"no such data file, and no registry to look the name up in ({hint})"
         )
     from_entry = {"format": entry.format, "columns": entry.columns, "image_root": entry.image_root,
-                  "problem_type": entry.problem_type, "split": name_split or entry.split, "rename": entry.rename}
+                  "problem_type": entry.problem_type, "split": name_split or entry.split, "rename": entry.rename,
+                  "allow_outside_image_root": entry.allow_outside_image_root,
+                  "limits": None if entry.max_text_chars is None else TextLimits(max_text_chars=entry.max_text_chars)}
     kwargs = {k: v for k, v in from_entry.items() if v is not None} | given
     return entry.file, kwargs, entry
 

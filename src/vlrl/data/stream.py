@@ -32,6 +32,7 @@ from vlrl.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from vlrl.data.loading import templated
 from vlrl.data.registry import resolve_dataset
 from vlrl.data.sample import Sample
+from vlrl.data.screen import TextLimits
 from vlrl.data.sources import resolve_source
 
 _MASK = (1 << 64) - 1
@@ -96,7 +97,9 @@ class SampleStream:
         image_root = kwargs.get("image_root")
         root = Path(os.path.abspath(image_root if image_root is not None else file.parent))
         return ReadContext(file, root, self._check_images, DEFAULT_MAX_IMAGE_PIXELS, kwargs.get("problem_type"),
-                           container=_container(file))
+                           container=_container(file),
+                           limits=kwargs.get("limits") or TextLimits(),
+                           allow_outside_root=bool(kwargs.get("allow_outside_image_root")))
 
     @staticmethod
     def _first_converter(files: list[Path], kwargs: dict[str, Any]) -> Converter:

@@ -36,13 +36,23 @@ holds ``agrees``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vlrl.data.errors import DataError
 from vlrl.data.sample import PROBLEM_TYPES, Sample
+from vlrl.data.screen import (
+    DEFAULT_MAX_LINE_BYTES,
+    NESTING_MESSAGE,
+    TextLimits,
+    bounded_lines,
+    line_too_long,
+    record_problem,
+)
 from vlrl.rewards.boxes import COORD_SPACES
 from vlrl.rewards.extract import DEFAULT_MODES, extract_answer
 from vlrl.rewards.registry import RewardSpec, check_reward_keys, combine
@@ -53,12 +63,31 @@ META_FIELDS = (
 )  # fmt: skip
 
 
-class ScoreInputError(ValueError):
-    """A malformed input line: the message names file, line and field."""
+class ScoreInputError(DataError):
+    """A malformed input line: the message names file, line and field (a `DataError`, which the CLI reports)."""
 
 
-def _fail(path: Path, lineno: int, message: str) -> ScoreInputError:
-    return ScoreInputError(f"{path}:{lineno}: {message}")
+def _fail(path: Path, lineno: int, message: str, field: str | None = None) -> ScoreInputError:
+    return ScoreInputError(path, lineno, field, message)
+
+
+def _parse_line(path: Path, lineno: int, raw: bytes | None, limits: TextLimits) -> Any:
+    """One input line as JSON, refused with its line number when it cannot be: too long, not UTF-8, invalid,
+    nested past `limits.max_depth`, or holding a lone surrogate (which no output file can encode)."""
+    if raw is None:
+        raise _fail(path, lineno, line_too_long(limits))
+    try:
+        record = json.loads(raw)
+    except RecursionError:
+        raise _fail(path, lineno, NESTING_MESSAGE.format(limits.max_depth)) from None
+    except json.JSONDecodeError as exc:
+        raise _fail(path, lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except ValueError as exc:  # not UTF-8; an integer of too many digits
+        raise _fail(path, lineno, f"invalid JSON: {exc}") from None
+    problem = record_problem(record, limits)
+    if problem is not None:
+        raise _fail(path, lineno, problem[1], problem[0])
+    return record
 
 
 def _answer_text(value: Any) -> str | None:
@@ -147,14 +176,13 @@ def read_score_input(path: str | Path) -> tuple[list[dict[str, Any]], list[Sampl
     records: list[dict[str, Any]] = []
     samples: list[Sample] = []
     completions: list[str] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    # completions may be long (a model's whole reasoning): only lines, nesting and surrogates are bounded here
+    limits = TextLimits(max_text_chars=DEFAULT_MAX_LINE_BYTES)
+    with path.open("rb") as f:
+        for lineno, line in bounded_lines(f, limits.max_line_bytes):
+            if line is not None and not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise _fail(path, lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+            record = _parse_line(path, lineno, line, limits)
             sample, completion = _sample(record, path, lineno)
             sample.metadata.setdefault("line", lineno)
             records.append(record)
@@ -247,6 +275,18 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"{'all':<18}{summary['n']:>8}{fmt(summary['mean_reward']):>14}{summary['n_none']:>8}")
 
 
+def _write_whole(out: Path, rows: list[str]) -> None:
+    """Write `rows` to `out` through a temporary file renamed over it: a failure mid-way leaves no partial output
+    (and an older `out` intact)."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.writelines(rows)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def score_file(
     in_path: str | Path,
     out_path: str | Path,
@@ -277,19 +317,18 @@ def score_file(
             active.close()
     modes = next((s.kwargs.get("modes", DEFAULT_MODES) for s in specs if s.name == "accuracy"), DEFAULT_MODES)
     line_rewards: list[float | None] = []
-    with Path(out_path).open("w", encoding="utf-8") as out:
-        for i, record in enumerate(records):
-            values = {spec.key: per_reward[spec.key][i] for spec in specs}
-            value = None if any(v is None for v in values.values()) else total[i]
-            line_rewards.append(value)
-            row = {**record, "reward": value, "extracted": extract_answer(completions[i], modes)}
-            if len(specs) > 1:
-                row["rewards"] = values
-            if report and "expected" in record:
-                row["agrees"] = value is not None and (value >= threshold) == (
-                    float(record["expected"]) >= 0.5
-                )
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    rows = []
+    for i, record in enumerate(records):
+        values = {spec.key: per_reward[spec.key][i] for spec in specs}
+        value = None if any(v is None for v in values.values()) else total[i]
+        line_rewards.append(value)
+        row = {**record, "reward": value, "extracted": extract_answer(completions[i], modes)}
+        if len(specs) > 1:
+            row["rewards"] = values
+        if report and "expected" in record:
+            row["agrees"] = value is not None and (value >= threshold) == (float(record["expected"]) >= 0.5)
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    _write_whole(Path(out_path), rows)
     summary = _summary([s.problem_type for s in samples], line_rewards)
     summary["rewards"] = [spec.key for spec in specs]
     if report:

@@ -32,9 +32,12 @@ metrics.jsonl, one line per logged step (all values global over ranks):
   adv/mean, adv/std, adv/min, adv/max, adv/frac_zero_std_groups   over the trained batch
   frac_zero_std_groups         over every group sampled this step (before dynamic sampling drops any)
   dynamic/tries, dynamic/prompts, dynamic/kept_groups, dynamic/fallback (1: no group had signal)
+  data/skipped_images          samples whose image no longer loaded, replaced by the next good one (skip_invalid)
   completion/len_mean, completion/len_max, completion/truncated_frac   (tokens, stop token included)
   sft_replay/loss              SFT loss of the step's replayed demonstrations (replay.coef > 0; before scaling)
   loss (mean over the step's optimizer updates; without the replay term), grad_norm (mean, before clipping), updates
+  skipped_nonfinite            updates skipped since the previous line for a loss or gradient norm that is not finite
+                               (no optimizer step); skipped_nonfinite_total: over the run (see `nonfinite_limit`)
   entropy (token mean, first epoch), kl (beta > 0), approx_kl, clip_frac/{low,high,region,dual}, ratio/mean
   rollout/logp_diff            mean |old log-prob - engine's sampling log-prob| per token: ~1e-6 when top-k /
                                top-p are off (a train / inference mismatch check); larger by design when on
@@ -265,7 +268,8 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     runner = RewardRunner(workers=r.reward_workers, timeout=r.reward_timeout) if r.reward_workers > 0 else None
     rollout = RolloutSpec(batch_size=r.batch_size, group_size=r.group_size, sampling=cfg.sampling,
                           rewards=list(cfg.rewards), seed=cfg.seed, dynamic_sampling=r.dynamic_sampling,
-                          dynamic_max_tries=r.dynamic_max_tries, runner=runner)
+                          dynamic_max_tries=r.dynamic_max_tries, runner=runner,
+                          skip_invalid=cfg.skip_invalid)
     tok = processor.tokenizer
     loss = LossSpec(
         loss_fn=POLICY_LOSSES.get(a.loss), loss_kwargs=loss_kwargs, agg_mode=a.agg_mode, max_len=r.max_new_tokens,

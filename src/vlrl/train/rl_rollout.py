@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vlrl.data.order import epoch_order, shard
+from vlrl.data.recheck import recheck_images
 from vlrl.data.sample import Sample
 from vlrl.rewards.registry import RewardSpec, combine
 from vlrl.rollout.base import RolloutEngine
@@ -112,6 +113,7 @@ class RolloutSpec:
     dynamic_sampling: bool = False
     dynamic_max_tries: int = 4
     runner: Any = None
+    skip_invalid: bool = False  # a sample whose image no longer loads is replaced and counted (`vlrl.data.recheck`)
 
 
 def collect(engine: RolloutEngine, samples: Sequence[Sample], spec: RolloutSpec, info: DistInfo,
@@ -126,7 +128,7 @@ def collect(engine: RolloutEngine, samples: Sequence[Sample], spec: RolloutSpec,
     """
     G, B = spec.group_size, spec.batch_size
     kept: list[tuple[int, Group, Tensor, dict[str, list[float | None]]]] = []
-    n_kept = tries = drawn = n_zero = 0
+    n_kept = tries = drawn = n_zero = n_bad_images = 0
     t_roll = t_reward = 0.0
     sampled = torch.zeros(2, dtype=torch.float64)  # sum and count of the scorable rewards of every draw
     last: list[tuple[int, Group, Tensor, dict[str, list[float | None]]]] = []
@@ -136,7 +138,9 @@ def collect(engine: RolloutEngine, samples: Sequence[Sample], spec: RolloutSpec,
         idx = stream_indices(position, k, len(samples), spec.seed)
         mine = shard(list(range(k)), info.rank, info.world_size)
         t = time.perf_counter()
-        groups = engine.generate([samples[idx[i]] for i in mine], G, spec.sampling,
+        picked, n_bad = recheck_images([samples[idx[i]] for i in mine], samples, spec.skip_invalid)
+        n_bad_images += n_bad
+        groups = engine.generate(picked, G, spec.sampling,
                                  seeds=[mix_seed(spec.seed, position + i) for i in mine])
         t_roll += time.perf_counter() - t
         t = time.perf_counter()
@@ -166,6 +170,7 @@ def collect(engine: RolloutEngine, samples: Sequence[Sample], spec: RolloutSpec,
     metrics = {"time/rollout": t_roll, "time/reward": t_reward, "frac_zero_std_groups": n_zero / max(1, drawn),
                "dynamic/tries": float(tries), "dynamic/prompts": float(drawn), "dynamic/kept_groups": float(n_kept),
                "dynamic/fallback": float(fallback)}
+    metrics["data/skipped_images"] = float(all_reduce_sum(torch.tensor([float(n_bad_images)]))[0])
     total, count = all_reduce_sum(sampled).tolist()
     metrics["reward/sampled_mean"] = total / max(1.0, count)
     scores_all = torch.cat([item[2] for item in kept]) if kept else torch.zeros(0, dtype=torch.float64)
