@@ -11,17 +11,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vlrl.config import ConfigError, KeyDoc, config_keys, describe_config, load_config
+from vlrl.config import ConfigError, KeyDoc, check_out_path, config_keys, describe_config, load_config
 from vlrl.data.errors import DataError
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a `key=value` word: never the value of a preceding --switch
 HELP_FLAGS = ("-h", "--help")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse `type`: an int >= `low`, else argparse's `error: argument --x: ...` (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(low: float | None = None, *, strict: bool = False) -> Callable[[str], float]:
+    """An argparse `type`: a finite float, >= `low` (> `low` if `strict`) when `low` is given."""
+    bound = "" if low is None else f" {'>' if strict else '>='} {low}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and (value < low or (strict and value == low))):
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    """An argparse `type`: a TCP port, 1..65535."""
+    value = _int_at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in 1..65535, got {value}")
+    return value
+
+
+def _check_outs(parser: argparse.ArgumentParser, outs: list[tuple[str, str | None, str]]) -> None:
+    """argparse's error (exit 2) for an output path (flag, path, dir | file) that cannot be written, before any
+    work: a file where a folder goes, a folder where a file goes, a path under a file."""
+    for flag, path, kind in outs:
+        if path is None:
+            continue
+        try:
+            check_out_path(flag, path, kind)
+        except ValueError as err:
+            parser.error(str(err))
 
 
 def _flags_to_overrides(rest: list[str], list_keys: tuple[str, ...] = ()) -> list[str]:
@@ -156,8 +208,9 @@ def cmd_init_model(rest: list[str]) -> None:
                    help="internvl: transformers' InternVLForConditionalGeneration with a Qwen2 text model")
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     a = p.parse_args(rest)
+    _check_outs(p, [("--out", a.out, "dir")])
     out = init_model(a.arch, a.size, a.out, seed=a.seed)
     print(f"{a.arch}/{a.size}: {count_parameters(load_model(out)) / 1e6:.2f} M parameters -> {out}")
 
@@ -170,14 +223,14 @@ def cmd_data(rest: list[str]) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     s = sub.add_parser("synth", help="write a synthetic task as VLM-R1 jsonl + PNG")
     s.add_argument("--task", choices=sorted(TASKS), required=True)
-    s.add_argument("--n", type=int, required=True)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n", type=_int_at_least(1), required=True)
+    s.add_argument("--seed", type=_int_at_least(0), default=0)
     s.add_argument("--split", default="train")
     s.add_argument("--out", required=True)
     v = sub.add_parser("validate", help="token budget and image check of every record against a model's processor")
     v.add_argument("spec")
     v.add_argument("--model", required=True)
-    v.add_argument("--prompt-budget", type=int, default=2048)
+    v.add_argument("--prompt-budget", type=_int_at_least(1), default=2048)
     v.add_argument("--report", help="write per-record reports as jsonl")
     st = sub.add_parser("stats", help="counts by task, problem type and answer type")
     st.add_argument("spec")
@@ -192,6 +245,9 @@ def cmd_data(rest: list[str]) -> None:
         q.add_argument("--registry")
         q.add_argument("--skip-invalid", action="store_true")
     a = p.parse_args(rest)
+    out_kind = "dir" if a.action == "synth" else "file"  # synth writes a folder of splits and images
+    _check_outs(sub.choices[a.action], [("--out", getattr(a, "out", None), out_kind),
+                                        ("--report", getattr(a, "report", None), "file")])
     if a.action == "synth":
         synth_main(a.task, a.n, a.seed, a.out, split=a.split)
     else:
@@ -235,8 +291,8 @@ def cmd_infer(rest: list[str]) -> None:
     p.add_argument("--image", action="append", default=[])
     p.add_argument("--prompt", required=True)
     p.add_argument("--thinking", action="store_true", help="use the thinking prompt template")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=256)
+    p.add_argument("--temperature", type=_finite_float(0.0), default=0.0)
     a = p.parse_args(rest)
     print(infer(a.model, a.image, a.prompt, thinking=a.thinking, max_new_tokens=a.max_new_tokens,
                 temperature=a.temperature))
@@ -244,7 +300,7 @@ def cmd_infer(rest: list[str]) -> None:
 
 def cmd_score(rest: list[str]) -> None:
     """score the completions of a jsonl file with vlrl's rewards"""
-    from vlrl.rewards.score import reward_specs_from_args, score_file
+    from vlrl.rewards.score import ScoreInputError, reward_specs_from_args, score_file
 
     p = argparse.ArgumentParser(prog="vlrl score", description="Score completions with vlrl's rewards.")
     p.add_argument("--data", required=True)
@@ -252,19 +308,26 @@ def cmd_score(rest: list[str]) -> None:
     p.add_argument("--reward", action="append", default=None,
                    help="a registered reward, or one of your own as path/to/file.py:function or "
                         "package.module:function; LABEL=NAME names its key (repeatable; default accuracy)")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--workers", type=_int_at_least(0), default=0,
                    help="reward worker processes (0: in-process, no time limit)")
-    p.add_argument("--timeout", type=float, default=10.0, help="with --workers: seconds per reward call")
+    p.add_argument("--timeout", type=_finite_float(0.0, strict=True), default=10.0,
+                   help="with --workers: seconds per reward call")
     p.add_argument("--report", action="store_true",
                    help="compare with each line's 'expected' verdict: disagreement counts per problem type")
-    p.add_argument("--threshold", type=float, default=0.5, help="with --report: reward >= this counts as correct")
+    p.add_argument("--threshold", type=_finite_float(), default=0.5,
+                   help="with --report: reward >= this counts as correct")
     a = p.parse_args(rest)
+    _check_outs(p, [("--out", a.out, "file")])
     try:
         specs = reward_specs_from_args(a.reward or ["accuracy"])
     except (KeyError, ValueError) as err:  # an unknown name, or a user reward that cannot load
         raise ConfigError(f"--reward: {err.args[0] if err.args else err}") from err
-    score_file(a.data, a.out, rewards=specs, workers=a.workers, timeout=a.timeout, report=a.report,
-               threshold=a.threshold)
+    try:
+        score_file(a.data, a.out, rewards=specs, workers=a.workers, timeout=a.timeout, report=a.report,
+                   threshold=a.threshold)
+    except ScoreInputError as err:  # a malformed input line: its message names file, line and field
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_report(rest: list[str]) -> None:
@@ -275,9 +338,10 @@ def cmd_report(rest: list[str]) -> None:
                                 "needed to open it) of a run directory, or of a folder of runs side by side.")
     p.add_argument("run_dir", help="a run directory (it holds metrics.jsonl), or a folder of them (runs/demo)")
     p.add_argument("--out", help=f"the HTML file (default RUN_DIR/{REPORT})")
-    p.add_argument("--steps", type=int, default=MAX_ROLLOUT_STEPS,
+    p.add_argument("--steps", type=_int_at_least(0), default=MAX_ROLLOUT_STEPS,
                    help="logged steps of samples.jsonl in the rollout browser (evenly spread; 0: all)")
     a = p.parse_args(rest)
+    _check_outs(p, [("--out", a.out, "file")])
     try:
         out = write_report(a.run_dir, a.out, max_steps=a.steps)
     except ImportError as err:
@@ -290,6 +354,9 @@ def cmd_serve(rest: list[str]) -> None:
     """serve a local model behind an OpenAI-compatible chat-completions endpoint"""
     from vlrl.serve.server import main as serve_main
 
+    ports = argparse.ArgumentParser(prog="vlrl serve", add_help=False, allow_abbrev=False)
+    ports.add_argument("--port", type=_port)
+    ports.parse_known_args(rest)  # a port out of range: argparse's error, before the model loads
     serve_main(rest)
 
 
@@ -344,6 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # a run that stopped itself (its message says what to do); other errors: traceback
+        from vlrl.train.checkpoint import CheckpointWriteError
+        from vlrl.train.harness import NonFiniteError
+
+        if not isinstance(err, (CheckpointWriteError, NonFiniteError)):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -2,6 +2,9 @@
 
 An unknown key is an error that names the valid keys; the resolved config is written into the run
 directory. Values in overrides are parsed as YAML scalars (`lr=3e-4`, `freeze_vision=true`, `data=[a,b]`).
+Config text is the user's: YAML anchors and aliases and deep nesting are refused (`load_yaml`), floats must be
+finite, and each config dataclass checks its own names and ranges (`check_ranges`, `check_names`) when made, so a
+bad value is a ConfigError before a command writes or loads anything.
 """
 
 from __future__ import annotations
@@ -9,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import io
+import math
 import re
 import textwrap
 import tokenize
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +29,46 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     pass
+
+
+MAX_YAML_DEPTH = 64  # nesting levels a config may have (real ones have 3): deeper YAML is refused, not recursed into
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """SafeLoader for user-written config files: refuses anchors and aliases (`&a`, `*a`), with which a few lines
+    of YAML expand to a tree of billions of nodes once anything walks it (an alias bomb), and nesting deeper than
+    `MAX_YAML_DEPTH` (which would exhaust the recursion limit). A config never needs either."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _refused(event, "YAML anchors and aliases (&name, *name) are not allowed in a config; "
+                                  "write the value out")
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _refused(event, f"nested too deep (more than {MAX_YAML_DEPTH} levels)")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _refused(event: Any, message: str) -> yaml.MarkedYAMLError:
+    return yaml.MarkedYAMLError(problem=message, problem_mark=event.start_mark)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse user-written YAML (a config file, a `key=value` override, a registry file) without anchors, aliases
+    or deep nesting. Raises ConfigError `source:line: problem`; callers in the data layer re-raise it as their own
+    error type."""
+    try:
+        return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise ConfigError(f"{where}: {err.problem or err.context or 'invalid YAML'}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {err}") from None
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -43,7 +88,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(tree, key.strip(), load_yaml(raw, f"override {key.strip()}") if raw.strip() else "")
     return tree
 
 
@@ -91,18 +136,25 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads `2e-3` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected float, got {value!r}") from None
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        return _finite(value, where)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _finite(value: int | float | str, where: str) -> float:
+    """A config's float: finite (nan and inf reach no setting meaningfully: a nan learning rate trains nothing and
+    compares false against every bound). A string is parsed, as YAML 1.1 reads `2e-3` (no dot) as one."""
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{where}: expected float, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return number
 
 
 def _onto_default_section(f: dataclasses.Field[Any], tp: Any, value: Any) -> Any:
@@ -117,7 +169,7 @@ def build(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     """Build dataclass `cls` from a dict; unknown keys and missing required keys are errors."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(map(str, set(values) - set(fields)))  # YAML keys may be numbers, null, ...
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(fields))}")
     values = {k: _onto_default_section(fields[k], hints[k], v) for k, v in values.items()}
@@ -138,7 +190,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = load_yaml(_read_text(p), str(p)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping")
         base = loaded
@@ -146,13 +198,72 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return build(cls, _merge(base, parse_overrides(overrides or [])), where)
 
 
+# the ranges `check_ranges` knows, as its messages write them
+RANGES: dict[str, Callable[[Any], bool]] = {
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "> 0": lambda v: v > 0,
+    "> 1": lambda v: v > 1,
+    "in [0, 1]": lambda v: 0 <= v <= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in [0, 2**63)": lambda v: 0 <= v < 2**63,
+}
+
+
+def check_ranges(rules: list[tuple[str, Any, str]]) -> None:
+    """Raise ValueError naming the first (key, value, range) whose value is outside its range (a `RANGES` key); a
+    None value (unset) passes. Configs call it in their own checks, so a bad value stops the run before it loads
+    anything, with the key's name."""
+    for key, value, rule in rules:
+        if value is not None and not RANGES[rule](value):
+            raise ValueError(f"{key} must be {rule}, got {value!r}")
+
+
+def check_names(rules: list[tuple[str, Any, Any]]) -> None:
+    """Raise ValueError for the first (key, value, valid values) whose value is not among the valid ones."""
+    for key, value, valid in rules:
+        if value not in valid:
+            raise ValueError(f"{key}: unknown value {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+def check_out_path(key: str, path: str, kind: str = "dir") -> None:
+    """Refuse an output path the run could not write, before it writes anything: empty, an existing file where a
+    folder (`kind` dir) goes or a folder where a file goes, or under an existing file."""
+    if not path:
+        raise ValueError(f"{key} must name a {'folder' if kind == 'dir' else 'file'}")
+    p = Path(path)
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise ValueError(f"{key} {path!r} is a file, not a folder")
+    if kind == "file" and p.is_dir():
+        raise ValueError(f"{key} {path!r} is a folder, not a file")
+    parent = next((a for a in p.parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"{key} {path!r}: {parent} is a file, not a folder")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config: {err}") from None
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """Writes a value that occurs twice out twice: a saved config must load back through `load_yaml`, which
+    refuses aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.dump(to_dict(cfg), Dumper=_NoAliasDumper, sort_keys=False))
 
 
 # --- describing a config (`vlrl <command> --help`) ---------------------------------------------------------

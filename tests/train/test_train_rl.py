@@ -5,14 +5,13 @@ command resumes to the same weights as an uninterrupted run."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from killrun import kill_when_exists
 from safetensors.torch import load_file
 
 from vlrl import recipes_dir
@@ -135,12 +134,7 @@ def test_sigkill_then_rerun_resumes_exactly(sft_model, synth_dir, tmp_path):
     ref = _cli(_rl_args("tiny-dapo", sft_model, synth_dir, tmp_path / "ref", 6, kw))
     args = _rl_args("tiny-dapo", sft_model, synth_dir, tmp_path / "run", 6, kw)
     proc = _cli(args)
-    deadline = time.time() + 300
-    while not (tmp_path / "run" / "checkpoints" / "step-2").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its step-2 checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_exists(proc, tmp_path / "run" / "checkpoints" / "step-2")
     assert ref.wait(timeout=600) == 0, ref.stdout.read() if ref.stdout else ""
     assert not (tmp_path / "run" / "checkpoints" / "step-6").exists()  # it really died mid-run
     again = _cli(args)

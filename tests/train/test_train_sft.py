@@ -6,14 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from killrun import kill_when_exists
 from safetensors.torch import load_file
 
 from vlrl.train.logging import read_metrics
@@ -80,12 +79,7 @@ def test_sigkill_then_rerun_resumes_exactly(tiny_model_dir, synth_dir, tmp_path)
     assert ref.wait(timeout=300) == 0, ref.stdout.read() if ref.stdout else ""
     args = _sft_args(tiny_model_dir, synth_dir, tmp_path / "run", 8)
     proc = _cli(args)
-    deadline = time.time() + 300
-    while not (tmp_path / "run" / "checkpoints" / "step-4").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its step-4 checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_exists(proc, tmp_path / "run" / "checkpoints" / "step-4")
     assert not (tmp_path / "run" / "checkpoints" / "step-8").exists()  # it really died mid-run
     again = _cli(args)
     out = again.communicate(timeout=300)[0]

@@ -6,16 +6,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from killrun import kill_when_exists
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -118,12 +117,7 @@ def test_sigkill_then_rerun_resumes_exactly_and_two_ranks_match_one(tiny_model_d
     assert ref.wait(timeout=300) == 0, ref.stdout.read() if ref.stdout else ""
     args = _sft_args(tiny_model_dir, data, tmp_path / "run", 8)
     proc = _cli(args)
-    deadline = time.time() + 300
-    while not (tmp_path / "run" / "checkpoints" / "step-4").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before its step-4 checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_exists(proc, tmp_path / "run" / "checkpoints" / "step-4")
     assert not (tmp_path / "run" / "checkpoints" / "step-8").exists()  # it really died mid-run
     state = load_state(tmp_path / "run" / "checkpoints" / "step-4")
     assert state["position"] == 32 and state["stream"]["drawn"] == 32 and len(state["stream"]["buffer"]) == 19

@@ -44,9 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from vlrl.config import ConfigError, save_config, to_dict
+from vlrl.config import check_names, check_out_path, check_ranges, to_dict
 from vlrl.curate.filter import PASS1_MODES, ItemStats, item_stats, parse_band
 from vlrl.curate.report import FilterSpec, finish, finish_partial, stats_of
 from vlrl.curate.store import ResultLog, last_logged_step, merge_parts, part_path, read_results
@@ -54,14 +53,16 @@ from vlrl.data.errors import DataError
 from vlrl.data.loading import templated
 from vlrl.data.registry import load_dataset
 from vlrl.data.sample import Sample
+from vlrl.data.templates import TEMPLATES
 from vlrl.rewards.registry import RewardSpec, specs_or_names
-from vlrl.rollout.base import RolloutEngine, make_engine
+from vlrl.rollout.base import ENGINES, RolloutEngine, make_engine
 from vlrl.rollout.sampler import mix_seed
 from vlrl.rollout.types import Group, SamplingParams
 from vlrl.train.dist import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from vlrl.train.harness import RunHarness, Schedule
 from vlrl.train.rl_rollout import score_groups
-from vlrl.train.trackers import check_trackers
+from vlrl.train.rundir import Change, check_config_changes, hold_run_dir, write_config
+from vlrl.train.trackers import check_trackers, tracker_names
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # settings that change what is sampled or how it is scored: fixed for the life of a run directory
@@ -121,6 +122,15 @@ class CurateConfig:
             raise ValueError(f"max_keep must be >= 0, got {self.max_keep}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        check_names([("rollout_engine", self.rollout_engine, list(ENGINES)),
+                     ("template", self.template, list(TEMPLATES))])
+        check_ranges([("top_p", self.top_p, "in (0, 1]"), ("top_k", self.top_k, ">= 0"), ("limit", self.limit, ">= 1"),
+                      ("min_pixels", self.min_pixels, ">= 1"), ("max_pixels", self.max_pixels, ">= 1"),
+                      ("seed", self.seed, "in [0, 2**63)"), ("threads", self.threads, ">= 0")])
+        if not self.model or not self.data or not all(self.data):
+            raise ValueError("model and data must be given (data: at least one dataset)")
+        check_out_path("out", self.out)
+        tracker_names(self.report_to)
 
     @property
     def sampling(self) -> SamplingParams:
@@ -170,18 +180,14 @@ def item_seed(run_seed: int, item_id: str) -> int:
     return mix_seed(run_seed, int.from_bytes(digest[:8], "little"))
 
 
-def check_resumable(cfg: CurateConfig, out: Path, has_results: bool) -> None:
-    """Refuse to add samples drawn with other settings to a run directory that already holds samples."""
-    old_path = out / "config.yaml"
-    if not has_results or not old_path.exists():
-        return
-    old = yaml.safe_load(old_path.read_text()) or {}
-    new = to_dict(cfg)
-    changed = [k for k in SAMPLING_KEYS if k in old and old[k] != new[k]]
-    if changed:
-        diffs = "; ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed)
-        raise ConfigError(f"{out} holds samples drawn with other settings ({diffs}); use another out directory, "
-                          "or the same settings to resume / re-filter")
+def check_resumable(cfg: CurateConfig, out: Path, has_results: bool) -> list[Change]:
+    """Refuse to add samples drawn with other settings to a run directory that already holds samples (the check
+    SFT and RL resume with, `vlrl.train.rundir`); returns every change from the saved config, for its history."""
+    changes, _ = check_config_changes(
+        out, cfg, lambda key: key.split(".")[0] not in SAMPLING_KEYS, enforce=has_results, allow=False,
+        what=f"{out} holds samples drawn with other settings",
+        hint="use another out directory, or the same settings to resume / re-filter")  # fmt: skip
+    return changes
 
 
 def _reward_value(x: float) -> float | None:
@@ -306,11 +312,20 @@ def run_curate(cfg: CurateConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     check_trackers(cfg.report_to)  # an unknown tracker or a missing library fails before any work
     items = load_items(cfg)  # bad data fails before the model loads
+    with hold_run_dir(out, info):  # one run at a time in out, refused before it reads or writes there
+        report = _curate(cfg, info, out, items, t0)
+    barrier()
+    cleanup()
+    return report
+
+
+def _curate(cfg: CurateConfig, info: DistInfo, out: Path, items: list[Item], t0: float) -> dict[str, Any]:
+    """`run_curate` in its locked run directory."""
     done = read_results(out) if info.is_main else {}
-    check_resumable(cfg, out, bool(broadcast_object(bool(done))))
+    changes = check_resumable(cfg, out, bool(broadcast_object(bool(done))))
     barrier()
     if info.is_main:
-        save_config(cfg, out / "config.yaml")
+        write_config(out, cfg, changes, [])
     todo_ids = broadcast_object([it.id for it in items if it.id not in done])
     assert isinstance(todo_ids, list)
     todo = set(todo_ids)
@@ -339,6 +354,4 @@ def run_curate(cfg: CurateConfig) -> dict[str, Any]:
             finish_partial(out, n_done, len(ids), {**extra, "max_seconds": cfg.max_seconds})
             print(f"curate: time budget reached with {n_done} of {len(ids)} items sampled; "
                   "re-run the same command to continue")
-    barrier()
-    cleanup()
     return report

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vlrl.config import save_config
+from vlrl.config import check_names, check_out_path, check_ranges, save_config
 from vlrl.data.loading import load_samples
 from vlrl.data.sample import Sample
+from vlrl.data.templates import TEMPLATES
 from vlrl.eval.passk import item_stats, passes
 from vlrl.models.loading import load_model_and_processor
 from vlrl.rewards.extract import extract_answer
@@ -54,13 +55,25 @@ class EvalConfig:
     temperature: float = 0.0  # sampling temperature of the answers (0: greedy)
     seed: int = 0  # when sampling, the item at position i of the data is sampled with seed mix_seed(seed, i)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    overwrite: bool = False  # replace the results already at `out` (else an existing `out` is an error: a
+    #   finished evaluation is not lost to a repeated command)
 
     def __post_init__(self) -> None:
+        """Refuse names and values no evaluation can use, before anything loads or is written."""
         self.rewards, self.reward = specs_or_names(self.rewards, self.reward), []
         for name in ("n", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_ranges([("temperature", self.temperature, ">= 0"), ("limit", self.limit, ">= 1"),
+                      ("seed", self.seed, "in [0, 2**63)"), ("threads", self.threads, ">= 0")])
+        check_names([("template", self.template, list(TEMPLATES))])
         check_sampling(self.n, self.temperature)
+        if not self.model or not self.data or not all(self.data):
+            raise ValueError("model and data must be given (data: at least one dataset)")
+        check_out_path("out", self.out, kind="file")
+        if Path(self.out).exists() and not self.overwrite:
+            raise ValueError(f"out {self.out!r} already holds results; choose another out, or set overwrite=true "
+                             "to replace them")
 
 
 @dataclass

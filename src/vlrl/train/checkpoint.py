@@ -2,11 +2,18 @@
 `trainer_state.pt` (optimizer, scheduler, RNG states, step, data position) for exact resume.
 
 A checkpoint is written to `step-N.tmp/` and renamed when complete, so a crash mid-write leaves the
-previous checkpoint as the newest complete one.
+previous checkpoint as the newest complete one; the next save removes any `.tmp` folder left behind. A write that
+fails (a full or read-only disk) stops the run with `CheckpointWriteError`, naming the checkpoint resume will take.
+
+The trainer state holds only tensors and plain values (dicts, lists, ints, floats, str, None), and is read with
+`torch.load(weights_only=True)`: a checkpoint folder from someone else cannot run code when a run resumes from
+it (a pickle that names any other object is refused). The Python and numpy RNG states, which are tuples and arrays,
+are stored as plain lists and tensors for that reason (`rng_state` / `set_rng_state`).
 """
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
 import shutil
@@ -16,17 +23,31 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlrl.config import ConfigError
+
 STATE_FILE = "trainer_state.pt"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only, ...): the run stops rather than go on unsaved."""
+
+
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The Python, numpy and torch RNG states as tensors and plain values (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    return {"python": {"version": version, "state": list(internal), "gauss": gauss},
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state()}  # fmt: skip
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
 
 
@@ -34,18 +55,31 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, processor: Any, state:
     """Write checkpoint `step` (rank 0 only), then prune all but the newest `keep`."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    remove_partial(root)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # free what it took; if this fails too, the next save removes it
+        last = latest_checkpoint(run_dir)
+        resume = f"re-running resumes from {last}" if last is not None else "no checkpoint was written yet"
+        raise CheckpointWriteError(f"could not write checkpoint {final}: {err}; the run stopped ({resume})") from err
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
+
+
+def remove_partial(root: Path) -> None:
+    """Delete the `step-N.tmp` folders of checkpoint writes that did not finish (killed, disk full): the run
+    directory's lock (`vlrl.train.rundir`) makes them this run's own leftovers, never another run's write."""
+    if root.exists():
+        for p in root.glob("step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -63,4 +97,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / STATE_FILE, weights_only=False)  # our own file, written by save_checkpoint
+    """The trainer state of checkpoint `ckpt`, read without running code (`weights_only=True`): a file that
+    needs more than tensors and plain values (someone else's, or one written before vlrl stored its RNG states
+    as tensors) is refused with a ConfigError."""
+    path = ckpt / STATE_FILE
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{path}: refused to load: it holds objects other than tensors and plain values, which "
+                          f"could run code ({reason}); resume only from checkpoints this version of vlrl wrote, "
+                          "or start a new out directory") from None  # fmt: skip
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path}: refused to load: not a trainer state (a {type(state).__name__})")
+    return state

@@ -17,6 +17,10 @@ starts the clock with `start_clock()` (its budget counts this invocation only) a
 invocation makes progress. SFT and RL keep `min_steps=0` and a clock restored from the checkpoint, so their
 budget covers the whole run and a run resumed out of time takes no step.
 
+A step function that reports `skipped_nonfinite` (updates it skipped for a loss or gradient norm that is not
+finite) gets it counted (`NonFiniteCount`): the metrics line says how many since the previous line and in all, and
+the run stops with `NonFiniteError` after `Schedule.nonfinite_limit` such steps in a row.
+
 Each logged step goes to metrics.jsonl (and its rows to samples.jsonl) and, on rank 0, to the experiment trackers
 the run names (`report_to`, `vlrl.train.trackers`: the same scalars, names and steps, the rows as a table; the
 resolved `config` when the loop starts), and prints one progress line (the `progress` fields present in the
@@ -33,13 +37,56 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vlrl.config import to_dict
+from vlrl.config import ConfigError, to_dict
 from vlrl.train import checkpoint as ckpt
 from vlrl.train.dist import DistInfo, barrier
 from vlrl.train.logging import MetricsLogger, scalars_of
 from vlrl.train.trackers import Trackers
 
 StepFn = Callable[[int, int], tuple[dict[str, Any], list[dict[str, Any]], int]]
+
+
+class NonFiniteError(RuntimeError):
+    """`nonfinite_limit` steps in a row had a loss or gradient norm that is not finite: the run has diverged."""
+
+
+@dataclass
+class NonFiniteCount:
+    """Steps whose loss or gradient norm was not finite. The step function skips such an update (no optimizer
+    step, the weights unchanged) and reports how many it skipped as `skipped_nonfinite`; this turns that into the
+    logged `skipped_nonfinite` (skipped since the previous metrics line) and `skipped_nonfinite_total`, and stops
+    the run after `limit` such steps in a row (0: never), since a diverged run would otherwise spin on unchanged
+    weights until its budget ends. Saved in each checkpoint, so a resumed run counts on."""
+
+    limit: int
+    total: int = 0
+    in_a_row: int = 0
+    unlogged: int = 0
+
+    def count(self, record: dict[str, Any]) -> None:
+        """Fold a step's `skipped_nonfinite` into the counts and the record (a record without it is left alone)."""
+        if "skipped_nonfinite" not in record:
+            return
+        skipped = int(record["skipped_nonfinite"])
+        self.total += skipped
+        self.unlogged += skipped
+        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        record["skipped_nonfinite"], record["skipped_nonfinite_total"] = self.unlogged, self.total
+
+    def check(self, step: int) -> None:
+        if self.limit > 0 and self.in_a_row >= self.limit:
+            k = self.in_a_row
+            raise NonFiniteError(
+                f"steps {step - k + 1}-{step}: the loss or gradient norm was not finite {k} steps in a row "
+                f"(nonfinite_limit={self.limit}); each was skipped, so the weights are those of step {step - k}. "
+                "Lower the learning rate, check the data, or resume from an earlier checkpoint")  # fmt: skip
+
+    def state_dict(self) -> dict[str, int]:
+        return {"total": self.total, "in_a_row": self.in_a_row, "unlogged": self.unlogged}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.total, self.in_a_row, self.unlogged = state["total"], state["in_a_row"], state["unlogged"]
+
 
 # the progress line's fields of each command: (metrics key, label); a key absent from a record is left out (kl
 # without a KL term, val_accuracy off evaluation steps)
@@ -61,12 +108,13 @@ class Schedule:
     log_every: int
     eval_every: int
     min_steps: int = 0
+    nonfinite_limit: int = 0  # stop after this many steps in a row skipped for a non-finite loss (0: never)
 
 
 def schedule_of(cfg: Any) -> Schedule:
     """The `Schedule` of a config that has its fields (SFTConfig, RLConfig)."""
     return Schedule(cfg.max_steps, cfg.max_seconds, cfg.save_every, cfg.keep_checkpoints, cfg.log_every,
-                    cfg.eval_every)  # fmt: skip
+                    cfg.eval_every, nonfinite_limit=cfg.nonfinite_limit)  # fmt: skip
 
 
 def steps_in_budget(max_steps: int, step: int, steps_done: int, seconds_done: float, seconds_left: float) -> int:
@@ -96,6 +144,9 @@ class RunHarness:
         self.progress = tuple(progress)
         self.metrics = MetricsLogger(run_dir / "metrics.jsonl", enabled=info.is_main)
         self.rows = MetricsLogger(run_dir / "samples.jsonl", enabled=info.is_main) if row_log else None
+        if schedule.nonfinite_limit < 0:
+            raise ConfigError(f"nonfinite_limit must be >= 0 (0: never stop), got {schedule.nonfinite_limit}")
+        self.nonfinite = NonFiniteCount(schedule.nonfinite_limit)
         self.t0 = time.perf_counter()
         self._line_clock = (self.t0, 0)  # (time, step) of the previous progress line, or of the loop's start
         self.start_from: str | None = None
@@ -114,6 +165,8 @@ class RunHarness:
             sched.load_state_dict(state["scheduler"])
             ckpt.set_rng_state(state["rng"])
             step, position, elapsed = state["step"], state["position"], state.get("elapsed", 0.0)
+            if "nonfinite" in state:
+                self.nonfinite.load_state_dict(state["nonfinite"])
             if self.info.is_main:
                 print(f"resumed from {self.start_from} at step {step}")
         for log in (self.metrics, self.rows):
@@ -139,13 +192,15 @@ class RunHarness:
         barrier()
         if self.info.is_main:
             state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
-                     "step": step, "position": position, "elapsed": self.elapsed(), **(extra or {})}  # fmt: skip
+                     "step": step, "position": position, "elapsed": self.elapsed(),
+                     "nonfinite": self.nonfinite.state_dict(), **(extra or {})}  # fmt: skip
             ckpt.save_checkpoint(self.run_dir, step, model, processor, state, keep=self.schedule.keep_checkpoints)
         barrier()
 
     def _log(self, step: int, record: dict[str, Any], rows: list[dict[str, Any]], desc: str) -> None:
         """Write a logged step: metrics.jsonl, samples.jsonl, the trackers and (rank 0) the progress line."""
         line = self.metrics.log(record)
+        self.nonfinite.unlogged = 0
         if self.rows is not None:
             for row in rows:
                 self.rows.log(row)
@@ -199,6 +254,7 @@ class RunHarness:
                                                 s.max_seconds - self.elapsed())
                     bar.refresh()
                 record = {"step": step, **record, "elapsed_s": self.elapsed()}
+                self.nonfinite.count(record)
                 if validate is not None and s.eval_every > 0 and self._due(step, s.eval_every):
                     t = time.perf_counter()
                     record.update(validate())
@@ -206,6 +262,7 @@ class RunHarness:
                 if self._due(step, s.log_every) or "val_accuracy" in record:
                     self._log(step, record, rows, desc)
                     bar.set_postfix({postfix: f"{record[postfix]:.3f}"})
+                self.nonfinite.check(step)
                 if save is not None and (self._due(step, s.save_every) or self.out_of_time()):
                     save(step, position)
             failed = False

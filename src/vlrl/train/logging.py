@@ -1,12 +1,20 @@
 """Run-directory logging: `metrics.jsonl` (one line per logged step) and `samples.jsonl` (rows), one JSON object a
-line; `scalars_of` is what the experiment trackers (`vlrl.train.trackers`) receive of a metrics line."""
+line; `scalars_of` is what the experiment trackers (`vlrl.train.trackers`) receive of a metrics line.
+
+A kill or a full disk can cut the last line of either file: readers drop such a torn last line (one without its
+newline that is not a whole JSON object), and a resume (`truncate_after`) rewrites the file without it. A line
+that does not parse anywhere else is damage nobody expects: a DataError naming the file and line.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+from vlrl.data.errors import DataError
 
 
 def _clean(v: Any) -> Any:
@@ -38,12 +46,34 @@ class MetricsLogger:
         return line
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines of steps after the checkpoint (they will be logged again)."""
+        """On resume, drop lines of steps after the checkpoint (they will be logged again) and a torn last line;
+        the file is replaced whole (a kill mid-rewrite leaves the old one)."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(k + "\n" for k in keep))
+        keep = [rec for rec in read_metrics(self.path) if rec.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(rec) + "\n" for rec in keep))
+        os.replace(tmp, self.path)
+
+
+def parse_lines(path: Path, text: str) -> list[dict[str, Any]]:
+    """The JSON objects of a jsonl text, a torn last line (no newline, not a whole object) dropped."""
+    lines = text.split("\n")  # the piece after the last newline is "" unless the last line was cut
+    out: list[dict[str, Any]] = []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            out.append(rec)
+        elif i < len(lines):  # a whole line (it has its newline) that is not an object
+            raise DataError(path, i, None, "not a JSON object: the log is damaged; move it aside to continue")
+    return out
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    """The records of a metrics.jsonl / samples.jsonl (none when it does not exist), a torn last line dropped."""
+    return parse_lines(path, path.read_text(errors="replace")) if path.exists() else []

@@ -66,7 +66,6 @@ import torch
 import torch.distributed as dist
 
 from vlrl.algos import ADVANTAGES, POLICY_LOSSES, kl_penalized_rewards
-from vlrl.config import save_config
 from vlrl.data.loading import load_samples
 from vlrl.data.order import global_batch
 from vlrl.eval.evaluate import EvalResult, evaluate_samples
@@ -82,6 +81,7 @@ from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
 from vlrl.train.rl_config import DTYPES, RLConfig, check_config
 from vlrl.train.rl_rollout import RolloutSpec, StepRollouts, all_reduce_max, collect, gather_rows
 from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
+from vlrl.train.rundir import RL_FREE_KEYS, hold_run_dir, record_run_config
 from vlrl.train.sft import sft_backward
 from vlrl.train.trust import TrustStage
 
@@ -292,19 +292,29 @@ def schedule(cfg: RLConfig) -> Schedule:
     """When the run stops, validates, logs and saves."""
     log = cfg.logging
     return Schedule(max_steps=cfg.max_steps, max_seconds=cfg.max_seconds, save_every=log.save_every,
-                    keep_checkpoints=log.keep_checkpoints, log_every=log.log_every, eval_every=cfg.validation.every)
+                    keep_checkpoints=log.keep_checkpoints, log_every=log.log_every, eval_every=cfg.validation.every,
+                    nonfinite_limit=cfg.nonfinite_limit)
 
 
 def run_rl(cfg: RLConfig) -> Path:
     """Train; returns the final checkpoint folder. Re-running the same command resumes."""
     info = init_distributed()
+    with hold_run_dir(Path(cfg.out), info):  # one run at a time in out, refused before anything loads
+        step = _train(cfg, info)
+    barrier()
+    cleanup()
+    return Path(cfg.out) / "checkpoints" / f"step-{step}"
+
+
+def _train(cfg: RLConfig, info: DistInfo) -> int:
+    """The run in its locked run directory: resume (the config checked against the saved one), train, save;
+    returns the last step."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     harness = RunHarness(Path(cfg.out), info, schedule(cfg), row_log=True, report_to=cfg.logging.report_to,
                          config=cfg, progress=RL_PROGRESS)
     start_from, state = harness.resume_point(cfg.model)
-    if info.is_main:
-        save_config(cfg, Path(cfg.out) / "config.yaml")
+    record_run_config(Path(cfg.out), cfg, info, RL_FREE_KEYS, resuming=state is not None)
     run = build_run(cfg, info, start_from)
     val = _load_val(cfg)
     step, position = harness.restore(state, run.opt, run.sched)
@@ -320,9 +330,7 @@ def run_rl(cfg: RLConfig) -> Path:
             run.rollout.runner.close()
         if run.trust is not None:
             run.trust.close()
-    barrier()
-    cleanup()
-    return Path(cfg.out) / "checkpoints" / f"step-{step}"
+    return step
 
 
 def _load_val(cfg: RLConfig) -> list:

@@ -22,9 +22,14 @@ from typing import Any
 import torch
 
 from vlrl.algos import ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES
+from vlrl.config import check_names, check_ranges
+from vlrl.data.templates import TEMPLATES
 from vlrl.rewards.registry import RewardSpec, check_reward_keys
+from vlrl.rollout.base import ENGINES
 from vlrl.rollout.types import SamplingParams
-from vlrl.train.sft import LOSS_AGGS
+from vlrl.train.rundir import RESUME_CHANGES
+from vlrl.train.sft import LOSS_AGGS, check_adam_betas, check_run
+from vlrl.train.trackers import tracker_names
 from vlrl.train.trust import TrustConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -134,6 +139,11 @@ class RLConfig:
     #   expanded to the group's rows (same log-probs and gradients; off: [prompt | completion] per row)
     gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, slower)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    resume_changes: str = "refuse"  # re-running into an out whose checkpoints were trained with other settings
+    #   (model, data, algorithm, shapes, seed, ...; not max_steps, logging, validation): refuse | allow (resume
+    #   anyway; each change is recorded in out/config.history.jsonl)
+    nonfinite_limit: int = 5  # a step whose loss or gradient norm is not finite is skipped (no optimizer update,
+    #   counted in metrics.jsonl as skipped_nonfinite); the run stops after this many such steps in a row (0: never)
     # the sections
     rollout: RolloutConfig = field(default_factory=RolloutConfig)  # sampling and scoring the completions
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # advantage, loss, KL
@@ -142,6 +152,11 @@ class RLConfig:
     trust: TrustConfig = field(default_factory=TrustConfig)  # Trust-GRPO (SophiaVL-R1): judge process rewards
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics, samples, checkpoints
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # held-out accuracy during the run
+
+    def __post_init__(self) -> None:
+        """Every name and value checked when the config is made (`check_config`), so that `vlrl rl` refuses a bad
+        one with `error: ...` before it writes or loads anything."""
+        check_config(self)
 
     @property
     def sampling(self) -> SamplingParams:
@@ -159,13 +174,15 @@ class RLConfig:
 def check_config(cfg: RLConfig) -> dict[str, Any]:
     """Fail early on names and values; return the policy loss's keyword arguments."""
     a, r = cfg.algorithm, cfg.rollout
-    ADVANTAGES.get(a.advantage)
+    _check_advantage(a.advantage, a.advantage_kwargs)
     AGG_MODES.get(a.agg_mode)
     fn = POLICY_LOSSES.get(a.loss)
     if a.kl_estimator is not None:
         KL_ESTIMATORS.get(a.kl_estimator)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
+    check_names([("rollout.engine", r.engine, list(ENGINES)), ("template", cfg.template, list(TEMPLATES)),
+                 ("resume_changes", cfg.resume_changes, RESUME_CHANGES)])
     positive = [("rollout", r, ("batch_size", "group_size", "max_new_tokens", "dynamic_max_tries", "decode_threads")),
                 ("algorithm", a, ("ppo_epochs", "num_minibatches")), ("", cfg, ("micro_batch_size",))]
     for section, obj, names in positive:
@@ -173,6 +190,10 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
             if getattr(obj, name) < 1:
                 key = f"{section}.{name}" if section else name
                 raise ValueError(f"{key} must be >= 1, got {getattr(obj, name)}")
+    check_ranges(_ranges(cfg))
+    check_adam_betas("optim.adam_betas", cfg.optim.adam_betas)
+    check_run(cfg.model, cfg.data, cfg.out)
+    tracker_names(cfg.logging.report_to)
     if not cfg.rewards:
         raise ValueError("rewards: name at least one reward")
     check_reward_keys(cfg.rewards)
@@ -183,8 +204,6 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
         raise ValueError("replay.coef > 0 needs replay.data (the demonstrations to replay)")
     if p.loss_agg not in LOSS_AGGS:
         raise ValueError(f"replay.loss_agg {p.loss_agg!r}; valid: {', '.join(LOSS_AGGS)}")
-    if len(cfg.optim.adam_betas) != 2:
-        raise ValueError(f"optim.adam_betas must be [beta1, beta2], got {cfg.optim.adam_betas}")
     if r.reward_timeout <= 0:
         raise ValueError(f"rollout.reward_timeout must be > 0, got {r.reward_timeout}")
     if r.temperature <= 0:
@@ -200,3 +219,39 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
     if bad:
         raise ValueError(f"algorithm.loss {a.loss!r} takes no {', '.join(bad)}")
     return kwargs
+
+
+def _check_advantage(name: str, kwargs: dict[str, Any]) -> None:
+    """The estimator `name` exists and takes `kwargs`: it runs once on a tiny reward tensor, so an unknown
+    argument or a bad value (`scale: sideways`) stops the run now rather than at its first step, after the model
+    has loaded. The estimators are pure tensor functions (`vlrl.algos`): nothing else runs."""
+    estimator = ADVANTAGES.get(name)
+    try:
+        estimator(torch.tensor([0.0, 1.0, 1.0, 0.0]), 2, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"algorithm.advantage_kwargs {kwargs!r} for {name}: {err}") from None
+
+
+def _ranges(cfg: RLConfig) -> list[tuple[str, Any, str]]:
+    """(key, value, range) of the numeric keys of every section that `check_config` checks with `check_ranges`
+    (those it checks itself, >= 1 counts and the sampling temperature, are not repeated)."""
+    r, a, o, g, v = cfg.rollout, cfg.algorithm, cfg.optim, cfg.logging, cfg.validation
+    return [
+        ("max_steps", cfg.max_steps, ">= 1"), ("max_seconds", cfg.max_seconds, "> 0"),
+        ("seed", cfg.seed, "in [0, 2**63)"), ("threads", cfg.threads, ">= 0"),
+        ("nonfinite_limit", cfg.nonfinite_limit, ">= 0"),
+        ("min_pixels", cfg.min_pixels, ">= 1"), ("max_pixels", cfg.max_pixels, ">= 1"),
+        ("rollout.top_p", r.top_p, "in (0, 1]"), ("rollout.top_k", r.top_k, ">= 0"),
+        ("rollout.max_prompts_per_call", r.max_prompts_per_call, ">= 0"),
+        ("rollout.reward_workers", r.reward_workers, ">= 0"),
+        ("algorithm.eps_low", a.eps_low, "in [0, 1)"), ("algorithm.eps_high", a.eps_high, ">= 0"),
+        ("algorithm.dual_clip", a.dual_clip, "> 1"), ("algorithm.beta", a.beta, ">= 0"),
+        ("algorithm.kl_clamp", a.kl_clamp, "> 0"),
+        ("optim.lr", o.lr, "> 0"), ("optim.weight_decay", o.weight_decay, ">= 0"),
+        ("optim.warmup_steps", o.warmup_steps, ">= 0"), ("optim.min_lr_ratio", o.min_lr_ratio, "in [0, 1]"),
+        ("optim.max_grad_norm", o.max_grad_norm, "> 0"), ("replay.batch_size", cfg.replay.batch_size, ">= 1"),
+        ("logging.log_every", g.log_every, ">= 0"), ("logging.log_samples", g.log_samples, ">= 0"),
+        ("logging.save_every", g.save_every, ">= 0"), ("logging.keep_checkpoints", g.keep_checkpoints, ">= 0"),
+        ("validation.limit", v.limit, ">= 1"), ("validation.every", v.every, ">= 0"),
+        ("validation.max_new_tokens", v.max_new_tokens, ">= 1"),
+    ]  # fmt: skip

@@ -144,11 +144,19 @@ def minibatch_rows(batch: UpdateBatch, group_size: int, m: int, num_minibatches:
     return rows, [li * group_size + j for li, j in rows], max(0, hi - lo) * group_size
 
 
+def update_is_finite(local_loss: float, grad_norm: float) -> bool:
+    """Whether an optimizer update may be taken: its loss on every rank and its global gradient norm are finite
+    (a loss can be NaN through a term without gradient while the norm is finite; ranks must agree)."""
+    bad = all_reduce_sum(torch.tensor(0.0 if math.isfinite(local_loss) else 1.0, dtype=torch.float64))
+    return float(bad) == 0.0 and math.isfinite(grad_norm)
+
+
 def policy_update(model: Any, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, batch: UpdateBatch,
                   spec: LossSpec, group_size: int, info: DistInfo) -> dict[str, float]:
     """`ppo_epochs` x `num_minibatches` optimizer steps; returns the step's loss metrics (global)."""
     sums = _Sums()
     grad_norms: list[float] = []
+    skipped = 0  # updates left out for a loss or gradient norm that is not finite
     for epoch in range(spec.ppo_epochs):
         for m in range(spec.num_minibatches):
             rows, row_ids, n_rows = minibatch_rows(batch, group_size, m, spec.num_minibatches)
@@ -160,17 +168,22 @@ def policy_update(model: Any, params: list[torch.nn.Parameter], opt: torch.optim
             lengths = [batch.groups[g].completions[j].length for g, j in rows]
             local_tokens = float(sum(float(batch.row_mask[i]) * n for i, n in zip(row_ids, lengths)))
             n_tokens = float(all_reduce_sum(torch.tensor(local_tokens, dtype=torch.float64)))
+            loss_before = sums.values.get("loss", 0.0)
             for k in range(0, len(rows), spec.micro_batch_size):
                 _micro_loss(model, batch, rows[k : k + spec.micro_batch_size],
                             row_ids[k : k + spec.micro_batch_size], spec, (n_rows, n_tokens), info, sums,
                             first_pass=epoch == 0)
             all_reduce_grads(params)
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)))
-            opt.step()
+            if update_is_finite(sums.values.get("loss", 0.0) - loss_before, grad_norms[-1]):
+                opt.step()
+            else:  # skipped: weights and optimizer moments unchanged (`vlrl.train.harness.NonFiniteCount`)
+                skipped += 1
             opt.zero_grad(set_to_none=True)
     g = sums.reduce(("loss", "tokens", "entropy", "entropy_tokens", "kl", "logp_diff", "all_tokens", *LOSS_METRICS))
     updates = max(1, len(grad_norms))
     out = {"loss": g["loss"] / updates, "grad_norm": sum(grad_norms) / updates, "updates": float(len(grad_norms)),
+           "skipped_nonfinite": skipped,
            "entropy": g["entropy"] / max(1.0, g["entropy_tokens"]),
            "rollout/logp_diff": g["logp_diff"] / max(1.0, g["all_tokens"])}
     out.update({key: g[key] / max(1.0, g["tokens"]) for key in LOSS_METRICS})

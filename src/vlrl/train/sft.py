@@ -13,6 +13,7 @@ continues with the same batches).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +22,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlrl.config import save_config
+from vlrl.config import check_names, check_out_path, check_ranges
 from vlrl.data.loading import load_samples
 from vlrl.data.order import global_batch, shard
 from vlrl.data.sample import Sample
 from vlrl.data.stream import SampleStream
+from vlrl.data.templates import TEMPLATES
 from vlrl.models.inputs import IGNORE_INDEX, Encoded, collate, encode_for_sft_cached
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id
 from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
 from vlrl.train.harness import SFT_PROGRESS, RunHarness, schedule_of
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
+from vlrl.train.rundir import RESUME_CHANGES, SFT_FREE_KEYS, hold_run_dir, record_run_config
+from vlrl.train.trackers import tracker_names
 
 
 @dataclass
@@ -72,8 +76,54 @@ class SFTConfig:
     val_limit: int = 200  # first this many records of each validation dataset
     eval_every: int = 0  # greedy validation accuracy every this many steps and at the end (0: never)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    resume_changes: str = "refuse"  # re-running into an out whose checkpoints were trained with other settings
+    #   (model, data, algorithm, shapes, seed, ...; not max_steps, logging, validation): refuse | allow (resume
+    #   anyway; each change is recorded in out/config.history.jsonl)
+    nonfinite_limit: int = 5  # a step whose loss or gradient norm is not finite is skipped (no optimizer update,
+    #   counted in metrics.jsonl as skipped_nonfinite); the run stops after this many such steps in a row (0: never)
+
+    def __post_init__(self) -> None:
+        """Refuse names and values no run can use (a ValueError naming the key), before anything loads or is
+        written: `vlrl sft` then prints `error: ...` instead of a traceback after the model has loaded."""
+        check_names([("stage", self.stage, STAGES), ("loss_agg", self.loss_agg, LOSS_AGGS),
+                     ("template", self.template, list(TEMPLATES)), ("resume_changes", self.resume_changes, RESUME_CHANGES)])
+        check_ranges([
+            ("max_steps", self.max_steps, ">= 1"), ("batch_size", self.batch_size, ">= 1"),
+            ("micro_batch_size", self.micro_batch_size, ">= 1"), ("lr", self.lr, "> 0"),
+            ("weight_decay", self.weight_decay, ">= 0"), ("warmup_steps", self.warmup_steps, ">= 0"),
+            ("min_lr_ratio", self.min_lr_ratio, "in [0, 1]"), ("max_grad_norm", self.max_grad_norm, "> 0"),
+            ("save_every", self.save_every, ">= 0"), ("keep_checkpoints", self.keep_checkpoints, ">= 0"),
+            ("log_every", self.log_every, ">= 0"), ("val_limit", self.val_limit, ">= 1"),
+            ("eval_every", self.eval_every, ">= 0"), ("threads", self.threads, ">= 0"),
+            ("shuffle_buffer", self.shuffle_buffer, ">= 1"), ("max_seconds", self.max_seconds, "> 0"),
+            ("seed", self.seed, "in [0, 2**63)"), ("nonfinite_limit", self.nonfinite_limit, ">= 0"),
+        ])  # fmt: skip
+        check_adam_betas("adam_betas", self.adam_betas)
+        check_run(self.model, self.data, self.out)
+        tracker_names(self.report_to)
+        if self.stream and self.cache_encoded:
+            raise ValueError("stream=true needs cache_encoded=false (a cache of every sample's encoding would hold "
+                             "the whole dataset in memory)")
+
 
 LOSS_AGGS = ("token", "sample")
+STAGES = ("align", "full")
+
+
+def check_adam_betas(key: str, betas: list[float]) -> None:
+    """AdamW's [beta1, beta2], each in [0, 1) (torch raises on others, after the model has loaded)."""
+    if len(betas) != 2:
+        raise ValueError(f"{key} must be [beta1, beta2], got {betas}")
+    check_ranges([(f"{key}[{i}]", b, "in [0, 1)") for i, b in enumerate(betas)])
+
+
+def check_run(model: str, data: list[str], out: str) -> None:
+    """What every training run needs: a model to start from, data, and an `out` that is (or can be) a folder."""
+    if not model:
+        raise ValueError("model must name a model folder")
+    if not data or not all(data):
+        raise ValueError(f"data must name at least one dataset, got {data}")
+    check_out_path("out", out)
 
 
 def _micro_loss(model: Any, batch: dict[str, torch.Tensor], agg: str, n_global: int) -> tuple[torch.Tensor, float]:
@@ -136,13 +186,22 @@ def run_sft(cfg: SFTConfig) -> Path:
         raise ValueError("stream=true needs shuffle_buffer >= 1 and cache_encoded=false (a cache of every "
                          "sample's encoding would hold the whole dataset in memory)")
     info = init_distributed()
+    with hold_run_dir(Path(cfg.out), info):  # one run at a time in out, refused before anything loads
+        step = _train(cfg, info)
+    barrier()
+    cleanup()
+    return Path(cfg.out) / "checkpoints" / f"step-{step}"
+
+
+def _train(cfg: SFTConfig, info: DistInfo) -> int:
+    """The run in its locked run directory: resume (the config checked against the saved one), train, save;
+    returns the last step."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     harness = RunHarness(Path(cfg.out), info, schedule_of(cfg), report_to=cfg.report_to, config=cfg,
                          progress=SFT_PROGRESS)
     start_from, state = harness.resume_point(cfg.model)
-    if info.is_main:
-        save_config(cfg, Path(cfg.out) / "config.yaml")
+    record_run_config(Path(cfg.out), cfg, info, SFT_FREE_KEYS, resuming=state is not None)
     torch.manual_seed(cfg.seed)
     model, processor = load_model_and_processor(start_from)
     model.to(info.device)  # type: ignore[arg-type]
@@ -162,10 +221,13 @@ def run_sft(cfg: SFTConfig) -> Path:
         batch, indices = next_batch(step, cfg, samples, stream)
         stats = train_step(model, processor, batch, indices, cfg, info, params, cache)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-        opt.step()
+        finite = math.isfinite(grad_norm) and math.isfinite(stats["loss"])  # global values: every rank agrees
+        if finite:  # else skipped: the weights and AdamW's moments stay as they are (see NonFiniteCount)
+            opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        record = {**stats, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "step_s": time.perf_counter() - ts}
+        record = {**stats, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "step_s": time.perf_counter() - ts,
+                  "skipped_nonfinite": int(not finite)}  # fmt: skip
         return record, [], position + cfg.batch_size
 
     step = harness.loop(
@@ -174,9 +236,7 @@ def run_sft(cfg: SFTConfig) -> Path:
                                                  extra=None if stream is None else {"stream": stream.state_dict()}),
         validate=(lambda: _validate(model, processor, val, info)) if val else None,
     )  # fmt: skip
-    barrier()
-    cleanup()
-    return Path(cfg.out) / "checkpoints" / f"step-{step}"
+    return step
 
 
 def open_stream(cfg: SFTConfig, state: dict[str, Any] | None) -> SampleStream:
