@@ -300,7 +300,7 @@ def test_torchrun_two_ranks_write_what_one_writes(tiny_model_dir, synth_dir, tmp
     one = _vlrl(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           "-m", "vlrl.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
                          text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr

@@ -1,6 +1,10 @@
-"""The LLM-judge client against a scripted fake OpenAI endpoint (http.server on 127.0.0.1 in a thread):
-reply parsing, retries with backoff, time-outs, the cache, the concurrency limit, the registered rewards, and
-the API key: sent as a Bearer token, never in logs, reprs, stats or cache files."""
+"""The LLM-judge client against a scripted fake OpenAI endpoint (http.server on 127.0.0.1 in a thread) or a fake
+transport (httpx.MockTransport): reply parsing, retries with backoff, time-outs, the step deadline, faults (slow,
+5xx, garbage, refused), the cache, the concurrency limit, the registered rewards, and the API key: sent as a
+Bearer token, never in logs, reprs, stats or cache files.
+
+Waiting is never measured on the wall clock: the client gets a fake clock and sleep (`FakeTime`), which the fake
+transport also advances to play a slow judge; real time appears only as generous bounds that detect a hang."""
 
 from __future__ import annotations
 
@@ -14,15 +18,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
 from vlrl.data.sample import Sample
 from vlrl.rewards import RewardSpec, combine, get_reward, list_rewards
-from vlrl.rewards.judge import JudgeClient, JudgeConfig, close_clients, judge_metrics, question_text
+from vlrl.rewards.judge import (
+    FAILURE_KINDS,
+    JudgeClient,
+    JudgeConfig,
+    close_clients,
+    judge_metrics,
+    question_text,
+)
 from vlrl.rewards.judge_prompts import combine_accuracy, parse_score, parse_sub_scores, render
 
 KEY = "sk-test-d0n0tl3ak-8812"
+HANG_BOUND = 60.0  # seconds: only a hung client takes this long, however loaded the machine
 Reply = tuple[int, str | None, dict[str, str]]  # (status, body or None = hang, headers)
 
 
@@ -44,6 +57,8 @@ class FakeJudge:
         self.inflight = 0
         self.max_inflight = 0
         self.delay = 0.0
+        self.gather = 0  # hold each request until this many are in flight at once (or HANG_BOUND passed)
+        self.gathered = threading.Event()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,11 +73,15 @@ class FakeJudge:
                     fake.requests.append((dict(self.headers.items()), body))
                     fake.inflight += 1
                     fake.max_inflight = max(fake.max_inflight, fake.inflight)
+                    if fake.gather and fake.inflight >= fake.gather:
+                        fake.gathered.set()
                 try:
+                    if fake.gather:
+                        fake.gathered.wait(timeout=HANG_BOUND)
                     time.sleep(fake.delay)
                     status, payload, headers = fake.responder(body, attempt)
                     if payload is None:  # hang past the client's time-out
-                        fake.release.wait(timeout=10)
+                        fake.release.wait(timeout=HANG_BOUND)
                         return
                     data = payload.encode()
                     self.send_response(status)
@@ -123,6 +142,45 @@ def config(fake: FakeJudge, **kw: Any) -> JudgeConfig:
     return JudgeConfig(**base)
 
 
+class FakeTime:
+    """The client's clock and sleep: time moves only when the client sleeps or a fake judge `spend`s it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+        self.lock = threading.Lock()
+
+    def clock(self) -> float:
+        with self.lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self.lock:
+            self.sleeps.append(seconds)
+            self.now += seconds
+
+    def spend(self, seconds: float) -> None:
+        with self.lock:
+            self.now += seconds
+
+
+def chat_body(content: Any) -> bytes:
+    return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def faulty_client(handler: Callable[[httpx.Request], httpx.Response], t: FakeTime, **kw: Any) -> JudgeClient:
+    """A client whose requests go to `handler` (no network) and whose waits go to `t`."""
+    base: dict[str, Any] = dict(base_url="http://judge.invalid/v1", model="judge", timeout=10.0, max_retries=3,
+                                backoff=1.0, max_backoff=30.0, max_concurrency=1, step_timeout=600.0)
+    base.update(kw)
+    return JudgeClient(JudgeConfig(**base), clock=t.clock, sleep=t.sleep, transport=httpx.MockTransport(handler))
+
+
+def assert_failures_add_up(stats: dict[str, float]) -> None:
+    """Every item without a reply is counted under exactly one cause."""
+    assert stats["failures"] == sum(stats[k] for k in FAILURE_KINDS)
+
+
 # ----------------------------------------------------------------------------------------- parsing
 @pytest.mark.parametrize(
     ("reply", "expected"),
@@ -155,7 +213,7 @@ def test_parse_score(reply: str, expected: float | None) -> None:
 def test_parse_score_is_bounded_on_long_replies() -> None:
     t0 = time.monotonic()
     assert parse_score("{" * 50_000 + "1/" * 50_000 + "<answer>" * 10_000) is None
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < HANG_BOUND  # catastrophic backtracking would take hours
 
 
 def test_accuracy_sub_scores_and_weights() -> None:
@@ -235,22 +293,21 @@ def test_no_key_no_authorization_header(fake: FakeJudge, monkeypatch: pytest.Mon
 
 def test_retries_5xx_with_backoff(fake: FakeJudge) -> None:
     fake.responder = lambda req, attempt: (503, "overloaded", {}) if attempt == 0 else ok("Score: 0.4")
-    with JudgeClient(config(fake, backoff=0.2, max_concurrency=2)) as client:
-        t0 = time.monotonic()
+    t = FakeTime()
+    with JudgeClient(config(fake, backoff=0.2, max_concurrency=2), clock=t.clock, sleep=t.sleep) as client:
         values = client.score(completions(2), make_samples(2, None))
-        elapsed = time.monotonic() - t0
     assert values == [0.4, 0.4]
     stats = client.stats.as_dict()
     assert (stats["calls"], stats["retries"], stats["failures"]) == (4, 2, 0)
-    assert 0.2 <= elapsed < 3.0  # waited one backoff (0.2 s + jitter), not more
+    assert len(t.sleeps) == 2 and all(0.2 <= s <= 0.22 for s in t.sleeps)  # one backoff each (+ <= 10 % jitter)
 
 
 def test_retry_after_header_and_429(fake: FakeJudge) -> None:
     fake.responder = lambda req, attempt: (429, "slow down", {"Retry-After": "0"}) if attempt < 2 else ok("0.5")
-    with JudgeClient(config(fake, backoff=5.0)) as client:
-        t0 = time.monotonic()
+    t = FakeTime()
+    with JudgeClient(config(fake, backoff=5.0), clock=t.clock, sleep=t.sleep) as client:
         assert client.score(completions(1), make_samples(1, None)) == [0.5]
-    assert time.monotonic() - t0 < 2.0  # Retry-After: 0 beat the 5 s backoff
+    assert t.sleeps == [0.0, 0.0]  # Retry-After: 0 beat the 5 s backoff
     assert client.stats.retries == 2
 
 
@@ -269,21 +326,22 @@ def test_retries_exhausted(fake: FakeJudge) -> None:
 
 
 def test_timeout_gives_none_and_is_counted(fake: FakeJudge) -> None:
-    fake.responder = lambda req, attempt: (200, None, {})  # hang
-    with JudgeClient(config(fake, timeout=0.3, max_retries=1, backoff=0.01)) as client:
+    fake.responder = lambda req, attempt: (200, None, {})  # hang (until the fake closes)
+    t = FakeTime()
+    with JudgeClient(config(fake, timeout=0.3, max_retries=1, backoff=0.01), clock=t.clock, sleep=t.sleep) as client:
         t0 = time.monotonic()
         assert client.score(completions(2), make_samples(2, None)) == [None, None]
-        elapsed = time.monotonic() - t0
+        assert time.monotonic() - t0 < HANG_BOUND  # the read time-out fired, not the fake's release
     stats = client.stats.as_dict()
     assert (stats["failures"], stats["timeouts"], stats["calls"], stats["retries"]) == (2, 2, 4, 2)
-    assert elapsed < 3.0
 
 
-def test_malformed_response_not_retried(fake: FakeJudge) -> None:
+def test_malformed_response_is_retried_then_none(fake: FakeJudge) -> None:
     fake.responder = lambda req, attempt: (200, "<html>not json</html>", {})
-    with JudgeClient(config(fake)) as client:
+    t = FakeTime()
+    with JudgeClient(config(fake, max_retries=2), clock=t.clock, sleep=t.sleep) as client:
         assert client.score(completions(1), make_samples(1, None)) == [None]
-    assert (client.stats.calls, client.stats.failures) == (1, 1)
+    assert (client.stats.calls, client.stats.retries, client.stats.failures, client.stats.malformed) == (3, 2, 1, 1)
 
 
 def test_unparsable_reply_is_none_and_counted(fake: FakeJudge) -> None:
@@ -293,15 +351,16 @@ def test_unparsable_reply_is_none_and_counted(fake: FakeJudge) -> None:
     assert (client.stats.unparsable, client.stats.failures) == (2, 0)
 
 
-def test_connection_refused_is_fast(fake: FakeJudge) -> None:
+def test_connection_refused_is_retried_and_counted(fake: FakeJudge) -> None:
     url = fake.base_url
     fake.close()
-    cfg = JudgeConfig(base_url=url, model="judge", timeout=2.0, max_retries=2, backoff=0.01)
-    with JudgeClient(cfg) as client:
-        t0 = time.monotonic()
+    cfg = JudgeConfig(base_url=url, model="judge", timeout=30.0, max_retries=2, backoff=0.5)
+    t = FakeTime()
+    with JudgeClient(cfg, clock=t.clock, sleep=t.sleep) as client:
         assert client.score(completions(3), make_samples(3, None)) == [None] * 3
-    assert time.monotonic() - t0 < 3.0
-    assert (client.stats.failures, client.stats.retries, client.stats.timeouts) == (3, 6, 0)
+    stats = client.stats.as_dict()
+    assert (stats["failures"], stats["retries"], stats["timeouts"], stats["connection_errors"]) == (3, 6, 0, 3)
+    assert sorted(t.sleeps) == pytest.approx([0.5] * 3 + [1.0] * 3, rel=0.1)  # backoff 0.5, then 1.0
 
 
 def test_unreadable_image_is_none_without_a_call(fake: FakeJudge, tmp_path: Path) -> None:
@@ -330,14 +389,12 @@ def test_cache_hits_in_memory_and_from_file(fake: FakeJudge, image_path: str, tm
 
 
 def test_concurrency_is_limited(fake: FakeJudge) -> None:
-    fake.delay = 0.15
-    with JudgeClient(config(fake, max_concurrency=2)) as client:
-        t0 = time.monotonic()
+    fake.gather, fake.delay = 2, 0.05  # the first two requests wait for each other: overlap is certain
+    t = FakeTime()
+    with JudgeClient(config(fake, max_concurrency=2), clock=t.clock, sleep=t.sleep) as client:
         assert client.score(completions(6), make_samples(6, None)) == [0.7] * 6
-        elapsed = time.monotonic() - t0
     assert fake.max_inflight == 2
-    assert 0.4 <= elapsed < 3.0  # 3 waves of 0.15 s
-    assert client.stats.seconds == pytest.approx(elapsed, abs=0.2)
+    assert client.stats.seconds == 0.0  # measured on the client's clock, which no sleep moved
 
 
 def test_accuracy_template(fake: FakeJudge) -> None:
@@ -347,6 +404,161 @@ def test_accuracy_template(fake: FakeJudge) -> None:
     assert values == [pytest.approx(0.9)]
     text = fake.requests[0][1]["messages"][1]["content"][0]["text"]
     assert "Ground-truth answer: 1\n" in text and "<response><think>" in text
+
+
+# ----------------------------------------------------------------------------------------- faults
+def test_backoff_doubles_up_to_its_cap_without_real_waiting() -> None:
+    t = FakeTime()
+    with faulty_client(lambda req: httpx.Response(503, text="overloaded"), t, max_retries=4, backoff=1.0,
+                       max_backoff=3.0) as client:
+        assert client.score(completions(1), make_samples(1, None)) == [None]
+    stats = client.stats.as_dict()
+    assert (stats["calls"], stats["retries"], stats["failures"], stats["http_errors"]) == (5, 4, 1, 1)
+    assert [round(s) for s in t.sleeps] == [1, 2, 3, 3]  # min(max_backoff, backoff * 2**k), + <= 10 % jitter
+    assert all(base <= s <= 1.1 * base for s, base in zip(t.sleeps, [1, 2, 3, 3]))
+    assert stats["seconds"] == pytest.approx(sum(t.sleeps))
+    assert_failures_add_up(stats)
+
+
+@pytest.mark.parametrize(
+    ("name", "response"),
+    [
+        ("not json", lambda: httpx.Response(200, text="<html>502 Bad Gateway</html>")),
+        ("json, no choices", lambda: httpx.Response(200, json={"object": "chat.completion"})),
+        ("content not text", lambda: httpx.Response(200, content=chat_body({"score": 0.5}))),
+        ("enormous body", lambda: httpx.Response(200, content=b"x" * (5 * 1024 * 1024))),
+        ("5xx", lambda: httpx.Response(500, json={"error": {"message": "boom"}})),
+    ],
+)
+def test_garbage_is_retried_counted_and_none(name: str, response: Callable[[], httpx.Response]) -> None:
+    t = FakeTime()
+    with faulty_client(lambda req: response(), t, max_retries=2, backoff=0.5) as client:
+        assert client.score(completions(2), make_samples(2, None)) == [None, None]
+    stats = client.stats.as_dict()
+    assert (stats["calls"], stats["retries"], stats["failures"]) == (6, 4, 2), name
+    assert stats["http_errors" if name == "5xx" else "malformed"] == 2
+    assert len(t.sleeps) == 4
+    assert_failures_add_up(stats)
+
+
+@pytest.mark.parametrize("reply", ["I cannot rate this.", "<answer>good</answer>", '{"reasoning": "fine"}'])
+def test_reply_without_a_score_is_none_not_retried(reply: str) -> None:
+    """A well-formed reply without a score is the judge's answer (deterministic at temperature 0, and cached):
+    counted as unparsable, not re-requested."""
+    t = FakeTime()
+    with faulty_client(lambda req: httpx.Response(200, content=chat_body(reply)), t) as client:
+        assert client.score(completions(1), make_samples(1, None)) == [None]
+    stats = client.stats.as_dict()
+    assert (stats["calls"], stats["retries"], stats["failures"], stats["unparsable"]) == (1, 0, 0, 1)
+
+
+def test_slow_and_refusing_judges_are_retried_then_recover() -> None:
+    """Attempt 1 times out (the judge sat past `timeout`), attempt 2 is refused, attempt 3 answers."""
+    t = FakeTime()
+    attempts: list[int] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        attempts.append(1)
+        if len(attempts) == 1:
+            t.spend(10.0)
+            raise httpx.ReadTimeout("no reply", request=req)
+        if len(attempts) == 2:
+            raise httpx.ConnectError("connection refused", request=req)
+        return httpx.Response(200, content=chat_body("<answer>0.6</answer>"))
+
+    with faulty_client(handler, t, timeout=10.0, max_retries=3, backoff=1.0) as client:
+        assert client.score(completions(1), make_samples(1, None)) == [0.6]
+    stats = client.stats.as_dict()
+    assert (stats["calls"], stats["retries"], stats["failures"]) == (3, 2, 0)
+    assert [round(s) for s in t.sleeps] == [1, 2]
+
+
+def test_a_reply_that_trickles_past_the_timeout_is_cut_and_retried() -> None:
+    """Each chunk arrives within the read time-out, but the whole body takes longer than `timeout`."""
+    t = FakeTime()
+
+    def trickle() -> Iterator[bytes]:
+        for _ in range(100):
+            t.spend(0.4)
+            yield b" "
+
+    with faulty_client(lambda req: httpx.Response(200, content=trickle()), t, timeout=1.0, max_retries=1,
+                       backoff=0.1) as client:
+        assert client.score(completions(1), make_samples(1, None)) == [None]
+    stats = client.stats.as_dict()
+    assert (stats["calls"], stats["retries"], stats["failures"], stats["timeouts"]) == (2, 1, 1, 1)
+    assert t.now - 1000.0 < 2 * (1.0 + 0.4) + 0.2  # each attempt cut at its time-out, not after 40 s
+
+
+def test_step_deadline_bounds_retries_and_backoff() -> None:
+    """With 10 retries of backoff 1, 2, 4, ... the item would wait over 17 minutes; the step deadline of 5 s
+    stops it at the first backoff that would end past the deadline."""
+    t = FakeTime()
+    with faulty_client(lambda req: httpx.Response(503), t, max_retries=10, backoff=1.0, max_backoff=600.0,
+                       step_timeout=5.0) as client:
+        assert client.score(completions(1), make_samples(1, None)) == [None]
+    stats = client.stats.as_dict()
+    assert t.now - 1000.0 <= 5.0 and sum(t.sleeps) <= 5.0
+    assert (stats["calls"], stats["failures"], stats["over_deadline"], stats["http_errors"]) == (3, 1, 1, 0)
+    assert_failures_add_up(stats)
+
+
+def test_step_deadline_bounds_a_slow_judge_over_many_items() -> None:
+    """A judge that takes 4 s per reply, 10 items one at a time, step deadline 9 s: two items are judged,
+    each call's time-out is cut to the time left (9, 5, then 1 s: too short), the rest are not sent."""
+    t = FakeTime()
+    timeouts: list[float] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        read = req.extensions["timeout"]["read"]
+        timeouts.append(read)
+        if read < 4.0:
+            t.spend(read)
+            raise httpx.ReadTimeout("judge too slow", request=req)
+        t.spend(4.0)
+        return httpx.Response(200, content=chat_body("<answer>0.5</answer>"))
+
+    with faulty_client(handler, t, timeout=30.0, max_retries=3, step_timeout=9.0) as client:
+        values = client.score(completions(10), make_samples(10, None))
+    stats = client.stats.as_dict()
+    assert values == [0.5, 0.5] + [None] * 8
+    assert timeouts == pytest.approx([9.0, 5.0, 1.0])
+    assert t.now - 1000.0 == pytest.approx(9.0)
+    assert (stats["calls"], stats["retries"], stats["failures"], stats["over_deadline"]) == (3, 0, 8, 8)
+    assert_failures_add_up(stats)
+
+
+def test_hung_judge_never_stalls_a_step_past_its_deadline(fake: FakeJudge) -> None:
+    """Real time: a judge that never answers, a 60 s call time-out and 3 retries (minutes of waiting), but a
+    step deadline of 0.5 s: `score` returns within a bound that only a hang exceeds."""
+    fake.responder = lambda req, attempt: (200, None, {})
+    cfg = config(fake, timeout=60.0, max_retries=3, backoff=5.0, max_concurrency=2, step_timeout=0.5)
+    with JudgeClient(cfg) as client:
+        out: list[list[float | None]] = []
+        worker = threading.Thread(target=lambda: out.append(client.score(completions(4), make_samples(4, None))))
+        worker.start()
+        worker.join(timeout=HANG_BOUND / 2)
+        stalled = worker.is_alive()
+        fake.release.set()  # free a stalled client so the test ends either way
+        worker.join()
+    assert not stalled, "score() ran far past its step deadline"
+    assert out == [[None] * 4]
+    stats = client.stats.as_dict()
+    assert stats["failures"] == 4 and stats["over_deadline"] + stats["timeouts"] == 4
+    assert_failures_add_up(stats)
+
+
+def test_judge_metrics_name_every_counter(fake: FakeJudge) -> None:
+    fake.responder = lambda req, attempt: (503, "down", {})
+    settings = {"base_url": fake.base_url, "model": "judge", "max_retries": 0}
+    try:
+        get_reward("judge_process")(completions(1), make_samples(1, None), **settings)
+        metrics = judge_metrics()
+    finally:
+        close_clients()
+    expected = {"requests", "cache_hits", "calls", "retries", "failures", "unparsable", "seconds", *FAILURE_KINDS}
+    assert set(metrics) == {f"judge/{k}" for k in expected}
+    assert metrics["judge/failures"] == metrics["judge/http_errors"] == 1
 
 
 # ----------------------------------------------------------------------------------------- registry

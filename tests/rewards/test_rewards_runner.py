@@ -69,7 +69,7 @@ def test_pool_isolates_raise_and_hang(pool: RewardRunner) -> None:
     expected[2] = expected[9] = None
     assert result.values == expected
     assert (result.errors, result.timeouts) == (1, 1)
-    assert elapsed < 4 * TIMEOUT + 10  # chunk time-out + single retry (+ worker start-up)
+    assert elapsed < 55  # a hang bound: only waiting out the 60 s sleep comes near it (timeouts == 1 shows the kill)
     assert pool.stats["hostile"].errors >= 1 and pool.stats["hostile"].timeouts >= 1
     # the pool recovered: killed workers were replaced
     again = pool.run(hostile_reward, ["ok"] * 5, _samples(5), name="hostile")

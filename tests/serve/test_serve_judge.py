@@ -71,7 +71,7 @@ def test_registered_reward_against_served_model(served: Served, image: str) -> N
 def test_server_killed_mid_batch(tiny_model_dir: Path, tmp_path: Path, image: str) -> None:
     server = start_server(tiny_model_dir, tmp_path / "server.log")
     try:
-        cfg = JudgeConfig(base_url=server.url + "/v1", model="tiny", max_tokens=32, timeout=5.0, max_retries=2,
+        cfg = JudgeConfig(base_url=server.url + "/v1", model="tiny", max_tokens=32, timeout=30.0, max_retries=2,
                           backoff=0.05, max_concurrency=1)
         client = JudgeClient(cfg)
         out: list[list[float | None]] = []
@@ -82,13 +82,13 @@ def test_server_killed_mid_batch(tiny_model_dir: Path, tmp_path: Path, image: st
             time.sleep(0.01)
         assert worker.is_alive(), "the batch finished before the server could be killed"
         server.proc.send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        worker.join(timeout=30)
+        worker.join(timeout=60)  # bounds only a hang: the remaining calls are refused at once
         assert not worker.is_alive()
-        assert time.monotonic() - killed_at < 8.0  # remaining calls fail fast: connection refused, bounded retries
         values = out[0]
         stats = client.stats.as_dict()
         assert values[-1] is None and stats["failures"] >= 1
+        assert stats["connection_errors"] == stats["failures"] and stats["timeouts"] == 0  # refused, not waited on
+        assert stats["retries"] <= 2 * stats["requests"]  # bounded retries
         assert stats["failures"] + stats["unparsable"] == sum(v is None for v in values)
         assert stats["requests"] == 8
         client.close()

@@ -111,7 +111,7 @@ def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path):
     out = one.communicate(timeout=600)[0]
     assert one.returncode == 0, out
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           "-m", "vlrl.cli", *_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "two", 2, kw)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr

@@ -95,7 +95,7 @@ def test_torchrun_two_processes_match_one(tiny_model_dir, synth_dir, tmp_path):
     one = _cli(_sft_args(tiny_model_dir, synth_dir, tmp_path / "one", 4))
     assert one.wait(timeout=300) == 0, one.stdout.read() if one.stdout else ""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           "-m", "vlrl.cli", *_sft_args(tiny_model_dir, synth_dir, tmp_path / "two", 4)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr

@@ -134,7 +134,7 @@ def test_sigkill_then_rerun_resumes_exactly_and_two_ranks_match_one(tiny_model_d
 
     # torchrun: both ranks read the stream, each trains its half of every batch: the same losses as 1 process
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           "-m", "vlrl.cli", *_sft_args(tiny_model_dir, data, tmp_path / "two", 4)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr

@@ -100,7 +100,7 @@ def _rollouts(answers: list[list[str]]) -> StepRollouts:
 
 
 def _stage(url: str, **judge: object) -> TrustStage:
-    settings: dict = dict(base_url=url, model="judge", timeout=2.0, max_retries=0, backoff=0.01,
+    settings: dict = dict(base_url=url, model="judge", timeout=60.0, max_retries=0, backoff=0.01,
                           max_concurrency=1)
     settings.update(judge)
     cfg = TrustConfig(enabled=True, alpha=0.3, anneal_steps=10.0, judge=JudgeConfig(**settings))
@@ -171,7 +171,7 @@ def _overrides(model: Path, data: Path, out: Path, judge_url: str, steps: int) -
     kw = {"model": model, "data": f"[{data / 'counting' / 'train.jsonl'}]", "validation.data": "[]", "out": out,
           "max_steps": steps, "rollout.batch_size": 2, "rollout.group_size": G, "rollout.max_new_tokens": 8,
           "logging.save_every": 100, "algorithm.beta": 0.0, "threads": 1, "trust.anneal_steps": 5, "trust.judge.base_url": judge_url,
-          "trust.judge.model": "tiny", "trust.judge.timeout": 2.0, "trust.judge.max_retries": 1,
+          "trust.judge.model": "tiny", "trust.judge.timeout": 60.0, "trust.judge.max_retries": 1,
           "trust.judge.backoff": 0.05, "trust.judge.max_concurrency": 1}
     return [f"{k}={v}" for k, v in kw.items()]
 

@@ -7,13 +7,20 @@ or None per completion:
   "accuracy": Innovator-VL-style weighted format / reasoning / answer sub-scores), the sample's images go
   along as PNG data URLs;
 - calls run concurrently in a thread pool of `max_concurrency`; each has a time-out (on connecting, on each
-  read, and on the whole body, checked as it arrives) and is retried with exponential backoff on time-outs, connection errors, 5xx, 408
-  and 429 (never on other 4xx);
+  read, and on the whole body, checked as it arrives) and is retried with exponential backoff on time-outs,
+  connection errors, 5xx, 408, 429 and replies that are not a chat completion (never on other 4xx, nor on a
+  well-formed reply without a score: the judge's answer, cached);
+- one `score` call (one RL step's batch) has a deadline, `step_timeout`, across all its calls, retries and
+  waits: no call starts and no backoff ends after it, and a call's time-out is cut to the time left, so a slow,
+  hung or failing judge cannot stall a step; items not judged by then give None;
 - replies are cached by (judge model, template, rendered prompt, image hashes) in memory and, with
   `cache_path`, in a jsonl file that later runs reuse; the reply text is cached, not the score, so a
   repeated unparsable reply is not re-requested either;
 - a failed call (after retries), an unreadable image or an unparsable reply gives None and is counted in
-  `client.stats` (calls, cache hits, failures, time-outs, retries, unparsable, seconds).
+  `client.stats` (`JudgeStats`: every failure under one cause of `FAILURE_KINDS`).
+
+Time is read from the `clock` and waited with the `sleep` given to `JudgeClient` (time.monotonic and
+time.sleep by default), so tests drive retries, backoff and deadlines without waiting.
 
 The API key is read from the environment variable `api_key_env` (default VLRL_JUDGE_API_KEY) when the client
 is built and sent as `Authorization: Bearer ...`. It is never logged, written to the cache, shown by a repr
@@ -40,7 +47,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,11 +58,18 @@ from vlrl.rewards.judge_prompts import SYSTEM_PROMPT, TEMPLATES, parse_reply, re
 from vlrl.rewards.registry import register_reward
 
 if TYPE_CHECKING:
+    import httpx
+
     from vlrl.data.sample import Sample
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({408, 429})  # plus every 5xx
+# The causes of an item's failure, each a `JudgeStats` counter; they add up to `failures`.
+FAILURE_KINDS = ("timeouts", "http_errors", "connection_errors", "malformed", "over_deadline", "image_errors",
+                 "errors")
+_KIND_COUNTER = {"timeout": "timeouts", "http": "http_errors", "connection": "connection_errors",
+                 "malformed": "malformed", "deadline": "over_deadline"}
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 MAX_CACHED_REPLY_CHARS = 20_000
 IMAGE_CACHE_SIZE = 16  # encoded images kept (a group's G completions share one image)
@@ -79,6 +93,8 @@ class JudgeConfig:
     backoff: float = 1.0  # seconds: the k-th retry waits min(max_backoff, backoff * 2**k)
     max_backoff: float = 30.0  # seconds: the longest wait between retries
     max_concurrency: int = 8  # requests in flight at once
+    step_timeout: float = 600.0  # seconds: one scoring batch (an RL step's) ends by then, retries included;
+    #   items not judged by then get no reward (counted as over_deadline)
     temperature: float = 0.0  # the judge's sampling temperature
     max_tokens: int = 512  # the judge's reply length limit, in tokens
     cache_path: str | None = None  # jsonl of cached replies (read at start, appended to); null: memory only
@@ -94,7 +110,8 @@ class JudgeConfig:
             raise ValueError(f"judge base_url must start with http:// or https://, got {self.base_url!r}")
         if not self.model:
             raise ValueError("judge model must be set")
-        positive = {"timeout": self.timeout, "max_concurrency": self.max_concurrency, "max_tokens": self.max_tokens,
+        positive = {"timeout": self.timeout, "step_timeout": self.step_timeout,
+                    "max_concurrency": self.max_concurrency, "max_tokens": self.max_tokens,
                     "cache_size": self.cache_size, "image_max_pixels": self.image_max_pixels,
                     "max_response_chars": self.max_response_chars}
         bad = [k for k, v in positive.items() if not v > 0]
@@ -136,9 +153,13 @@ class JudgeStats:
     """Cumulative counters of one client (thread-safe via `add`).
 
     requests: items asked to score. cache_hits: items answered from the cache. calls: HTTP requests sent
-    (retries included). retries: repeated attempts. failures: items that got no reply (HTTP error after
-    retries, time-out, connection error, unreadable image); timeouts: the part of failures due to time-outs.
-    unparsable: items whose reply held no score. seconds: wall time spent in `score`.
+    (retries included). retries: repeated attempts. failures: items that got no reply, each counted under
+    the cause that ended it (`FAILURE_KINDS`): timeouts (the last attempt timed out), http_errors (an error
+    status), connection_errors (refused, reset), malformed (the last reply was not a chat completion, or too
+    large), over_deadline (the step deadline passed first: not sent, or no time left to retry),
+    image_errors (an image could not be read; nothing sent), errors (anything else: a bug).
+    unparsable: items whose reply held no score (not failures: the judge answered). seconds: time spent in
+    `score`, on the client's clock.
     """
 
     requests: int = 0
@@ -147,6 +168,12 @@ class JudgeStats:
     retries: int = 0
     failures: int = 0
     timeouts: int = 0
+    http_errors: int = 0
+    connection_errors: int = 0
+    malformed: int = 0
+    over_deadline: int = 0
+    image_errors: int = 0
+    errors: int = 0
     unparsable: int = 0
     seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -162,11 +189,16 @@ class JudgeStats:
 
 
 class _CallFailed(Exception):
-    def __init__(self, kind: str, detail: str, retryable: bool, retry_after: float | None = None) -> None:
+    """Why a call gave no reply: `kind` (a key of `_KIND_COUNTER`), whether a retry may help, the server's
+    Retry-After, and whether the request was never sent (the step deadline had passed)."""
+
+    def __init__(self, kind: str, detail: str, retryable: bool, retry_after: float | None = None,
+                 unsent: bool = False) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.retryable = retryable
         self.retry_after = retry_after
+        self.unsent = unsent
 
 
 class ReplyCache:
@@ -254,18 +286,24 @@ class _Item:
 class JudgeClient:
     """Scores completions with an OpenAI-compatible judge; see the module doc. Thread-safe; `close()` it."""
 
-    def __init__(self, config: JudgeConfig) -> None:
+    def __init__(self, config: JudgeConfig, *, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep, transport: httpx.BaseTransport | None = None) -> None:
+        """`clock` and `sleep` time the deadlines and backoff waits (tests pass fake ones, so retries are tested
+        without waiting); `transport` replaces the network (tests pass an `httpx.MockTransport`)."""
         try:
             import httpx
         except ImportError as exc:  # pragma: no cover - httpx ships with the serve/dev extras
             raise ImportError("the judge client needs httpx: pip install 'vlrl[serve]'") from exc
         self.config = config
+        self._clock = clock
+        self._sleep = sleep
         key = os.environ.get(config.api_key_env, "")
         self._api_key = _Secret(key) if key else None
         self.stats = JudgeStats()
         self.cache = ReplyCache(config.cache_path, config.cache_size)
         limits = httpx.Limits(max_connections=config.max_concurrency, max_keepalive_connections=config.max_concurrency)
-        self._http = httpx.Client(timeout=httpx.Timeout(config.timeout), limits=limits, follow_redirects=False)
+        self._http = httpx.Client(timeout=httpx.Timeout(config.timeout), limits=limits, follow_redirects=False,
+                                  transport=transport)
         self._images: OrderedDict[tuple[str, int], tuple[str, str]] = OrderedDict()
         self._images_lock = threading.Lock()
 
@@ -292,14 +330,20 @@ class JudgeClient:
         templates = [template] * len(samples) if isinstance(template, str) else list(template)
         if len(templates) != len(samples) or any(t not in TEMPLATES for t in templates):
             raise ValueError(f"need one template per sample, each one of {', '.join(TEMPLATES)}")
-        start = time.monotonic()
+        start = self._clock()
+        deadline = start + self.config.step_timeout
+        unsent_before = self.stats.over_deadline
         self.stats.add(requests=len(samples))
         items = [self._item(i, t, c, s) for i, (t, c, s) in enumerate(zip(templates, completions, samples))]
         values: list[float | None] = [None] * len(items)
         with ThreadPoolExecutor(max_workers=self.config.max_concurrency, thread_name_prefix="judge") as pool:
-            for item, value in zip(items, pool.map(self._judge, items)):
+            for item, value in zip(items, pool.map(lambda it: self._judge(it, deadline), items)):
                 values[item.index] = value
-        self.stats.add(seconds=time.monotonic() - start)
+        self.stats.add(seconds=self._clock() - start)
+        over = self.stats.over_deadline - unsent_before
+        if over:
+            log.warning("judge: step deadline (step_timeout=%ss) reached; %d of %d items not judged",
+                        self.config.step_timeout, over, len(items))
         return values
 
     # ---------------------------------------------------------------- helpers
@@ -333,23 +377,23 @@ class JudgeClient:
         ident = json.dumps([cfg.model, cfg.temperature, cfg.max_tokens, template, text, [h for _, h in images]])
         return _Item(index, template, messages, hashlib.sha256(ident.encode("utf-8")).hexdigest())
 
-    def _judge(self, item: _Item) -> float | None:
+    def _judge(self, item: _Item, deadline: float) -> float | None:
         try:
-            return self._judge_item(item)
+            return self._judge_item(item, deadline)
         except Exception as exc:  # noqa: BLE001 - one item never sinks the batch
-            self.stats.add(failures=1)
+            self.stats.add(failures=1, errors=1)
             log.warning("judge: item %d failed: %s", item.index, self._redact(f"{type(exc).__name__}: {exc}"))
             return None
 
-    def _judge_item(self, item: _Item) -> float | None:
+    def _judge_item(self, item: _Item, deadline: float) -> float | None:
         if item.messages is None:
-            self.stats.add(failures=1)
+            self.stats.add(failures=1, image_errors=1)
             return None
         reply = self.cache.get(item.key)
         if reply is not None:
             self.stats.add(cache_hits=1)
         else:
-            reply = self._call_with_retries(item.messages)
+            reply = self._call_with_retries(item.messages, deadline)
             if reply is None:
                 return None
             self.cache.put(item.key, reply)
@@ -365,20 +409,27 @@ class JudgeClient:
             delay = retry_after
         return delay
 
-    def _call_with_retries(self, messages: list[dict[str, Any]]) -> str | None:
+    def _call_with_retries(self, messages: list[dict[str, Any]], deadline: float) -> str | None:
+        """The reply text, or None (counted under its cause) once retries, or the time to `deadline`, run out.
+        A retry happens only if its backoff ends before the deadline: waiting past it could not help."""
         payload = json.dumps({"model": self.config.model, "messages": messages, "stream": False,
                               "temperature": self.config.temperature, "max_tokens": self.config.max_tokens})
         for attempt in range(self.config.max_retries + 1):
             try:
-                return self._call(payload.encode("utf-8"))
+                return self._call(payload.encode("utf-8"), deadline)
             except _CallFailed as err:
+                delay = self._delay(attempt, err.retry_after)
+                if err.retryable and attempt < self.config.max_retries and self._clock() + delay >= deadline:
+                    err = _CallFailed("deadline", f"step deadline reached after {err}", retryable=False)
                 if not err.retryable or attempt == self.config.max_retries:
-                    self.stats.add(failures=1, timeouts=int(err.kind == "timeout"))
-                    log.warning("judge call failed after %d attempt(s): %s", attempt + 1, self._redact(str(err)))
+                    self.stats.add(failures=1, **{_KIND_COUNTER[err.kind]: 1})
+                    if not err.unsent:  # items never sent are summed up once by `score`
+                        log.warning("judge call failed after %d attempt(s): %s", attempt + 1,
+                                    self._redact(str(err)))
                     return None
                 self.stats.add(retries=1)
                 log.debug("judge call attempt %d failed (%s); retrying", attempt + 1, self._redact(str(err)))
-                time.sleep(self._delay(attempt, err.retry_after))
+                self._sleep(delay)
         return None
 
     def _redact(self, text: str) -> str:
@@ -386,24 +437,30 @@ class JudgeClient:
             text = text.replace(self._api_key.reveal(), "***")
         return text[:500]
 
-    def _call(self, payload: bytes) -> str:
-        """One HTTP request; the reply's message content, or `_CallFailed` saying whether to retry."""
+    def _call(self, payload: bytes, step_deadline: float) -> str:
+        """One HTTP request; the reply's message content, or `_CallFailed` saying whether to retry. Its
+        time-out is `timeout`, cut to the time left before `step_deadline`; none is sent past that."""
         import httpx
 
+        now = self._clock()
+        timeout = min(self.config.timeout, step_deadline - now)
+        if timeout <= 0:
+            raise _CallFailed("deadline", "step deadline reached before the call", retryable=False, unsent=True)
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key is not None:
             headers["Authorization"] = f"Bearer {self._api_key.reveal()}"
         self.stats.add(calls=1)
-        deadline = time.monotonic() + self.config.timeout
+        deadline = now + timeout
         try:
-            with self._http.stream("POST", self.config.url, content=payload, headers=headers) as resp:
+            with self._http.stream("POST", self.config.url, content=payload, headers=headers,
+                                   timeout=httpx.Timeout(timeout)) as resp:
                 body = bytearray()
                 for chunk in resp.iter_bytes():
                     body += chunk
                     if len(body) > MAX_RESPONSE_BYTES:
-                        raise _CallFailed("malformed", "response too large", retryable=False)
-                    if time.monotonic() > deadline:
-                        raise _CallFailed("timeout", f"response took over {self.config.timeout}s", retryable=True)
+                        raise _CallFailed("malformed", "response too large", retryable=True)
+                    if self._clock() > deadline:
+                        raise _CallFailed("timeout", f"response took over {timeout:.3g}s", retryable=True)
                 status = resp.status_code
                 retry_after = _retry_after(resp.headers.get("retry-after"))
         except httpx.TimeoutException as exc:
@@ -434,9 +491,9 @@ def _reply_content(body: bytes) -> str:
     try:
         content = json.loads(body)["choices"][0]["message"]["content"]
     except (ValueError, KeyError, IndexError, TypeError):
-        raise _CallFailed("malformed", "response is not a chat completion", retryable=False) from None
+        raise _CallFailed("malformed", "response is not a chat completion", retryable=True) from None
     if not isinstance(content, str):
-        raise _CallFailed("malformed", "message content is not a string", retryable=False)
+        raise _CallFailed("malformed", "message content is not a string", retryable=True)
     return content
 
 
