@@ -1,6 +1,7 @@
-"""What every fuzz target shares: its hypothesis settings (a fixed seed and a small budget in `make test`, a random
-seed and `VLRL_FUZZ_EXAMPLES` cases per target in `make fuzz`), the per-target case counter that the summary at
-the end of the run prints (tests/fuzz/conftest.py), and `limits`, the time and memory bounds one case must hold.
+"""What every fuzz target shares: its hypothesis settings (a fixed seed and a small budget in `make test`; a random
+seed and `VLRL_FUZZ_SCALE` times that budget in `make fuzz`, so that slow targets stay proportionally small), the
+per-target case counter that the summary at the end of the run prints (tests/fuzz/conftest.py), and `limits`, the
+time and memory bounds one case must hold.
 
     @fuzz_settings()
     @given(st.text())
@@ -22,14 +23,14 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 
 COUNTS: Counter[str] = Counter()  # cases run per target, this session
-CAMPAIGN = "VLRL_FUZZ_EXAMPLES" in os.environ  # `make fuzz`: long, random seed; else `make test`: short, fixed seed
+CAMPAIGN = "VLRL_FUZZ_SCALE" in os.environ  # `make fuzz`: long, random seed; else `make test`: short, fixed seed
 
 
 def fuzz_settings(examples: int = 100, **kw: Any) -> settings:
     """`examples` cases under `make test` (derandomized: the same cases on every run, so a failure reproduces);
-    `VLRL_FUZZ_EXAMPLES` cases from a random seed under `make fuzz`. No deadline: a slow case on a loaded machine
-    is not a failure; `limits` catches the ones that hang."""
-    n = int(os.environ["VLRL_FUZZ_EXAMPLES"]) if CAMPAIGN else examples
+    `VLRL_FUZZ_SCALE` x `examples` cases from a random seed under `make fuzz`. No deadline: a slow case on a loaded
+    machine is not a failure; `limits` catches the ones that hang."""
+    n = int(float(os.environ["VLRL_FUZZ_SCALE"]) * examples) if CAMPAIGN else examples
     return settings(max_examples=n, deadline=None, derandomize=not CAMPAIGN, database=None,
                     suppress_health_check=list(HealthCheck), **kw)  # fmt: skip
 
