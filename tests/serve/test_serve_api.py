@@ -206,15 +206,17 @@ def test_event_loop_stays_responsive_while_generating(served: Served) -> None:
     threads = [threading.Thread(target=lambda: results.append(_chat(served, body).status_code)) for _ in range(2)]
     for t in threads:
         t.start()
-    latencies = []
-    deadline = time.monotonic() + 60
-    while any(t.is_alive() for t in threads) and time.monotonic() < deadline and len(latencies) < 200:
-        t0 = time.monotonic()
-        assert httpx.get(served.url + "/health", timeout=5).status_code == 200
-        latencies.append(time.monotonic() - t0)
+    seen = []  # completions finished, as /health reported them while the generations ran
+    deadline = time.monotonic() + 60  # bounds only a hang
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline and len(seen) < 200:
+        health = httpx.get(served.url + "/health", timeout=30)
+        assert health.status_code == 200
+        seen.append(health.json()["completions"])
         time.sleep(0.02)
     for t in threads:
         t.join(timeout=60)
     assert results == [200, 200]
-    assert max(latencies, default=0.0) < 2.0
+    # /health answered again and again while a generation was unfinished: a loop blocked by generation would answer
+    # at most once before, once between and once after the two (no latency bound, which a loaded machine breaks)
+    assert sum(n < before + 2 for n in seen) >= 5, seen
     assert httpx.get(served.url + "/health", timeout=5).json()["completions"] == before + 2
