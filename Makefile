@@ -29,7 +29,7 @@ test: lint
 
 # the long fuzzing campaign: FUZZ_SCALE x each target's `make test` budget of cases, from a random seed (`make test`
 # runs the short budget from a fixed seed)
-FUZZ_SCALE ?= 40
+FUZZ_SCALE ?= 32
 fuzz: $(STAMP)
 	VLRL_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -q tests/fuzz
 

@@ -80,7 +80,7 @@ def _load(cls: type, path: Path | None, items: list[str]) -> None:
     assert set(sys.modules) == before, sorted(set(sys.modules) - before)
 
 
-@fuzz_settings(examples=150)
+@fuzz_settings(examples=75)
 @given(items=overrides, cls=st.sampled_from(CLASSES), base=st.booleans())
 def test_overrides_give_a_config_or_a_config_error(warm: None, items: list[str], cls: type, base: bool) -> None:
     given_ = ["model=m", "data=[d]", "out=fuzz-out/never-made"] if base else []
@@ -88,7 +88,7 @@ def test_overrides_give_a_config_or_a_config_error(warm: None, items: list[str],
         _load(cls, None, given_ + items)
 
 
-@fuzz_settings(examples=150)
+@fuzz_settings(examples=75)
 @given(text=yaml_texts, cls=st.sampled_from(CLASSES))
 @example(text=BOMB, cls=RLConfig)
 @example(text="[" * 5000 + "]" * 5000, cls=SFTConfig)
@@ -101,7 +101,7 @@ def test_yaml_files_give_a_config_or_a_config_error(warm: None, tmp_path_factory
         _load(cls, path, [])
 
 
-@fuzz_settings(examples=200)
+@fuzz_settings(examples=100)
 @given(items=st.lists(st.text(max_size=30) | overrides.map(lambda x: x[0] if x else ""), max_size=5))
 def test_parse_overrides_gives_a_tree_or_a_config_error(items: list[str]) -> None:
     with limits("config.parse_overrides"):

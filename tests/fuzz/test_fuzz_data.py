@@ -145,7 +145,7 @@ def read_checked(path: Path, **kwargs: Any) -> None:
             assert len(message) < MAX_MESSAGE
 
 
-@fuzz_settings(examples=400)
+@fuzz_settings(examples=200)
 @given(lines=st.lists(_line, min_size=1, max_size=4), fmt=st.sampled_from([None, None, *FORMATS]))
 def test_jsonl_records(folder: Path, lines: list[str], fmt: str | None) -> None:
     path = folder / "d.jsonl"
@@ -154,7 +154,7 @@ def test_jsonl_records(folder: Path, lines: list[str], fmt: str | None) -> None:
         read_checked(path, format=fmt)
 
 
-@fuzz_settings(examples=150)
+@fuzz_settings(examples=75)
 @given(lines=st.lists(_line, min_size=1, max_size=4))
 def test_json_list_records(folder: Path, lines: list[str]) -> None:
     path = folder / "d.json"
@@ -163,7 +163,7 @@ def test_json_list_records(folder: Path, lines: list[str]) -> None:
         read_checked(path)
 
 
-@fuzz_settings(examples=120)
+@fuzz_settings(examples=60)
 @given(record=st.sampled_from([k for k in RECORDS if k != "any"]).flatmap(lambda f: RECORDS[f]))
 def test_parquet_rows(folder: Path, record: dict[str, Any]) -> None:
     path = folder / "d.parquet"
@@ -191,7 +191,7 @@ _good_entry = st.fixed_dictionaries(
               "allow_outside_image_root": _registry_value, "max_text_chars": _registry_value})
 
 
-@fuzz_settings(examples=150)
+@fuzz_settings(examples=75)
 @given(entries=st.one_of(st.dictionaries(_text, _entry | _good_entry, max_size=3), _value), as_json=st.booleans(),
        raw=st.one_of(st.none(), st.text(max_size=40)))
 def test_registry_files(folder: Path, entries: Any, as_json: bool, raw: str | None) -> None:
@@ -205,7 +205,7 @@ def test_registry_files(folder: Path, entries: Any, as_json: bool, raw: str | No
             check_error(err, path, record_level=False)
 
 
-@fuzz_settings(examples=80)
+@fuzz_settings(examples=40)
 @given(row=st.integers(-1, 5), column=st.sampled_from(["image", "images", "question", "nope"]),
        index=st.one_of(st.none(), st.integers(0, 3)), text=st.one_of(st.none(), st.text(max_size=60)))
 def test_embedded_image_refs(folder: Path, row: int, column: str, index: int | None, text: str | None) -> None:
@@ -229,7 +229,7 @@ _score_record = st.fixed_dictionaries(
               "expected": _value})
 
 
-@fuzz_settings(examples=200)
+@fuzz_settings(examples=100)
 @given(lines=st.lists(st.one_of(_score_record.map(json.dumps), st.integers(60, 5000).map(_deep)), max_size=3))
 def test_score_input(folder: Path, lines: list[str]) -> None:
     path = folder / "score.jsonl"
@@ -248,7 +248,7 @@ _answer_piece = st.one_of(st.sampled_from(["[", "]", "(", ")", ",", " ", "1", "-
 _answer = st.lists(_answer_piece, min_size=1, max_size=8).map("".join)
 
 
-@fuzz_settings(examples=300)
+@fuzz_settings(examples=150)
 @given(answer=_answer)
 def test_a_grounding_answer_refused_at_read_time_is_one_no_reward_can_score(answer: str) -> None:
     """The readers refuse only what the grounding rewards could never score (their gold parser finds no box)."""
@@ -257,7 +257,7 @@ def test_a_grounding_answer_refused_at_read_time_is_one_no_reward_can_score(answ
             assert _gold_boxes(answer, True) is None, answer
 
 
-@fuzz_settings(examples=300)
+@fuzz_settings(examples=150)
 @given(answer=_answer, options=st.lists(st.one_of(_answer, st.sampled_from(["dog", "cat", "145°", "1"])),
                                         min_size=1, max_size=5))
 def test_a_choice_answer_refused_at_read_time_is_one_no_reward_can_score(answer: str, options: list[str]) -> None:

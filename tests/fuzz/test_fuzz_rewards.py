@@ -225,7 +225,7 @@ def in_range(value: Any, lo: float = 0.0, hi: float = 1.0) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ targets
-@fuzz_settings(examples=200)
+@fuzz_settings(examples=100)
 @given(completions, st.sampled_from([DEFAULT_MODES, ("boxed",), ("answer_is", "last_line"), ("answer_tag",)]))
 def test_extract(text: str, modes: tuple[str, ...]) -> None:
     with limits("rewards.extract_answer"):
@@ -237,7 +237,7 @@ def test_extract(text: str, modes: tuple[str, ...]) -> None:
     assert isinstance(rest, str)
 
 
-@fuzz_settings(examples=300)
+@fuzz_settings(examples=150)
 @given(st.one_of(completions, _number_text), st.one_of(completions, _number_text), st.booleans())
 def test_numbers(a: str, b: str, strict: bool) -> None:
     with limits("rewards.parse_number"):
@@ -249,7 +249,7 @@ def test_numbers(a: str, b: str, strict: bool) -> None:
         has_absurd_number(a)
 
 
-@fuzz_settings(examples=300)
+@fuzz_settings(examples=150)
 @given(completions, st.one_of(st.sampled_from(["A", "(B)", "c"]), mixed_text), choice_metadata)
 def test_choice(text: str, gold: str, metadata: dict[str, Any]) -> None:
     # a region as accuracy passes it (at most max_answer_chars); whole long texts go through test_score_answer
@@ -261,7 +261,7 @@ def test_choice(text: str, gold: str, metadata: dict[str, Any]) -> None:
         assert in_range(choice_score([text], gold, options))
 
 
-@fuzz_settings(examples=200)
+@fuzz_settings(examples=100)
 @given(completions, st.one_of(completions, mixed_text), st.floats(0.0, 1.0))
 def test_textmatch(a: str, b: str, threshold: float) -> None:
     with limits("rewards.textmatch"):
@@ -271,7 +271,7 @@ def test_textmatch(a: str, b: str, threshold: float) -> None:
         normalize_free_form(a)
 
 
-@fuzz_settings(examples=200)
+@fuzz_settings(examples=100)
 @given(box_completion, box_answer, grounding_metadata, st.sampled_from(GROUNDING_METRICS), st.booleans())
 def test_boxes_and_grounding(
     text: str, answer: str, metadata: dict[str, Any], metric: str, fix: bool
@@ -293,7 +293,7 @@ def test_boxes_and_grounding(
         assert in_range(grounding_score(text, answer, metadata, metric=metric, fix_degenerate=fix))
 
 
-@fuzz_settings(examples=200)
+@fuzz_settings(examples=100)
 @given(completions, st.integers(1, 5))
 def test_format_and_length(text: str, n: int) -> None:
     with limits("rewards.format_length"):
@@ -304,7 +304,7 @@ def test_format_and_length(text: str, n: int) -> None:
         assert in_range(repetition_penalty(text, n), -1.0, 0.0)
 
 
-@fuzz_settings(examples=40)
+@fuzz_settings(examples=20)
 @given(st.one_of(completions, _number_text), st.one_of(_number_text, mixed_text))
 def test_mathcheck(prediction: str, gold: str) -> None:
     with limits("rewards.mathcheck"), nothing_evaluated():
@@ -319,7 +319,7 @@ def test_mathcheck(prediction: str, gold: str) -> None:
         assert how in ("as_is", "latex")
 
 
-@fuzz_settings(examples=200)
+@fuzz_settings(examples=100)
 @given(completions, typed_answer(FAST_TYPES), st.booleans())
 def test_score_answer(text: str, typed: tuple[str, str, dict[str, Any]], extract: bool) -> None:
     problem_type, answer, metadata = typed
@@ -327,7 +327,7 @@ def test_score_answer(text: str, typed: tuple[str, str, dict[str, Any]], extract
         assert in_range(score_answer(text, answer, problem_type, metadata=metadata, extract=extract))
 
 
-@fuzz_settings(examples=60)
+@fuzz_settings(examples=30)
 @given(completions, typed_answer(("math", "numerical")), st.sampled_from([0.0, 0.05]))
 def test_score_answer_math(text: str, typed: tuple[str, str, dict[str, Any]], rel_tol: float) -> None:
     problem_type, answer, metadata = typed
@@ -345,7 +345,7 @@ SPEC_OPTIONS = {
 }
 
 
-@fuzz_settings(examples=25)
+@fuzz_settings(examples=12)
 @given(st.lists(st.tuples(completions, typed_answer(PROBLEM_TYPES)), min_size=1, max_size=4))
 def test_registered_rewards_end_to_end(batch: list[tuple[str, tuple[str, str, dict[str, Any]]]]) -> None:
     """Every built-in reward (the judge rewards need a server: tests/rewards/test_rewards_judge.py) over one batch,
@@ -382,7 +382,7 @@ _spelled_spec = st.tuples(
 ).map(lambda parts: "".join(parts))
 
 
-@fuzz_settings(examples=300)
+@fuzz_settings(examples=150)
 @given(st.one_of(st.lists(_spec_piece, max_size=10).map(_join), _spelled_spec))
 def test_user_reward_names(spec: str) -> None:
     """Reading a ``path.py:fn`` / ``module:fn`` name loads nothing: only the spelling is checked."""

@@ -142,19 +142,19 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj).encode()  # ensure_ascii: lone surrogates travel as \ud800 escapes, as a client's would
 
 
-@fuzz_settings(examples=250)
+@fuzz_settings(examples=125)
 @given(_request)
 def test_fuzz_chat_request(client: TestClient, body: dict[str, Any]) -> None:
     _post(client, _dumps(body), "serve.chat_completions.request")
 
 
-@fuzz_settings(examples=120)
+@fuzz_settings(examples=60)
 @given(_json)
 def test_fuzz_json_value(client: TestClient, body: Any) -> None:
     _post(client, _dumps(body), "serve.chat_completions.json_value")
 
 
-@fuzz_settings(examples=150)
+@fuzz_settings(examples=75)
 @given(_raw)
 def test_fuzz_raw_body(client: TestClient, body: bytes) -> None:
     _post(client, body, "serve.chat_completions.raw_body")
@@ -170,7 +170,7 @@ _data_url = st.one_of(
 )
 
 
-@fuzz_settings(examples=200)
+@fuzz_settings(examples=100)
 @given(_data_url)
 def test_fuzz_image_data_url(url: str) -> None:
     """Only `ImageInputError` (a 400's message), and an accepted image is within the pixel limit."""

@@ -349,7 +349,7 @@ def test_rl_and_curate_fail_on_report_to_before_loading_anything(tmp_path, monke
     code = cli_main(["curate", f"model={missing}", f"data=[{missing}.jsonl]", f"out={tmp_path / 'c'}",
                      "report_to=[tensorboard, nope]"])
     assert code == 2
-    assert "config error: report_to: unknown tracker 'nope'" in capsys.readouterr().err
+    assert "report_to: unknown tracker 'nope'" in capsys.readouterr().err
 
 
 class FakeTrackio:
