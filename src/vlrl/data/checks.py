@@ -13,6 +13,7 @@ After conversion:
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ Converter = Callable[[dict[str, Any], RecordContext], Sample]
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _LETTER = re.compile(r"^[(\[]?\s*([A-Za-z])\s*[)\]]?\s*[.:)]?(?:\s+(.*))?$", re.DOTALL)
 _NOT_WORD = re.compile(r"[\W_]+")
-_DECORATION = re.compile(r"\\(?:boxed|text|textbf|textrm|mathrm|mathbf|fbox)\b|[${}*]")
+_DECORATION = re.compile(r"\\(?:boxed|text|textbf|textrm|mathrm|mathbf|fbox)\b|[${}*`'\"]")
 
 
 _NO_OBJECT = ("[]", "none", "null")  # a grounding gold saying the object is absent (the rewards score it)
@@ -44,17 +45,21 @@ def _plain(text: str) -> str:
 def names_an_option(answer: str, options: list[str]) -> bool:
     """Whether `answer` may name one of `options`. Refused (False) only when surely not, since the choice reward
     reads golds in many forms (decorated letters, option texts, numbers by value): a bare letter beyond the
-    options (`E` of three), or a text without digits that is no option's text, is in none and holds none
-    (`horse` for cat / dog). Options that are all punctuation or symbols cannot be judged: accepted."""
+    options (`E` of three) that is no word of theirs, or a text without digits whose words are in no option's text,
+    is in none and holds none (`horse` for cat / dog). Options that are all punctuation or symbols cannot be judged:
+    accepted."""
+    answer = unicodedata.normalize("NFKC", answer)  # full-width `（A` and `A：` are `(A` and `A:` to the reward
+    options = [unicodedata.normalize("NFKC", o) for o in options]  # and compared alike
     text = _DECORATION.sub(" ", answer).strip()
     match = _LETTER.match(text)
-    if match is not None and not match.group(2):
-        return match.group(1).upper() in LETTERS[: len(options)] or _plain(text) in map(_plain, options)
-    plain, texts = _plain(text), [_plain(o) for o in options]
-    if not plain or not all(texts) or any(c.isdigit() for c in plain) or (match is not None and match.group(1).upper() in LETTERS[
-            : len(options)]):
+    if match is not None and match.group(1).upper() in LETTERS[: len(options)]:
         return True
-    return any(plain == p or p in plain or plain in p for p in texts)
+    plain, texts = _plain(text), [_plain(o) for o in options]
+    if not plain or not all(texts) or any(c.isdigit() for c in plain):
+        return True
+    joined = _plain(_DECORATION.sub("", answer))  # `E$E` is `EE` to the reward, which drops `$` in place
+    words = set(plain.split())  # word by word: `B` is the text of option `A: B`, `<box>B` of `<box>A:B`
+    return any(plain in p or p in plain or joined in p or words <= set(p.split()) for p in texts)
 
 
 def _answer_field(record: dict[str, Any], answer: str) -> str:
