@@ -145,15 +145,12 @@ def test_sync_weights_is_a_noop_and_engine_errors(tiny):
         make_engine("sglang", model, processor)
 
 
-def test_vllm_stub_says_not_installed(tiny):
-    try:  # vllm is a GPU extra; absent on CPU machines
-        import vllm  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        with pytest.raises(RuntimeError, match="vllm is not installed / GPU only"):
-            make_engine("vllm", *tiny)
-    else:  # pragma: no cover - GPU machines
-        with pytest.raises(NotImplementedError):
-            make_engine("vllm", *tiny)
+def test_vllm_without_its_environment_says_how_to_build_it(tiny, tmp_path):
+    from vlrl.rollout.vllm_engine import VLLMConfig, VLLMEngineError
+
+    missing = tmp_path / "no-venv" / "bin" / "python"
+    with pytest.raises(VLLMEngineError, match=r"no vLLM environment at .*no-venv.*make vllm-env"):
+        make_engine("vllm", *tiny, config=VLLMConfig(python=str(missing)))
 
 
 def test_bad_arguments(tiny, prompts):

@@ -1,8 +1,8 @@
 """Rollout engines behind one interface: `generate(prompts, n, sampling, seeds=) -> groups`, `sync_weights(model)`.
 
 `hf` (in-process, the policy's own forward in a decode loop of its own, KV cache) works everywhere and is what RL,
-eval, infer, curate and serve generate with; `vllm` is an optional GPU extra (a stub that raises a clear error for
-now).
+eval, infer, curate and serve generate with by default; `vllm` samples in a vLLM worker process of its own
+environment (`vlrl.rollout.vllm_engine`), colocated or as a server.
 """
 
 from vlrl.rollout.base import ENGINES, RolloutEngine, make_engine
