@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test fuzz lint install clean
+.PHONY: demo test test-vllm vllm-env fuzz lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,8 +24,22 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/mypy src
 
+# tests/vllm needs vLLM's own environment (minutes to build, GBs): `make test-vllm` runs it
 test: lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --ignore=tests/vllm
+
+# vLLM's environment, beside vlrl's (its CPU build pins an older transformers); rebuilt when its script changes
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+$(VLLM_STAMP): scripts/vllm-env.sh
+	VLLM_VENV=$(VLLM_VENV) PY=$(PY) bash scripts/vllm-env.sh
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+# the vllm rollout engine against real vLLM workers; VLRL_REQUIRE_VLLM turns a missing environment into a failure
+test-vllm: $(STAMP) vllm-env
+	VLRL_REQUIRE_VLLM=1 VLRL_VLLM_PYTHON=$(abspath $(VLLM_VENV)/bin/python) $(BIN)/python -m pytest -q tests/vllm
 
 # the long fuzzing campaign: FUZZ_SCALE x each target's `make test` budget of cases, from a random seed (`make test`
 # runs the short budget from a fixed seed)

@@ -308,3 +308,51 @@ def test_torchrun_two_ranks_write_what_one_writes(tiny_model_dir, synth_dir, tmp
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["world_size"] == 2 and report["items_sampled_rank0"] == 5 and report["n_items"] == 10
+
+
+def test_vllm_settings_are_checked_and_only_the_sampling_ones_are_fixed_on_resume(tmp_path):
+    from vlrl.curate.run import check_resumable
+    from vlrl.rollout.vllm_engine import VLLMConfig
+    from vlrl.train.rundir import write_config
+
+    base = dict(model="m", data=["d"], out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="vllm.python: no vLLM environment"):
+        CurateConfig(**base, rollout_engine="vllm", vllm=VLLMConfig(python=str(tmp_path / "none")))
+    with pytest.raises(ValueError, match="vllm.retries must be >= 0"):
+        CurateConfig(**base, vllm=VLLMConfig(retries=-1))
+    server = VLLMConfig(url="http://127.0.0.1:8100")
+    cfg = CurateConfig(**base, rollout_engine="vllm", vllm=server)
+    out = Path(cfg.out)
+    out.mkdir()
+    write_config(out, cfg, [], [])
+    moved = VLLMConfig(url="http://10.0.0.2:8100", request_timeout=30.0, retries=0)
+    changes = check_resumable(CurateConfig(**base, rollout_engine="vllm", vllm=moved), out, True)
+    assert {c.key for c in changes} == {"vllm.url", "vllm.request_timeout", "vllm.retries"}
+    for other in (VLLMConfig(url=server.url, dtype="bfloat16"), VLLMConfig(url=server.url, max_model_len=64)):
+        with pytest.raises(ConfigError, match="holds samples drawn with other settings"):
+            check_resumable(CurateConfig(**base, rollout_engine="vllm", vllm=other), out, True)
+
+
+def test_engine_vllm_gets_its_settings_and_is_closed_when_sampling_ends(tiny_model_dir, synth_dir, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    from vlrl.rollout.vllm_engine import VLLMConfig
+
+    made: list = []
+    real = curate_run.make_engine
+
+    class Closing(CountingEngine):
+        closed = 0
+
+        def close(self):
+            self.closed += 1
+
+    def make(name, model, processor, **kw):
+        made.append((name, kw, Closing(real("hf", model, processor, device=kw["device"]))))
+        return made[-1][2]
+
+    monkeypatch.setattr(curate_run, "make_engine", make)
+    server = VLLMConfig(url="http://127.0.0.1:8100", retries=0)
+    run_curate(_cfg(tiny_model_dir, synth_dir / "counting" / "train.jsonl", tmp_path / "run", limit=4,
+                    rollout_engine="vllm", vllm=server))
+    ((name, kw, engine),) = made
+    assert name == "vllm" and kw["config"] == server and engine.closed == 1 and len(engine.sampled) == 4

@@ -235,3 +235,47 @@ def test_vlrl_eval_equals_the_rl_runs_validation(sft_ckpt, synth_dir, tmp_path):
     metrics = _validate(run, samples)
     assert metrics == {"val_accuracy": summary["accuracy"],
                        "val_accuracy/counting": summary["by_task"]["counting"]["accuracy"]}
+
+
+def test_engine_setting_is_checked_and_vllm_needs_its_environment_or_a_url(tmp_path):
+    from vlrl.rollout.vllm_engine import VLLMConfig
+
+    with pytest.raises(ValueError, match="engine: unknown value 'sglang'"):
+        EvalConfig(model="m", data=["d"], out="o", engine="sglang")
+    nowhere = VLLMConfig(python=str(tmp_path / "no-env" / "python"))
+    with pytest.raises(ValueError, match="vllm.python: no vLLM environment"):
+        EvalConfig(model="m", data=["d"], out="o", engine="vllm", vllm=nowhere)
+    with pytest.raises(ValueError, match="vllm.request_timeout must be > 0"):
+        EvalConfig(model="m", data=["d"], out="o", vllm=VLLMConfig(request_timeout=0))
+    EvalConfig(model="m", data=["d"], out="o", vllm=nowhere)  # the hf engine does not need it
+    EvalConfig(model="m", data=["d"], out="o", engine="vllm", vllm=VLLMConfig(url="http://127.0.0.1:8100"))
+
+
+def test_run_eval_with_engine_vllm_passes_its_settings_and_closes_the_engine(synth_dir, tmp_path, monkeypatch):
+    from vlrl.rollout.vllm_engine import VLLMConfig
+
+    class Closing(ScriptedEngine):
+        closed = 0
+
+        def close(self) -> None:
+            self.closed += 1
+
+    data = [str(synth_dir / "counting" / "test.jsonl")]
+    ids = [s.id for s in load_samples(data, limit=3)]
+    engine = Closing({i: ["<answer>3</answer>"] for i in ids})
+    made: list[tuple[str, dict[str, Any]]] = []
+
+    def fake_make_engine(name: str, model: Any, processor: Any, **kwargs: Any) -> Closing:
+        made.append((name, kwargs))
+        return engine
+
+    monkeypatch.setattr(ev, "make_engine", fake_make_engine)
+    monkeypatch.setattr(ev, "load_model_and_processor", lambda *a, **k: (None, None))
+    server = VLLMConfig(url="http://127.0.0.1:8100", retries=0)
+    summary = run_eval(EvalConfig(model="m", data=data, out=str(tmp_path / "r.json"), limit=3, engine="vllm",
+                                  vllm=server))
+    assert made == [("vllm", {"config": server})] and engine.closed == 1
+    assert summary["n"] == 3 and set(engine.seeds) == set(ids)
+    made.clear()
+    run_eval(EvalConfig(model="m", data=data, out=str(tmp_path / "hf.json"), limit=3))  # the default: hf
+    assert [name for name, _ in made] == ["hf"]

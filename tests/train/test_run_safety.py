@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -263,3 +264,22 @@ def test_config_changes_name_dotted_keys_inside_sections_and_mappings():
     new = {"model": "a", "algorithm": {"loss": "x", "advantage_kwargs": {"scale": "batch"}}, "rewards": []}
     assert [str(c) for c in config_changes(old, new)] == [
         "algorithm.advantage_kwargs.scale: '<absent>' -> 'batch'", "rewards: [{'name': 'accuracy'}] -> []"]
+
+
+def test_resume_may_move_the_vllm_worker_but_not_change_the_engine_or_its_precision(tmp_path):
+    from vlrl.train.rundir import RL_FREE_KEYS, record_run_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    url = "http://127.0.0.1:8100"
+    record_run_config(out, _rl(out, rollout={"engine": "vllm", "vllm": {"url": url}}), INFO, RL_FREE_KEYS,
+                      resuming=False)
+    moved = {"url": "http://10.0.0.2:8100", "request_timeout": 60.0, "startup_timeout": 30.0, "retries": 0,
+             "python": "/opt/vllm/bin/python", "gpu_memory_utilization": 0.5, "max_images": 2, "token_env": "T"}
+    record_run_config(out, _rl(out, rollout={"engine": "vllm", "vllm": moved}), INFO, RL_FREE_KEYS, resuming=True)
+    assert set(_history(out)[-1]["changes"]) == {f"rollout.vllm.{k}" for k in moved}
+    for rollout, key in (({"engine": "hf", "vllm": moved}, "rollout.engine: 'vllm' -> 'hf'"),
+                         ({"engine": "vllm", "vllm": {**moved, "dtype": "bfloat16"}}, "rollout.vllm.dtype"),
+                         ({"engine": "vllm", "vllm": {**moved, "max_model_len": 64}}, "rollout.vllm.max_model_len")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            record_run_config(out, _rl(out, rollout=rollout), INFO, RL_FREE_KEYS, resuming=True)

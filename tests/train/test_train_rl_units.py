@@ -5,6 +5,9 @@ independent of micro-batching (and so of world size)."""
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -204,3 +207,125 @@ def test_check_config_rejects_bad_names_and_options(tmp_path):
         check_config(cfg(micro_batch_size=0))
     with pytest.raises(ConfigError, match=r"config.rollout: unknown key\(s\) lr"):
         cfg(rollout={"lr": 1e-3})  # a key in the wrong section names the section's own keys
+
+
+# --- the vllm engine's settings (rollout.vllm) ----------------------------------------------------------------
+
+VLLM_BAD = [
+    ("rollout.vllm.startup_timeout=0", "rollout.vllm.startup_timeout"),
+    ("rollout.vllm.request_timeout=-1", "rollout.vllm.request_timeout"),
+    ("rollout.vllm.retries=-1", "rollout.vllm.retries"),
+    ("rollout.vllm.gpu_memory_utilization=0", "rollout.vllm.gpu_memory_utilization"),
+    ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization"),
+    ("rollout.vllm.max_images=0", "rollout.vllm.max_images"),
+    ("rollout.vllm.max_model_len=-1", "rollout.vllm.max_model_len"),
+    ("rollout.vllm.url=localhost:8100", "rollout.vllm.url"),
+    ("rollout.vllm.request_timeout=nan", "rollout.vllm.request_timeout"),
+    ("rollout.vllm.port=8100", "port"),
+]
+
+
+def test_rollout_vllm_settings_load_in_part_and_bad_ones_are_refused_at_config_time(tmp_path):
+    import re
+
+    from vlrl.config import load_config
+    from vlrl.rollout.vllm_engine import VLLMConfig
+
+    base = ["model=m", "data=[d]", f"out={tmp_path / 'run'}"]
+    cfg = load_config(RLConfig, None, [*base, "rollout.engine=vllm", "rollout.vllm.url=http://127.0.0.1:8100",
+                                       "rollout.vllm.request_timeout=5"])
+    assert cfg.rollout.vllm == VLLMConfig(url="http://127.0.0.1:8100", request_timeout=5.0)  # the rest: defaults
+    (tmp_path / "c.yaml").write_text("rollout:\n  engine: vllm\n  vllm: {url: 'https://h:1', retries: 0}\n")
+    assert load_config(RLConfig, tmp_path / "c.yaml", base).rollout.vllm == VLLMConfig(url="https://h:1", retries=0)
+    for override, key in VLLM_BAD:
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(RLConfig, None, [*base, override])
+    # colocated needs the vLLM environment's Python; a server or the hf engine does not
+    nowhere = f"rollout.vllm.python={tmp_path / 'no-env' / 'python'}"
+    with pytest.raises(ConfigError, match=r"rollout.vllm.python: no vLLM environment at .*no-env"):
+        load_config(RLConfig, None, [*base, "rollout.engine=vllm", nowhere])
+    load_config(RLConfig, None, [*base, "rollout.engine=vllm", nowhere, "rollout.vllm.url=http://127.0.0.1:8100"])
+    load_config(RLConfig, None, [*base, "rollout.engine=hf", nowhere])
+
+
+def test_cli_refuses_a_missing_vllm_environment_with_exit_2_before_writing(tmp_path, capsys):
+    from vlrl.cli import main
+
+    out = tmp_path / "run"
+    code = main(["rl", f"model={tmp_path / 'nomodel'}", "data=[d]", f"out={out}", "rollout.engine=vllm",
+                 f"rollout.vllm.python={tmp_path / 'no-env' / 'python'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err and "rollout.vllm.python" in err and "make vllm-env" in err
+    assert not out.exists()
+
+
+def test_a_vllm_server_is_refused_under_several_ranks_before_the_run_dir_is_touched(tmp_path, monkeypatch):
+    from vlrl.config import load_config
+    from vlrl.train import rl
+    from vlrl.train.rl_config import check_world
+
+    out = tmp_path / "run"
+    base = [f"model={tmp_path / 'nomodel'}", "data=[d]", f"out={out}", "rollout.engine=vllm"]
+    server = load_config(RLConfig, None, [*base, "rollout.vllm.url=http://127.0.0.1:8100"])
+    colocated = load_config(RLConfig, None, [*base, f"rollout.vllm.python={sys.executable}"])
+    check_world(server, 1)
+    check_world(colocated, 2)
+    two = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    monkeypatch.setattr(rl, "init_distributed", lambda: two)
+    with pytest.raises(ConfigError, match=r"rollout.vllm.url 'http://127.0.0.1:8100' with 2 ranks"):
+        rl.run_rl(server)
+    assert not out.exists()
+
+
+class _Closing:
+    """A real `hf` engine that counts its `close` calls, standing in for the engine `make_engine` was asked for."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.closed = inner, 0
+
+    def generate(self, *args: Any, **kwargs: Any) -> list[Group]:
+        return self.inner.generate(*args, **kwargs)
+
+    def sync_weights(self, model: Any) -> None:
+        self.inner.sync_weights(model)
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@pytest.mark.slow
+def test_run_rl_passes_rollout_vllm_to_its_engine_and_closes_it_at_the_end_or_on_an_interrupt(
+        tiny_model_dir, synth_dir, tmp_path, monkeypatch):  # fmt: skip
+    from vlrl.config import load_config
+    from vlrl.train import rl
+
+    made: list[tuple[str, dict[str, Any], _Closing]] = []
+
+    def fake_make_engine(name: str, model: Any, processor: Any, **kwargs: Any) -> _Closing:
+        engine = _Closing(make_engine("hf", model, processor))
+        made.append((name, kwargs, engine))
+        return engine
+
+    monkeypatch.setattr(rl, "make_engine", fake_make_engine)
+
+    def cfg(out: Path) -> RLConfig:
+        return load_config(RLConfig, None, [
+            f"model={tiny_model_dir}", f"data=[{synth_dir / 'counting' / 'train.jsonl'}]", f"out={out}", "max_steps=2",
+            "rollout.batch_size=2", "rollout.group_size=2", "rollout.max_new_tokens=4", "rollout.engine=vllm",
+            "rollout.max_prompts_per_call=1", "rollout.vllm.url=http://127.0.0.1:8100", "rollout.vllm.retries=0",
+            "logging.save_every=0"])  # fmt: skip
+
+    done = cfg(tmp_path / "done")
+    rl.run_rl(done)
+    ((name, kwargs, engine),) = made
+    assert name == "vllm" and kwargs["config"] == done.rollout.vllm and kwargs["max_prompts_per_call"] == 1
+    assert "decode_threads" not in kwargs  # an hf-only setting
+    assert engine.closed == 1
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rl, "policy_update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rl.run_rl(cfg(tmp_path / "interrupted"))
+    assert len(made) == 2 and made[1][2].closed == 1

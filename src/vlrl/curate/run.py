@@ -54,10 +54,12 @@ from vlrl.data.loading import templated
 from vlrl.data.registry import load_dataset
 from vlrl.data.sample import Sample
 from vlrl.data.templates import TEMPLATES
+from vlrl.eval.evaluate import check_vllm, close_engine
 from vlrl.rewards.registry import RewardSpec, specs_or_names
 from vlrl.rollout.base import ENGINES, RolloutEngine, make_engine
 from vlrl.rollout.sampler import mix_seed
 from vlrl.rollout.types import Group, SamplingParams
+from vlrl.rollout.vllm_engine import VLLMConfig
 from vlrl.train.dist import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from vlrl.train.harness import RunHarness, Schedule
 from vlrl.train.rl_rollout import score_groups
@@ -68,6 +70,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # settings that change what is sampled or how it is scored: fixed for the life of a run directory
 SAMPLING_KEYS = ("model", "n", "seed", "max_new_tokens", "temperature", "top_p", "top_k", "rewards", "template",
                  "system_prompt", "pass1", "min_pixels", "max_pixels", "dtype", "rollout_engine")
+# of the vLLM worker's settings (free otherwise: where it runs, its resources and timeouts), those that change what
+# it samples: the precision of its logits, and a length limit that can end completions early
+VLLM_SAMPLING_KEYS = ("vllm.dtype", "vllm.max_model_len")
 
 
 @dataclass
@@ -94,6 +99,7 @@ class CurateConfig:
     max_pixels: int | None = None  # images larger than this many pixels are downscaled; null: processor's own
     dtype: str = "float32"  # model weights: float32 | bfloat16 | float16
     rollout_engine: str = "hf"  # hf (in-process generate) | vllm
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # rollout_engine vllm: its worker (colocated, or a url)
     max_new_tokens: int = 32  # completion length limit in tokens (longer ones are truncated)
     temperature: float = 1.0  # sampling temperature of the n completions (> 0)
     top_p: float = 1.0  # nucleus sampling: smallest token set with this probability mass (1.0: off)
@@ -127,6 +133,7 @@ class CurateConfig:
         check_ranges([("top_p", self.top_p, "in (0, 1]"), ("top_k", self.top_k, ">= 0"), ("limit", self.limit, ">= 1"),
                       ("min_pixels", self.min_pixels, ">= 1"), ("max_pixels", self.max_pixels, ">= 1"),
                       ("seed", self.seed, "in [0, 2**63)"), ("threads", self.threads, ">= 0")])
+        check_vllm("vllm", self.rollout_engine, self.vllm)
         if not self.model or not self.data or not all(self.data):
             raise ValueError("model and data must be given (data: at least one dataset)")
         check_out_path("out", self.out)
@@ -184,7 +191,8 @@ def check_resumable(cfg: CurateConfig, out: Path, has_results: bool) -> list[Cha
     """Refuse to add samples drawn with other settings to a run directory that already holds samples (the check
     SFT and RL resume with, `vlrl.train.rundir`); returns every change from the saved config, for its history."""
     changes, _ = check_config_changes(
-        out, cfg, lambda key: key.split(".")[0] not in SAMPLING_KEYS, enforce=has_results, allow=False,
+        out, cfg, lambda key: key.split(".")[0] not in SAMPLING_KEYS and key not in VLLM_SAMPLING_KEYS,
+        enforce=has_results, allow=False,
         what=f"{out} holds samples drawn with other settings",
         hint="use another out directory, or the same settings to resume / re-filter")  # fmt: skip
     return changes
@@ -281,7 +289,8 @@ def _build_engine(cfg: CurateConfig, info: DistInfo) -> RolloutEngine:
     model: Any
     model, processor = load_model_and_processor(cfg.model, DTYPES[cfg.dtype], cfg.min_pixels, cfg.max_pixels)
     model.to(info.device).eval()
-    return make_engine(cfg.rollout_engine, model, processor, device=info.device)
+    kwargs: dict[str, Any] = {"config": cfg.vllm} if cfg.rollout_engine == "vllm" else {}
+    return make_engine(cfg.rollout_engine, model, processor, device=info.device, **kwargs)
 
 
 def _sample(cfg: CurateConfig, info: DistInfo, out: Path, mine: list[Item], progress: Progress) -> int:
@@ -295,10 +304,13 @@ def _sample(cfg: CurateConfig, info: DistInfo, out: Path, mine: list[Item], prog
     # invocation samples at least one batch, so re-running under the same budget always gets further
     schedule = Schedule(max_steps=first + n_batches, max_seconds=cfg.max_seconds, save_every=0,
                         keep_checkpoints=0, log_every=1, eval_every=0, min_steps=1)
-    harness = RunHarness(out, info, schedule, report_to=cfg.report_to, config=cfg)
-    with ResultLog(part_path(out, info.rank)) as log:
-        harness.start_clock()  # the budget counts this invocation's sampling (the model is loaded)
-        return sample_items(engine, mine, cfg, log, harness, progress, first_step=first)
+    try:
+        harness = RunHarness(out, info, schedule, report_to=cfg.report_to, config=cfg)
+        with ResultLog(part_path(out, info.rank)) as log:
+            harness.start_clock()  # the budget counts this invocation's sampling (the model is loaded)
+            return sample_items(engine, mine, cfg, log, harness, progress, first_step=first)
+    finally:
+        close_engine(engine)  # a vllm engine's worker ends with the sampling
 
 
 def run_curate(cfg: CurateConfig) -> dict[str, Any]:

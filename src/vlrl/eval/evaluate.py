@@ -1,10 +1,11 @@
 """Evaluate a model on datasets with the rewards that train it, generating with the rollout engine RL uses.
 
-Per item, `n` completions from the `hf` rollout engine (`vlrl.rollout.base.make_engine`, the one RL and curate
-use: same stop tokens, vision tokens suppressed): greedy when temperature is 0, else sampled with the item's seed
-`mix_seed(seed, position)`, so a sampled evaluation is reproducible whatever its batches. Each completion is
-scored with the reward specs (`vlrl.rewards.registry.combine`; default `accuracy`) and is correct when its
-weighted reward >= `threshold`; one no reward could score is wrong. An item's `correct` is the fraction of its
+Per item, `n` completions from a rollout engine (`vlrl.rollout.base.make_engine`, the one RL and curate
+use: same stop tokens, vision tokens suppressed; `hf` unless the config says `engine: vllm`): greedy when
+temperature is 0, else sampled with the item's seed `mix_seed(seed, position)`, so a sampled evaluation is
+reproducible whatever its batches. Each completion is scored with the reward specs
+(`vlrl.rewards.registry.combine`; default `accuracy`) and is correct when its weighted reward >= `threshold`; one
+no reward could score is wrong. An item's `correct` is the fraction of its
 completions that are correct (pass@1, the unbiased estimator; 0 or 1 for n = 1) and, for n > 1, `pass_at_n` is
 1 if any is (`vlrl.eval.passk`, the statistics `vlrl curate` uses). `accuracy` is the mean of `correct`.
 """
@@ -30,9 +31,10 @@ from vlrl.eval.passk import item_stats, passes
 from vlrl.models.loading import load_model_and_processor
 from vlrl.rewards.extract import extract_answer
 from vlrl.rewards.registry import RewardSpec, combine, specs_or_names
-from vlrl.rollout.base import RolloutEngine, make_engine
+from vlrl.rollout.base import ENGINES, RolloutEngine, make_engine
 from vlrl.rollout.sampler import mix_seed
 from vlrl.rollout.types import Completion, SamplingParams
+from vlrl.rollout.vllm_engine import VLLMConfig
 
 
 @dataclass
@@ -55,6 +57,8 @@ class EvalConfig:
     temperature: float = 0.0  # sampling temperature of the answers (0: greedy)
     seed: int = 0  # when sampling, the item at position i of the data is sampled with seed mix_seed(seed, i)
     threads: int = 0  # torch intra-op threads (0: leave torch's default)
+    engine: str = "hf"  # rollout engine that generates the answers: hf (in-process generate) | vllm
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # engine vllm: where its worker runs and how
     overwrite: bool = False  # replace the results already at `out` (else an existing `out` is an error: a
     #   finished evaluation is not lost to a repeated command)
 
@@ -66,7 +70,8 @@ class EvalConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         check_ranges([("temperature", self.temperature, ">= 0"), ("limit", self.limit, ">= 1"),
                       ("seed", self.seed, "in [0, 2**63)"), ("threads", self.threads, ">= 0")])
-        check_names([("template", self.template, list(TEMPLATES))])
+        check_names([("template", self.template, list(TEMPLATES)), ("engine", self.engine, list(ENGINES))])
+        check_vllm("vllm", self.engine, self.vllm)
         check_sampling(self.n, self.temperature)
         if not self.model or not self.data or not all(self.data):
             raise ValueError("model and data must be given (data: at least one dataset)")
@@ -86,6 +91,21 @@ class EvalResult:
     seconds: float = 0.0
     samples_per_item: int = 1
     pass_at_n: float | None = None  # fraction of items with a correct completion (samples_per_item > 1)
+
+
+def check_vllm(key: str, engine: str, v: VLLMConfig) -> None:
+    """The vLLM engine's settings at config time (`key`: where they sit, e.g. `rollout.vllm`), so that a bad one is
+    refused before a model loads: the numeric ranges always, the url's scheme, and, when `engine` is vllm and no url
+    is given (colocated), that the vLLM environment's Python exists."""
+    check_ranges([(f"{key}.startup_timeout", v.startup_timeout, "> 0"),
+                  (f"{key}.request_timeout", v.request_timeout, "> 0"), (f"{key}.retries", v.retries, ">= 0"),
+                  (f"{key}.gpu_memory_utilization", v.gpu_memory_utilization, "in (0, 1]"),
+                  (f"{key}.max_images", v.max_images, ">= 1"), (f"{key}.max_model_len", v.max_model_len, ">= 0")])
+    if v.url and not v.url.startswith(("http://", "https://")):
+        raise ValueError(f"{key}.url must be http://host:port or https://host:port, got {v.url!r}")
+    if engine == "vllm" and not v.url and not Path(v.python).is_file():
+        raise ValueError(f"{key}.python: no vLLM environment at {v.python!r}; build it with `make vllm-env` "
+                         f"(scripts/vllm-env.sh) and give its Python, or give {key}.url of a running worker")
 
 
 def check_sampling(n: int, temperature: float) -> None:
@@ -159,12 +179,14 @@ def _prediction(sample: Sample, completions: list[Completion], rewards: list[flo
 def evaluate_samples(model: Any, processor: Any, samples: Sequence[Sample], *, device: torch.device | str | None = None,
                      batch_size: int = 64, max_new_tokens: int = 32, temperature: float = 0.0, n: int = 1,
                      seed: int = 0, rewards: Sequence[RewardSpec] | None = None, threshold: float = 0.5,
-                     progress: bool = False) -> EvalResult:
-    """Generate `n` completions per sample with one `hf` engine, score them, aggregate per task and category
-    (see the module docstring). `device`: where the model runs (None: its parameters' device)."""
+                     progress: bool = False, engine: RolloutEngine | None = None) -> EvalResult:
+    """Generate `n` completions per sample, score them, aggregate per task and category (see the module
+    docstring). `engine`: the rollout engine that generates (None: an `hf` engine on `model` for this call; a given
+    one is the caller's to close). `device`: where the model runs (None: its parameters' device)."""
     check_sampling(n, temperature)
     t0 = time.perf_counter()
-    engine = make_engine("hf", model, processor, device=device, reload_weights=False)  # weights fixed for the call
+    if engine is None:
+        engine = make_engine("hf", model, processor, device=device, reload_weights=False)  # weights fixed for the call
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     completions = generate_completions(engine, samples, n, sampling, seed=seed, batch_size=batch_size,
                                        progress=progress)
@@ -204,7 +226,20 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template, skip_invalid=cfg.skip_invalid,
                            limit=cfg.limit, system_prompt=cfg.system_prompt)  # bad data fails before the model loads
     model, processor = load_model_and_processor(cfg.model)
-    result = evaluate_samples(model, processor, samples, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, n=cfg.n, seed=cfg.seed, rewards=cfg.rewards,
-                              threshold=cfg.threshold, progress=True)
+    engine = make_engine("vllm", model, processor, config=cfg.vllm) if cfg.engine == "vllm" else None  # None:
+    #   evaluate_samples' own hf engine
+    try:
+        result = evaluate_samples(model, processor, samples, batch_size=cfg.batch_size,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.n,
+                                  seed=cfg.seed, rewards=cfg.rewards, threshold=cfg.threshold, progress=True,
+                                  engine=engine)
+    finally:
+        close_engine(engine)
     return write_results(result, out, {"model": cfg.model, "data": cfg.data})
+
+
+def close_engine(engine: Any) -> None:
+    """Stop what an engine runs beside this process (the `vllm` engine's colocated worker); `hf` has nothing."""
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()

@@ -68,7 +68,7 @@ import torch.distributed as dist
 from vlrl.algos import ADVANTAGES, POLICY_LOSSES, kl_penalized_rewards
 from vlrl.data.loading import load_samples
 from vlrl.data.order import global_batch
-from vlrl.eval.evaluate import EvalResult, evaluate_samples
+from vlrl.eval.evaluate import EvalResult, close_engine, evaluate_samples
 from vlrl.models.loading import load_model, load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rewards.registry import RewardSpec
@@ -78,7 +78,7 @@ from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_dis
 from vlrl.train.harness import RL_PROGRESS, RunHarness, Schedule
 from vlrl.train.logprobs import rows_logprobs_nograd
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
-from vlrl.train.rl_config import DTYPES, RLConfig, check_config
+from vlrl.train.rl_config import DTYPES, RLConfig, check_config, check_world
 from vlrl.train.rl_rollout import RolloutSpec, StepRollouts, all_reduce_max, collect, gather_rows
 from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
 from vlrl.train.rundir import RL_FREE_KEYS, hold_run_dir, record_run_config
@@ -259,10 +259,6 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     params = set_trainable(model, "full", freeze_vision=o.freeze_vision, freeze_merger=o.freeze_merger)
     opt = make_optimizer(params, o.lr, o.weight_decay, betas=(o.adam_betas[0], o.adam_betas[1]))
     sched = make_scheduler(opt, o.warmup_steps, cfg.max_steps, o.min_lr_ratio)
-    engine_kw: dict[str, Any] = {"max_prompts_per_call": r.max_prompts_per_call}
-    if r.engine == "hf":
-        engine_kw["decode_threads"] = r.decode_threads
-    engine = make_engine(r.engine, model, processor, device=info.device, **engine_kw)
     samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template, skip_invalid=cfg.skip_invalid,
                            system_prompt=cfg.system_prompt)
     runner = RewardRunner(workers=r.reward_workers, timeout=r.reward_timeout) if r.reward_workers > 0 else None
@@ -285,6 +281,13 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
         replay = load_samples(cfg.replay.data, registry=cfg.registry, template=cfg.template,
                               skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)
     ref = _load_ref(cfg, info)
+    engine_kw: dict[str, Any] = {"max_prompts_per_call": r.max_prompts_per_call}
+    if r.engine == "hf":
+        engine_kw["decode_threads"] = r.decode_threads
+    elif r.engine == "vllm":
+        engine_kw["config"] = r.vllm
+    # made last: a vllm engine starts a worker process, which nothing that can still fail above should leave behind
+    engine = make_engine(r.engine, model, processor, device=info.device, **engine_kw)
     return RLRun(cfg, info, model, ref, processor, engine, params, opt, sched, samples, rollout, loss, trust, replay)
 
 
@@ -299,6 +302,7 @@ def schedule(cfg: RLConfig) -> Schedule:
 def run_rl(cfg: RLConfig) -> Path:
     """Train; returns the final checkpoint folder. Re-running the same command resumes."""
     info = init_distributed()
+    check_world(cfg, info.world_size)
     with hold_run_dir(Path(cfg.out), info):  # one run at a time in out, refused before anything loads
         step = _train(cfg, info)
     barrier()
@@ -316,9 +320,9 @@ def _train(cfg: RLConfig, info: DistInfo) -> int:
     start_from, state = harness.resume_point(cfg.model)
     record_run_config(Path(cfg.out), cfg, info, RL_FREE_KEYS, resuming=state is not None)
     run = build_run(cfg, info, start_from)
-    val = _load_val(cfg)
-    step, position = harness.restore(state, run.opt, run.sched)
     try:
+        val = _load_val(cfg)
+        step, position = harness.restore(state, run.opt, run.sched)
         step = harness.loop(
             step, position, lambda step, position: rl_step(run, step, position),
             desc=f"rl/{cfg.algorithm.loss}", postfix="reward/mean",
@@ -326,11 +330,19 @@ def _train(cfg: RLConfig, info: DistInfo) -> int:
             validate=(lambda: _validate(run, val)) if val else None,
         )  # fmt: skip
     finally:
+        close_run(run)
+    return step
+
+
+def close_run(run: RLRun) -> None:
+    """Stop what the run started beside the trainer: reward workers, the judge client, the engine's worker."""
+    try:
         if run.rollout.runner is not None:
             run.rollout.runner.close()
         if run.trust is not None:
             run.trust.close()
-    return step
+    finally:
+        close_engine(run.engine)
 
 
 def _load_val(cfg: RLConfig) -> list:

@@ -22,11 +22,13 @@ from typing import Any
 import torch
 
 from vlrl.algos import ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES
-from vlrl.config import check_names, check_ranges
+from vlrl.config import ConfigError, check_names, check_ranges
 from vlrl.data.templates import TEMPLATES
+from vlrl.eval.evaluate import check_vllm
 from vlrl.rewards.registry import RewardSpec, check_reward_keys
 from vlrl.rollout.base import ENGINES
 from vlrl.rollout.types import SamplingParams
+from vlrl.rollout.vllm_engine import VLLMConfig
 from vlrl.train.rundir import RESUME_CHANGES
 from vlrl.train.sft import LOSS_AGGS, check_adam_betas, check_run
 from vlrl.train.trackers import tracker_names
@@ -37,7 +39,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # rollout engine: hf (in-process generate) | vllm
+    engine: str = "hf"  # rollout engine: hf (in-process generate) | vllm (a vLLM worker process, rollout.vllm)
     batch_size: int = 8  # B: prompts per step, global
     group_size: int = 8  # G: completions per prompt
     max_new_tokens: int = 32  # completion length limit in tokens (longer ones are truncated)
@@ -51,6 +53,7 @@ class RolloutConfig:
     #   and its completions get None (unscored by that reward)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     dynamic_max_tries: int = 4  # draws per step at most (the first included)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # engine vllm: its worker (colocated, or a server's url)
 
 
 @dataclass
@@ -191,6 +194,7 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
                 key = f"{section}.{name}" if section else name
                 raise ValueError(f"{key} must be >= 1, got {getattr(obj, name)}")
     check_ranges(_ranges(cfg))
+    check_vllm("rollout.vllm", r.engine, r.vllm)
     check_adam_betas("optim.adam_betas", cfg.optim.adam_betas)
     check_run(cfg.model, cfg.data, cfg.out)
     tracker_names(cfg.logging.report_to)
@@ -219,6 +223,17 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
     if bad:
         raise ValueError(f"algorithm.loss {a.loss!r} takes no {', '.join(bad)}")
     return kwargs
+
+
+def check_world(cfg: RLConfig, world_size: int) -> None:
+    """What only the launch can tell (`run_rl` calls it before anything loads): a vLLM server is refused under
+    several ranks, since each rank's engine would push its own weights to the one worker (a colocated worker per
+    rank, `rollout.vllm.url` empty, is fine)."""
+    url = cfg.rollout.vllm.url
+    if cfg.rollout.engine == "vllm" and url and world_size > 1:
+        raise ConfigError(f"rollout.vllm.url {url!r} with {world_size} ranks: every rank would push its weights "
+                          "to that one vLLM worker; run one process, or leave rollout.vllm.url empty for a colocated "
+                          "worker per rank")
 
 
 def _check_advantage(name: str, kwargs: dict[str, Any]) -> None:

@@ -42,8 +42,14 @@ RESUME_CHANGES = ("refuse", "allow")  # the values of the configs' `resume_chang
 SFT_FREE_KEYS = ("out", "max_steps", "max_seconds", "save_every", "keep_checkpoints", "log_every", "report_to",
                  "val_data", "val_limit", "eval_every", "threads", "cache_encoded", "resume_changes",
                  "nonfinite_limit")  # fmt: skip
+# The vLLM worker's place, resources and patience may change on resume; what it samples may not. So
+# `rollout.engine` (hf and vllm draw from different random streams: the same seeds give other completions),
+# `rollout.vllm.dtype` (the precision of the logits tokens are drawn from) and `rollout.vllm.max_model_len` (it can
+# end completions early) are not free: a change is refused or, when allowed, recorded.
+RL_VLLM_FREE_KEYS = tuple(f"rollout.vllm.{k}" for k in ("url", "python", "gpu_memory_utilization", "max_images",
+                                                        "startup_timeout", "request_timeout", "retries", "token_env"))
 RL_FREE_KEYS = ("out", "max_steps", "max_seconds", "threads", "gradient_checkpointing", "logging", "validation",
-                "resume_changes", "nonfinite_limit")  # fmt: skip
+                "resume_changes", "nonfinite_limit", *RL_VLLM_FREE_KEYS)  # fmt: skip
 
 
 class RunLock:
