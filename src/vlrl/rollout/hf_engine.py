@@ -40,7 +40,7 @@ from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout.lean_step import LeanStep
 from vlrl.rollout.prefix import continuation_mask, expand_cache, prefill, prompt_inputs
 from vlrl.rollout.sampler import SeededSampler, row_seeds
-from vlrl.rollout.types import Completion, Group, SamplingParams
+from vlrl.rollout.types import Completion, Group, SamplingParams, check_generate_args
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,7 @@ class HFEngine:
         loop of a chunk once that wall time has passed since this call began, `should_stop` (called after each
         token) once it returns True."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
-        if n < 1:
-            raise ValueError(f"n (completions per prompt) must be >= 1, got {n}")
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        if encoded is not None and len(encoded) != len(prompts):
-            raise ValueError(f"{len(encoded)} encoded prompts for {len(prompts)} prompts")
+        check_generate_args(len(prompts), n, seeds, encoded)
         if not prompts:
             return []
         if encoded is None:

@@ -3,12 +3,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded
+
+
+def check_generate_args(n_prompts: int, n: int, seeds: Sequence[int] | None, encoded: Sequence[Encoded] | None) -> None:
+    """The argument checks every `RolloutEngine.generate` makes: n >= 1, one seed and one encoding per prompt."""
+    if n < 1:
+        raise ValueError(f"n (completions per prompt) must be >= 1, got {n}")
+    if seeds is not None and len(seeds) != n_prompts:
+        raise ValueError(f"{len(seeds)} seeds for {n_prompts} prompts")
+    if encoded is not None and len(encoded) != n_prompts:
+        raise ValueError(f"{len(encoded)} encoded prompts for {n_prompts} prompts")
 
 
 @dataclass(frozen=True)

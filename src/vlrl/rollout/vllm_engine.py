@@ -54,7 +54,7 @@ from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded, encode_for_generation, prompt_text, sample_images
 from vlrl.models.processor import vision_token_ids
 from vlrl.rollout.hf_engine import stop_token_ids
-from vlrl.rollout.types import Completion, Group, SamplingParams
+from vlrl.rollout.types import Completion, Group, SamplingParams, check_generate_args
 
 log = logging.getLogger(__name__)
 
@@ -273,12 +273,7 @@ class VLLMEngine:
         encoded: Sequence[Encoded] | None = None, max_seconds: float | None = None,
     ) -> list[Group]:
         """`RolloutEngine.generate` (`max_seconds` is not honoured by this engine, see the module docstring)."""
-        if n < 1:
-            raise ValueError(f"n (completions per prompt) must be >= 1, got {n}")
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        if encoded is not None and len(encoded) != len(prompts):
-            raise ValueError(f"{len(encoded)} encoded prompts for {len(prompts)} prompts")
+        check_generate_args(len(prompts), n, seeds, encoded)
         if not prompts:
             return []
         if encoded is None:
