@@ -24,9 +24,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/mypy src
 
-# tests/vllm needs vLLM's own environment (minutes to build, GBs): `make test-vllm` runs it
+# tests/with_vllm needs vLLM's own environment (minutes to build, GBs): `make test-vllm` runs it
 test: lint
-	$(BIN)/python -m pytest -q tests --ignore=tests/vllm
+	$(BIN)/python -m pytest -q tests --ignore=tests/with_vllm
 
 # vLLM's environment, beside vlrl's (its CPU build pins an older transformers); rebuilt when its script changes
 VLLM_VENV := .venv-vllm
@@ -39,7 +39,7 @@ vllm-env: $(VLLM_STAMP)
 
 # the vllm rollout engine against real vLLM workers; VLRL_REQUIRE_VLLM turns a missing environment into a failure
 test-vllm: $(STAMP) vllm-env
-	VLRL_REQUIRE_VLLM=1 VLRL_VLLM_PYTHON=$(abspath $(VLLM_VENV)/bin/python) $(BIN)/python -m pytest -q tests/vllm
+	VLRL_REQUIRE_VLLM=1 VLRL_VLLM_PYTHON=$(abspath $(VLLM_VENV)/bin/python) $(BIN)/python -m pytest -q tests/with_vllm
 
 # the long fuzzing campaign: FUZZ_SCALE x each target's `make test` budget of cases, from a random seed (`make test`
 # runs the short budget from a fixed seed)

@@ -2,7 +2,7 @@
 
 These tests need the environment that `scripts/vllm-env.sh` builds (`make vllm-env`). `make test` does not run this
 folder; `make test-vllm` does, with VLRL_REQUIRE_VLLM=1, so that a missing environment fails there instead of
-skipping. Elsewhere (a plain `pytest tests/vllm`) a missing environment skips the tests and says why.
+skipping. Elsewhere (a plain `pytest tests/with_vllm`) a missing environment skips the tests and says why.
 `start_worker` starts workers by hand, as server mode expects them."""
 
 from __future__ import annotations
