@@ -78,7 +78,8 @@ from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_dis
 from vlrl.train.harness import RL_PROGRESS, RunHarness, Schedule
 from vlrl.train.logprobs import rows_logprobs_nograd
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
-from vlrl.train.rl_config import DTYPES, RLConfig, check_config, check_world
+from vlrl.train.precision import precision_of
+from vlrl.train.rl_config import RLConfig, check_config, check_world
 from vlrl.train.rl_rollout import RolloutSpec, StepRollouts, all_reduce_max, collect, gather_rows
 from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
 from vlrl.train.rundir import RL_FREE_KEYS, hold_run_dir, record_run_config
@@ -213,13 +214,14 @@ def rl_step(run: RLRun, step: int, position: int) -> tuple[dict[str, float], lis
     metrics.update(rollout_metrics(roll, run.cfg.rewards))
     if run.trust is not None:  # the step number metrics.jsonl logs (1-based) sets the annealed weight
         metrics.update(run.trust.apply(roll, step + 1))
-    batch = prepare_update(run, roll, metrics)
-    t = time.perf_counter()
-    metrics["lr"] = run.sched.get_last_lr()[0]  # the rate this step's updates use
-    if run.replay is not None:  # its gradient joins the step's first optimizer update
-        metrics.update(replay_backward(run, step))
-    metrics.update(policy_update(run.model, run.params, run.opt, batch, run.loss, run.cfg.rollout.group_size,
-                                 run.info))
+    with precision_of(run.cfg.dtype).autocast(run.info.device):  # the forwards; the optimizer step stays fp32
+        batch = prepare_update(run, roll, metrics)
+        t = time.perf_counter()
+        metrics["lr"] = run.sched.get_last_lr()[0]  # the rate this step's updates use
+        if run.replay is not None:  # its gradient joins the step's first optimizer update
+            metrics.update(replay_backward(run, step))
+        metrics.update(policy_update(run.model, run.params, run.opt, batch, run.loss, run.cfg.rollout.group_size,
+                                     run.info))
     run.sched.step()
     run.engine.sync_weights(run.model)
     _timed(metrics, "time/update", t)
@@ -241,7 +243,7 @@ def replay_backward(run: RLRun, step: int) -> dict[str, float]:
 def _load_ref(cfg: RLConfig, info: DistInfo) -> Any:
     if cfg.algorithm.beta <= 0:
         return None
-    ref: Any = load_model(cfg.ref_model or cfg.model, DTYPES[cfg.dtype])
+    ref: Any = load_model(cfg.ref_model or cfg.model, precision_of(cfg.dtype).compute_dtype)  # no master weights
     ref.to(info.device).eval()
     ref.requires_grad_(False)
     return ref
@@ -252,7 +254,8 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     r, a, o = cfg.rollout, cfg.algorithm, cfg.optim
     torch.manual_seed(cfg.seed)
     model: Any
-    model, processor = load_model_and_processor(start_from, DTYPES[cfg.dtype], cfg.min_pixels, cfg.max_pixels)
+    model, processor = load_model_and_processor(start_from, precision_of(cfg.dtype).param_dtype, cfg.min_pixels,
+                                                cfg.max_pixels)
     model.to(info.device).train()
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()

@@ -29,12 +29,11 @@ from vlrl.rewards.registry import RewardSpec, check_reward_keys
 from vlrl.rollout.base import ENGINES
 from vlrl.rollout.types import SamplingParams
 from vlrl.rollout.vllm_engine import VLLMConfig
+from vlrl.train.precision import precision_of
 from vlrl.train.rundir import RESUME_CHANGES
 from vlrl.train.sft import LOSS_AGGS, check_adam_betas, check_run
 from vlrl.train.trackers import tracker_names
 from vlrl.train.trust import TrustConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -135,7 +134,8 @@ class RLConfig:
     max_seconds: float | None = None  # stop after this many seconds of wall time (checkpointed); null: none
     seed: int = 0  # seed of the prompt order, the rollouts' sampling and torch's RNG
     # how the training forwards compute
-    dtype: str = "float32"  # weights of the policy and reference: float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 (bf16 forwards, fp32 master weights and AdamW state; the reference
+    #   in bf16) | pure_bfloat16 (all bf16: half the memory, but small updates are lost; see vlrl.train.precision)
     micro_batch_size: int = 8  # rows (completions) per forward on a rank
     share_vision: bool = True  # encode each prompt's images once for its G rows in training forwards
     shared_prefix: bool = True  # run each prompt once per group in training / reference forwards, its KV cache
@@ -182,8 +182,7 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
     fn = POLICY_LOSSES.get(a.loss)
     if a.kl_estimator is not None:
         KL_ESTIMATORS.get(a.kl_estimator)
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {cfg.dtype!r}; valid: {', '.join(DTYPES)}")
+    precision_of(cfg.dtype)
     check_names([("rollout.engine", r.engine, list(ENGINES)), ("template", cfg.template, list(TEMPLATES)),
                  ("resume_changes", cfg.resume_changes, RESUME_CHANGES)])
     positive = [("rollout", r, ("batch_size", "group_size", "max_new_tokens", "dynamic_max_tries", "decode_threads")),

@@ -34,6 +34,7 @@ from vlrl.models.processor import image_token_id
 from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
 from vlrl.train.harness import SFT_PROGRESS, RunHarness, schedule_of
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
+from vlrl.train.precision import precision_of
 from vlrl.train.rundir import RESUME_CHANGES, SFT_FREE_KEYS, hold_run_dir, record_run_config
 from vlrl.train.trackers import tracker_names
 
@@ -67,6 +68,8 @@ class SFTConfig:
     cache_encoded: bool = False  # keep each sample's encoding (token ids, pixel values) after its first use
     freeze_vision: bool = False  # stage full: the vision tower (not its merger) stays frozen
     seed: int = 0  # seed of the data order and of torch's RNG
+    dtype: str = "float32"  # float32 | bfloat16 (bf16 forwards, fp32 master weights and AdamW state) |
+    #   pure_bfloat16 (all bf16: half the memory, but small updates are lost; see vlrl.train.precision)
     save_every: int = 50  # checkpoint every this many steps (and at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept in out/checkpoints, older ones deleted (0: keep all)
     log_every: int = 10  # a metrics.jsonl line every this many steps (and at the last and validation steps)
@@ -99,6 +102,7 @@ class SFTConfig:
             ("seed", self.seed, "in [0, 2**63)"), ("nonfinite_limit", self.nonfinite_limit, ">= 0"),
         ])  # fmt: skip
         check_adam_betas("adam_betas", self.adam_betas)
+        precision_of(self.dtype)
         check_run(self.model, self.data, self.out)
         tracker_names(self.report_to)
         if self.stream and self.cache_encoded:
@@ -203,7 +207,8 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     start_from, state = harness.resume_point(cfg.model)
     record_run_config(Path(cfg.out), cfg, info, SFT_FREE_KEYS, resuming=state is not None)
     torch.manual_seed(cfg.seed)
-    model, processor = load_model_and_processor(start_from)
+    precision = precision_of(cfg.dtype)
+    model, processor = load_model_and_processor(start_from, precision.param_dtype)
     model.to(info.device)  # type: ignore[arg-type]
     model.train()
     params = set_trainable(model, cfg.stage, freeze_vision=cfg.freeze_vision)
@@ -219,7 +224,8 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     def step_fn(step: int, position: int) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
         ts = time.perf_counter()
         batch, indices = next_batch(step, cfg, samples, stream)
-        stats = train_step(model, processor, batch, indices, cfg, info, params, cache)
+        with precision.autocast(info.device):
+            stats = train_step(model, processor, batch, indices, cfg, info, params, cache)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         finite = math.isfinite(grad_norm) and math.isfinite(stats["loss"])  # global values: every rank agrees
         if finite:  # else skipped: the weights and AdamW's moments stay as they are (see NonFiniteCount)
