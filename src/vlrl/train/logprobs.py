@@ -10,6 +10,12 @@ so every row's completion occupies the same last T positions, and the forward ke
 removed, i.e. the very distribution the rollout engine sampled from (TRL and verl also divide by the
 sampling temperature); with top-k / top-p off they equal the engine's sampling log-probs.
 
+The LM head runs in chunks (`chunk_tokens` completion tokens at a time, padding skipped), each chunk's logits
+recomputed in the backward instead of kept (activation checkpointing of the head): the [rows x T x vocab] fp32
+logits, the largest tensor of an RL step at a real vocabulary (4,096 tokens x 151,936 x 4 bytes is 2.5 GB), never
+exist at once. So the forward stops at the decoder's last hidden states (`model.model`) and applies the head
+(`get_output_embeddings()`) itself.
+
 Shared prefix (`shared_prefix=True`, the default): the rows of one group share their prompt, so the prompt runs
 once per distinct group of the batch (images encoded there, once) with a KV cache, which is expanded to the
 group's rows by a differentiable `index_select`; the completions then run against it (`vlrl.rollout.prefix`).
@@ -39,6 +45,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from vlrl.algos import entropy_from_logits
 from vlrl.models.cache_name import cache_arg
@@ -57,8 +64,11 @@ log = logging.getLogger(__name__)
 
 Row = tuple[int, int]  # (index of the group in the caller's list, index of the completion in the group)
 
-__all__ = ["Row", "RowBatch", "build_rows", "completion_logits", "length_order", "row_logprobs",
-           "rows_logprobs_nograd", "token_logprobs", "use_shared_prefix", "uses_activation_checkpointing"]
+__all__ = ["CHUNK_TOKENS", "CompletionStates", "Row", "RowBatch", "build_rows", "chunked_logprobs",
+           "completion_states", "length_order", "row_logprobs", "rows_logprobs_nograd", "token_logprobs",
+           "use_shared_prefix", "uses_activation_checkpointing"]
+
+CHUNK_TOKENS = 2048  # completion tokens per LM-head chunk unless the caller says otherwise
 
 
 @dataclass
@@ -157,28 +167,46 @@ def _shared_image_features(model: Any, family: Family, groups: Sequence[Group], 
     return {"image": family.select_images(enc, index)}
 
 
-def _shared_prefix_logits(model: Any, batch: RowBatch, device: torch.device) -> Tensor:
+@dataclass
+class CompletionStates:
+    """What predicts each completion token: hidden [b, T', H], the decoder's last hidden states before the LM head,
+    for completion tokens T - T' .. T - 1; first_logits [b, V] or None: with the shared prefix the logits that
+    predict token 0 come from the prompt pass (then T' = T - 1)."""
+
+    hidden: Tensor
+    first_logits: Tensor | None = None
+
+
+def _base(model: Any) -> Any:
+    """The model without its LM head (transformers' `model.model`: the vision tower, merger and text decoder)."""
+    base = getattr(model, "model", None)
+    if base is None or model.get_output_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no `.model` decoder and output head to compute log-probs with")
+    return base
+
+
+def _shared_prefix_states(model: Any, batch: RowBatch, device: torch.device) -> CompletionStates:
     """Prompt forward at the U distinct prompts, KV cache expanded to the b rows, completions against it."""
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
     index = batch.prompt_index.to(device)  # type: ignore[union-attr]  # [b]
     first, cache, next_pos = prefill(model, inputs)  # [U, V], KV of [U, L], [U]
-    logits0 = first.index_select(0, index)[:, None]  # [b, 1, V]: predicts completion token 0
+    logits0 = first.index_select(0, index)  # [b, V]: predicts completion token 0
     t = batch.completion_ids.shape[1]
     if t == 1:
-        return logits0
+        return CompletionStates(logits0.new_zeros(logits0.shape[0], 0, 1), logits0)
     ids = batch.completion_ids[:, :-1].to(device)  # [b, T - 1]: the last token predicts nothing we score
     attention = continuation_mask(inputs["attention_mask"].index_select(0, index),
                                   batch.mask[:, :-1].to(device))  # [b, L + T - 1]
     positions = family_of_model(model).text_positions(next_pos.index_select(0, index), 0, t - 1)  # [(3,) b, T - 1]
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                **cache_arg(expand_cache(cache, index)), use_cache=True)
-    return torch.cat([logits0, out.logits], dim=1)  # [b, T, V]
+    out = _base(model)(input_ids=ids, attention_mask=attention, position_ids=positions,
+                       **cache_arg(expand_cache(cache, index)), use_cache=True)
+    return CompletionStates(out.last_hidden_state, logits0)  # [b, T - 1, H], [b, V]
 
 
-def completion_logits(model: Any, groups: Sequence[Group], batch: RowBatch, device: torch.device) -> Tensor:
-    """Logits at the completion positions only, `[b, T, V]` (logit t predicts completion token t)."""
+def completion_states(model: Any, groups: Sequence[Group], batch: RowBatch, device: torch.device) -> CompletionStates:
+    """The hidden states (and, with the shared prefix, first logits) that predict the rows' completion tokens."""
     if batch.prompt_index is not None:
-        return _shared_prefix_logits(model, batch, device)
+        return _shared_prefix_states(model, batch, device)
     family = family_of_model(model)
     plain: dict[str, Any] = {k: v.to(device) for k, v in family.model_inputs(batch.inputs).items()}
     positions = family.forward_positions(plain)  # [b, L + T] (InternVL) or None (the model's own)
@@ -190,8 +218,48 @@ def completion_logits(model: Any, groups: Sequence[Group], batch: RowBatch, devi
     elif batch.groups_with_images:
         plain["mm_encoder_outputs"] = _shared_image_features(model, family, groups, batch, device)
     t = batch.completion_ids.shape[1]
-    out = model(**plain, logits_to_keep=t + 1, use_cache=False)
-    return out.logits[:, :-1]  # [b, T, V]
+    hidden = _base(model)(**plain, use_cache=False).last_hidden_state  # [b, L + T, H]
+    return CompletionStates(hidden[:, -(t + 1) : -1])  # [b, T, H]: position p predicts token p + 1
+
+
+def chunked_logprobs(head: Any, states: CompletionStates, ids: Tensor, mask: Tensor, *, temperature: float,
+                     suppress_ids: Sequence[int], chunk_tokens: int = CHUNK_TOKENS,
+                     with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(log-probs [b, T], entropies [b, T] (detached) or None) of `ids` [b, T] where `mask` [b, T] is set (0
+    elsewhere), the head applied to at most `chunk_tokens` positions at a time; with gradients enabled each chunk's
+    logits are recomputed in the backward rather than kept."""
+    b, t = ids.shape
+    logp = torch.zeros(b, t, device=ids.device)  # [b, T]
+    entropy = torch.zeros(b, t, device=ids.device) if with_entropy else None
+    off = 0
+    if states.first_logits is not None:  # token 0 from the prompt pass: [b, V], small
+        lp0, scaled0 = token_logprobs(states.first_logits[:, None], ids[:, :1], temperature, suppress_ids)
+        logp = torch.cat([lp0, logp[:, 1:]], dim=1)
+        if entropy is not None:
+            entropy[:, :1] = entropy_from_logits(scaled0.detach())
+        off = 1
+    where = mask[:, off:].reshape(-1).nonzero().squeeze(-1)  # [n]: the real tokens among positions off..T-1
+    if where.numel() == 0 or off == t:
+        return logp * mask, None if entropy is None else entropy * mask
+    hidden = states.hidden.reshape(-1, states.hidden.shape[-1]).index_select(0, where)  # [n, H]
+    targets = ids[:, off:].reshape(-1).index_select(0, where)  # [n]
+
+    def chunk(h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        lp, scaled = token_logprobs(head(h)[:, None], y[:, None], temperature, suppress_ids)  # [c, 1], [c, 1, V]
+        ent = entropy_from_logits(scaled.detach())[:, 0] if with_entropy else lp.new_zeros(0)
+        return lp[:, 0], ent  # [c], [c] or [0]
+
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    step = max(1, chunk_tokens)
+    parts = [checkpoint(chunk, hidden[k : k + step], targets[k : k + step], use_reentrant=False) if recompute
+             else chunk(hidden[k : k + step], targets[k : k + step]) for k in range(0, len(where), step)]
+    flat_lp = torch.cat([p[0] for p in parts])  # [n]
+    rest = torch.zeros(b * (t - off), device=ids.device, dtype=flat_lp.dtype).index_put((where,), flat_lp)
+    logp = torch.cat([logp[:, :off], rest.view(b, t - off)], dim=1)  # [b, T]
+    if entropy is not None:
+        flat_ent = torch.cat([p[1] for p in parts]).to(entropy.dtype)
+        entropy[:, off:] = torch.zeros(b * (t - off), device=ids.device).index_put((where,), flat_ent).view(b, -1)
+    return logp * mask, None if entropy is None else entropy * mask
 
 
 def use_shared_prefix(model: Any, requested: bool) -> bool:
@@ -230,20 +298,22 @@ class RowLogprobs:
 
 
 def row_logprobs(model: Any, groups: Sequence[Group], batch: RowBatch, *, temperature: float,
-                 suppress_ids: Sequence[int], device: torch.device, with_entropy: bool = False) -> RowLogprobs:
+                 suppress_ids: Sequence[int], device: torch.device, with_entropy: bool = False,
+                 chunk_tokens: int = CHUNK_TOKENS) -> RowLogprobs:
     """Per-token log-probs of the rows' completion tokens (entries at padding are 0 after masking)."""
-    logits = completion_logits(model, groups, batch, device)  # [b, T, V]
+    states = completion_states(model, groups, batch, device)
     ids = batch.completion_ids.to(device)  # [b, T]
     mask = batch.mask.to(device)  # [b, T]
-    logp, scaled = token_logprobs(logits, ids, temperature, suppress_ids)  # [b, T], [b, T, V]
-    entropy = entropy_from_logits(scaled.detach()) * mask if with_entropy else None  # [b, T]
-    return RowLogprobs(logp * mask, mask, entropy)
+    logp, entropy = chunked_logprobs(model.get_output_embeddings(), states, ids, mask, temperature=temperature,
+                                     suppress_ids=suppress_ids, chunk_tokens=chunk_tokens, with_entropy=with_entropy)
+    return RowLogprobs(logp, mask, entropy)
 
 
 @torch.no_grad()
 def rows_logprobs_nograd(model: Any, groups: Sequence[Group], rows: Sequence[Row], *, micro_batch_size: int,
                          temperature: float, suppress_ids: Sequence[int], device: torch.device, pad_id: int,
-                         image_id: int, share_vision: bool = True, shared_prefix: bool = True) -> list[Tensor]:
+                         image_id: int, share_vision: bool = True, shared_prefix: bool = True,
+                         chunk_tokens: int = CHUNK_TOKENS) -> list[Tensor]:
     """Log-probs of every row's completion (one `[T_r]` CPU tensor per row), `micro_batch_size` rows per forward
     (for the reference model and the old policy). The model is put in eval mode for the pass (where activation
     checkpointing is off, so it does not stop the shared prefix)."""
@@ -258,7 +328,7 @@ def rows_logprobs_nograd(model: Any, groups: Sequence[Group], rows: Sequence[Row
             part = order[k : k + micro]
             batch = build_rows(groups, [rows[i] for i in part], pad_id, image_id, share_vision, shared_prefix)
             res = row_logprobs(model, groups, batch, temperature=temperature, suppress_ids=suppress_ids,
-                               device=device)
+                               device=device, chunk_tokens=chunk_tokens)
             lengths = batch.mask.sum(-1).long().tolist()
             for r, (i, n) in enumerate(zip(part, lengths)):
                 out[i] = res.logp[r, :n].float().cpu()

@@ -118,7 +118,7 @@ def prepare_update(run: RLRun, roll: StepRollouts, metrics: dict[str, float]) ->
     kw: dict[str, Any] = dict(micro_batch_size=cfg.micro_batch_size, temperature=cfg.rollout.temperature,
                               suppress_ids=run.loss.suppress_ids, device=run.info.device, pad_id=run.loss.pad_id,
                               image_id=run.loss.image_id, share_vision=cfg.share_vision,
-                              shared_prefix=cfg.shared_prefix)
+                              shared_prefix=cfg.shared_prefix, chunk_tokens=cfg.logprob_chunk_tokens)
     t = time.perf_counter()
     ref = rows_logprobs_nograd(run.ref, roll.groups, rows, **kw) if run.ref is not None else None
     _timed(metrics, "time/ref_logp", t)
@@ -276,7 +276,7 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
         kl_in_loss=a.beta > 0 and not a.kl_in_reward, temperature=r.temperature, suppress_ids=vision_token_ids(tok),
         ppo_epochs=a.ppo_epochs, num_minibatches=a.num_minibatches, micro_batch_size=cfg.micro_batch_size,
         max_grad_norm=o.max_grad_norm, pad_id=int(tok.pad_token_id), image_id=image_token_id(processor),
-        share_vision=cfg.share_vision, shared_prefix=cfg.shared_prefix,
+        share_vision=cfg.share_vision, shared_prefix=cfg.shared_prefix, chunk_tokens=cfg.logprob_chunk_tokens,
     )  # fmt: skip
     trust = TrustStage(cfg.trust, r.group_size) if cfg.trust.enabled else None
     replay = None

@@ -137,6 +137,8 @@ class RLConfig:
     dtype: str = "float32"  # float32 | bfloat16 (bf16 forwards, fp32 master weights and AdamW state; the reference
     #   in bf16) | pure_bfloat16 (all bf16: half the memory, but small updates are lost; see vlrl.train.precision)
     micro_batch_size: int = 8  # rows (completions) per forward on a rank
+    logprob_chunk_tokens: int = 2048  # completion tokens whose logits exist at once in the training forwards (the
+    #   LM head runs in chunks, recomputed in the backward: memory, not results; see vlrl.train.logprobs)
     share_vision: bool = True  # encode each prompt's images once for its G rows in training forwards
     shared_prefix: bool = True  # run each prompt once per group in training / reference forwards, its KV cache
     #   expanded to the group's rows (same log-probs and gradients; off: [prompt | completion] per row)
@@ -186,7 +188,7 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
     check_names([("rollout.engine", r.engine, list(ENGINES)), ("template", cfg.template, list(TEMPLATES)),
                  ("resume_changes", cfg.resume_changes, RESUME_CHANGES)])
     positive = [("rollout", r, ("batch_size", "group_size", "max_new_tokens", "dynamic_max_tries", "decode_threads")),
-                ("algorithm", a, ("ppo_epochs", "num_minibatches")), ("", cfg, ("micro_batch_size",))]
+                ("algorithm", a, ("ppo_epochs", "num_minibatches")), ("", cfg, ("micro_batch_size", "logprob_chunk_tokens"))]
     for section, obj, names in positive:
         for name in names:
             if getattr(obj, name) < 1:

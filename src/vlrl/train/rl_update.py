@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 from vlrl.algos import add_kl_to_loss, agg_loss
 from vlrl.rollout.types import Group
 from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum
-from vlrl.train.logprobs import Row, build_rows, length_order, row_logprobs, use_shared_prefix
+from vlrl.train.logprobs import CHUNK_TOKENS, Row, build_rows, length_order, row_logprobs, use_shared_prefix
 
 # Policy-loss metrics averaged over micro-batches (weighted by their masked tokens) and reported.
 LOSS_METRICS = ("clip_frac/low", "clip_frac/high", "clip_frac/region", "clip_frac/dual", "approx_kl", "ratio/mean")
@@ -74,6 +74,7 @@ class LossSpec:
     image_id: int
     share_vision: bool = True
     shared_prefix: bool = True  # prompt once per group in training forwards (see `vlrl.train.logprobs`)
+    chunk_tokens: int = CHUNK_TOKENS  # completion tokens per LM-head chunk (see `vlrl.train.logprobs`)
 
 
 def _pad(rows: Sequence[Tensor], width: int, device: torch.device) -> Tensor:
@@ -104,7 +105,7 @@ def _micro_loss(model: Any, batch: UpdateBatch, rows: list[Row], row_ids: list[i
     shared = use_shared_prefix(model, spec.shared_prefix)
     rb = build_rows(batch.groups, rows, spec.pad_id, spec.image_id, spec.share_vision, shared)
     out = row_logprobs(model, batch.groups, rb, temperature=spec.temperature, suppress_ids=spec.suppress_ids,
-                       device=info.device, with_entropy=first_pass)
+                       device=info.device, with_entropy=first_pass, chunk_tokens=spec.chunk_tokens)
     width = out.logp.shape[1]
     mask = out.mask * batch.row_mask[row_ids].to(out.mask)[:, None]  # [b, T]
     old = out.logp.detach() if batch.old_logp is None else _pad([batch.old_logp[i] for i in row_ids], width,
