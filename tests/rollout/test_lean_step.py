@@ -74,6 +74,21 @@ def test_lean_step_logits_equal_the_models_forward(tiny_model_dir, mixed_prompts
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
+def test_lean_step_runs_a_bf16_model_like_its_forward(tiny_model_dir, mixed_prompts):
+    """bf16 weights (`dtype: pure_bfloat16`): the rotary factors and the padding bias follow the model's dtype, so
+    keys, queries and the KV cache stay bf16, and the completions are the model's own forward's."""
+    model, processor = load_model_and_processor(tiny_model_dir, torch.bfloat16)
+    model.eval()
+    lean, plain = HFEngine(model, processor, lean_step=True), HFEngine(model, processor, lean_step=False)
+    sampling = SamplingParams(max_new_tokens=6, temperature=1.0)
+    a, b = _completions(lean, mixed_prompts, 2, sampling), _completions(plain, mixed_prompts, 2, sampling)
+    same = sum(torch.equal(x.token_ids, y.token_ids) for x, y in zip(a, b))
+    assert same >= len(a) - 2  # bf16 rounding may flip a near-tied draw, not the decode
+    for x, y in zip(a, b):
+        if torch.equal(x.token_ids, y.token_ids):
+            assert torch.allclose(x.logprobs, y.logprobs, atol=0.1)
+
+
 def test_hooks_and_adapters_fall_back_to_the_models_forward(tiny_model_dir, mixed_prompts):
     model, processor = load_model_and_processor(tiny_model_dir)
     assert LeanStep.supports(model)

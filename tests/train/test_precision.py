@@ -104,3 +104,41 @@ def test_rl_step_in_mixed_precision(tiny_model_dir, synth_dir, tmp_path):
     finally:
         close_run(run)
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_five_rl_steps_at_lr_1e6_mixed_moves_the_weights_as_fp32_does_pure_bf16_not(tiny_model_dir, synth_dir,
+                                                                                     tmp_path):
+    """The reason mixed precision is the `bfloat16` default: 5 GRPO steps at lr 1e-6 (every weight trains, no
+    weight decay, from a briefly SFT-ed model so that rewards vary) change > 90% of the fp32 master weights' elements,
+    and the update is the fp32 run's within bf16 tolerance; pure bf16 leaves most elements where they were."""
+    from vlrl import recipes_dir
+    from vlrl.config import load_config
+    from vlrl.train.rl import RLConfig, run_rl
+
+    data = synth_dir / "counting" / "train.jsonl"
+    sft = run_sft(SFTConfig(model=str(tiny_model_dir), data=[str(data)], out=str(tmp_path / "sft"), max_steps=10,
+                            batch_size=8, micro_batch_size=8, lr=3e-3, warmup_steps=2, save_every=0, log_every=5,
+                            threads=1))
+    start = load_file(sft / "model.safetensors")
+    final = {}
+    for dtype in ("float32", "bfloat16", "pure_bfloat16"):
+        over = {"model": sft, "data": f"[{data}]", "replay.data": f"[{data}]", "validation.data": "[]",
+                "out": tmp_path / dtype, "max_steps": 5, "rollout.batch_size": 2, "rollout.group_size": 4,
+                "rollout.max_new_tokens": 8, "threads": 1, "dtype": dtype, "optim.lr": 1e-6,
+                "optim.warmup_steps": 0, "optim.weight_decay": 0.0, "optim.freeze_vision": "false",
+                "logging.save_every": 0}
+        cfg = load_config(RLConfig, recipes_dir() / "tiny-grpo.yaml", [f"{k}={v}" for k, v in over.items()])
+        final[dtype] = load_file(run_rl(cfg) / "model.safetensors")
+    n = sum(v.numel() for v in start.values())
+
+    def moved(weights: dict[str, torch.Tensor]) -> float:
+        return sum(int((weights[k] != start[k].to(weights[k].dtype)).sum()) for k in start) / n
+
+    assert {v.dtype for v in final["bfloat16"].values()} == {torch.float32}  # the checkpoint: master weights
+    assert moved(final["float32"]) > 0.9 and moved(final["bfloat16"]) > 0.9
+    assert moved(final["pure_bfloat16"]) < 0.2
+    d32 = torch.cat([(final["float32"][k] - start[k]).flatten() for k in start])
+    d16 = torch.cat([(final["bfloat16"][k] - start[k]).flatten() for k in start])
+    assert float(torch.nn.functional.cosine_similarity(d32, d16, dim=0)) > 0.99
+    assert float((d16 - d32).norm() / d32.norm()) < 0.1  # bf16 forwards: ~3 significant digits

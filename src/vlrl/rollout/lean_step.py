@@ -197,7 +197,8 @@ class LeanStep:
         """cos, sin [b, 1, hd] of 1-D text positions [b] (Qwen-VL: equal on the three M-RoPE axes)."""
         freqs = positions[:, None].float() * self.inv_freq  # [b, hd / 2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [b, 1, hd]
-        return emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+        dtype = self.embed.dtype  # as the model does: rotate in its dtype, so keys stay in the cache's dtype
+        return (emb.cos() * self.rope_scale).to(dtype), (emb.sin() * self.rope_scale).to(dtype)
 
     @torch.no_grad()
     def __call__(self, tokens: Tensor, positions: Tensor, cache: Any, bias: Tensor) -> Tensor:
@@ -209,7 +210,7 @@ class LeanStep:
         hd, nq, nkv = self.head_dim, self.n_heads, self.n_kv
         h = self.embed.index_select(0, tokens)  # [b, H]
         cos, sin = self.rotary(positions)  # [b, 1, hd]
-        mask = bias[:, None, None, :]  # [b, 1, 1, L]
+        mask = bias[:, None, None, :].to(h.dtype)  # [b, 1, 1, L]
         for i, ly in enumerate(self.layers):
             x = _rms(h, ly.ln1, ly.eps)  # [b, H]
             qkv = x @ ly.qkv if ly.qkv_bias is None else torch.addmm(ly.qkv_bias, x, ly.qkv)  # [b, (nq + 2 nkv) hd]
