@@ -283,3 +283,68 @@ def test_resume_may_move_the_vllm_worker_but_not_change_the_engine_or_its_precis
                          ({"engine": "vllm", "vllm": {**moved, "max_model_len": 64}}, "rollout.vllm.max_model_len")):
         with pytest.raises(ConfigError, match=re.escape(key)):
             record_run_config(out, _rl(out, rollout=rollout), INFO, RL_FREE_KEYS, resuming=True)
+
+
+def _drop_from_saved(out: Path, *dotted: str) -> None:
+    """Delete keys from out/config.yaml, as a run folder written before they existed holds it."""
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    for key in dotted:
+        *sections, name = key.split(".")
+        node = saved
+        for s in sections:
+            node = node[s]
+        del node[name]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+
+
+def test_a_run_folder_from_before_a_key_existed_resumes_when_the_key_holds_its_default(tmp_path):
+    """An RL run folder saved before `rollout.engine` and `rollout.vllm` existed (and an SFT one without `seed`)
+    resumes with those keys at their defaults: nothing is refused and nothing is recorded as changed."""
+    from vlrl.train.rundir import RL_FREE_KEYS, SFT_FREE_KEYS, record_run_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    record_run_config(out, _rl(out), INFO, RL_FREE_KEYS, resuming=False)
+    _drop_from_saved(out, "rollout.vllm", "rollout.engine")
+    record_run_config(out, _rl(out, max_steps=300), INFO, RL_FREE_KEYS, resuming=True)
+    assert _history(out)[-1]["changes"] == {"max_steps": {"old": 100, "new": 300}}
+    assert "vllm" in (out / "config.yaml").read_text()  # the resumed run's config.yaml holds every key
+
+    sft_out = tmp_path / "sft"
+    sft_out.mkdir()
+    record_run_config(sft_out, _sft_cfg("models/a", tmp_path, sft_out), INFO, SFT_FREE_KEYS, resuming=False)
+    _drop_from_saved(sft_out, "seed")
+    record_run_config(sft_out, _sft_cfg("models/a", tmp_path, sft_out), INFO, SFT_FREE_KEYS, resuming=True)
+    assert not (sft_out / "config.history.jsonl").exists()
+    _drop_from_saved(sft_out, "seed")
+    with pytest.raises(ConfigError, match=re.escape("seed: '<absent>' -> 1")):
+        record_run_config(sft_out, _sft_cfg("models/a", tmp_path, sft_out, seed=1), INFO, SFT_FREE_KEYS,
+                          resuming=True)
+
+
+def test_a_key_missing_from_an_old_run_folder_is_a_change_when_it_is_set_to_another_value(tmp_path):
+    from vlrl.train.rundir import RL_FREE_KEYS, record_run_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    record_run_config(out, _rl(out), INFO, RL_FREE_KEYS, resuming=False)
+    _drop_from_saved(out, "rollout.vllm")
+    with pytest.raises(ConfigError, match=re.escape("rollout.vllm.dtype: '<absent>' -> 'bfloat16'")):
+        record_run_config(out, _rl(out, rollout={"vllm": {"dtype": "bfloat16"}}), INFO, RL_FREE_KEYS, resuming=True)
+    url = "http://127.0.0.1:8100"  # a free key: the resume goes on, and the history says what it was set to
+    record_run_config(out, _rl(out, rollout={"vllm": {"url": url}}), INFO, RL_FREE_KEYS, resuming=True)
+    assert _history(out)[-1]["changes"] == {"rollout.vllm.url": {"old": "<absent>", "new": url}}
+
+
+def test_config_changes_take_a_key_the_old_side_lacks_at_its_default_as_unchanged():
+    from vlrl.train.rundir import config_changes
+
+    defaults = {"seed": 0, "rollout": {"engine": "hf", "vllm": {"url": "", "dtype": "float32"}}, "kw": {}}
+    old = {"model": "a", "rollout": {"group_size": 8}, "kw": {}}
+    new = {"model": "a", "seed": 0, "rollout": {"group_size": 8, "engine": "hf", "vllm": {"url": "", "dtype": "bf16"}},
+           "kw": {"scale": "batch"}, "extra": 1}
+    assert [str(c) for c in config_changes(old, new, defaults=defaults)] == [
+        "extra: '<absent>' -> 1", "kw.scale: '<absent>' -> 'batch'", "rollout.vllm.dtype: '<absent>' -> 'bf16'"]
+    assert len(config_changes(old, new)) == 5  # without defaults every key the old side lacks is a change

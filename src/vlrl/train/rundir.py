@@ -9,13 +9,15 @@ the file stays (deleting a lock file races with a process that has just opened i
 Config: `check_config_changes` compares the config a run starts with against the run directory's `config.yaml`
 (what its checkpoints were trained with). Keys that `free` accepts (a longer run, other logging or validation
 cadence, trackers, threads) may change; any other change (model, data, algorithm, rewards, shapes, dtype, seed,
-...) is refused with each key's old and new value unless the run allows it explicitly. `write_config` then
-writes the new `config.yaml`, after appending what changed (old and new values, and which changes were forced) to
-`config.history.jsonl`: nothing of the original is lost.
+...) is refused with each key's old and new value unless the run allows it explicitly. A key the saved config
+lacks (a run folder written before the key existed) is unchanged when the run gives it its default. `write_config`
+then writes the new `config.yaml`, after appending what changed (old and new values, and which changes were
+forced) to `config.history.jsonl`: nothing of the original is lost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -142,17 +144,51 @@ class Change:
 _ABSENT = "<absent>"
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[Change]:
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
+                   defaults: dict[str, Any] | None = None) -> list[Change]:
     """Every key whose value differs, dotted into the sections (and mappings) both sides have; lists (data,
-    rewards) compare whole; a key only one side has shows as `<absent>` on the other."""
+    rewards) compare whole; a key only one side has shows as `<absent>` on the other. With `defaults` (the
+    config's default values, `config_defaults`), a key the old side lacks is unchanged where the new side holds
+    its default, and a section it lacks compares key by key with the defaults: a run folder written before a key
+    existed resumes, unless the key is now set to something else."""
+    defaults = defaults or {}
     out: list[Change] = []
     for k in sorted(set(old) | set(new), key=str):
-        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+        a, b, d = old.get(k, _ABSENT), new.get(k, _ABSENT), defaults.get(k, _ABSENT)
+        if k not in old and isinstance(b, dict) and isinstance(d, dict):
+            a = {}  # a section added since the old side was written: each of its keys against its default
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_changes(a, b, f"{prefix}{k}.")
-        elif a != b:
+            out += config_changes(a, b, f"{prefix}{k}.", d if isinstance(d, dict) else None)
+        elif a != b and not (k not in old and k in defaults and b == d):
             out.append(Change(f"{prefix}{k}", a, b))
     return out
+
+
+def config_defaults(cls: type) -> dict[str, Any]:
+    """The values config dataclass `cls` gives the keys a config leaves out (keys without a default are left
+    out), nested sections as mappings, as config.yaml holds them: what a key that an older config.yaml lacks
+    stands for when the run resumes."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        out[f.name] = _plain(value)
+    return yaml.safe_load(yaml.safe_dump(out, sort_keys=False)) or {}
+
+
+def _plain(value: Any) -> Any:
+    """`value` with every dataclass in it (a section, a list's `RewardSpec`s) turned into a mapping."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def free_keys(names: Collection[str]) -> Callable[[str], bool]:
@@ -184,7 +220,8 @@ def check_config_changes(out: Path, cfg: Any, free: Callable[[str], bool], *, en
     saved = read_saved_config(out)
     if saved is None:
         return [], []
-    changes = config_changes(saved, as_saved(cfg))
+    defaults = config_defaults(type(cfg)) if dataclasses.is_dataclass(cfg) else None
+    changes = config_changes(saved, as_saved(cfg), defaults=defaults)
     refused = [c for c in changes if not free(c.key)]
     if refused and enforce and not allow:
         raise ConfigError(f"{what} ({'; '.join(map(str, refused))}); {hint}")
