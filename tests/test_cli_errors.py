@@ -258,3 +258,33 @@ def test_a_run_that_stops_itself_is_an_error_line_with_exit_1(monkeypatch, capsy
     monkeypatch.setitem(cli.COMMANDS, "sft", lambda rest: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["sft"])
+
+
+def test_a_vllm_engine_error_is_an_error_line_with_exit_2(monkeypatch, capsys):
+    """No vLLM environment, a worker that died or does not answer: rl, eval, curate and serve print the engine's
+    message (it says what to do) as `error: ...` with exit code 2, not a traceback."""
+    from vlrl import cli
+    from vlrl.rollout.vllm_engine import PromptMismatchError, VLLMEngineError
+
+    for command, err in (("rl", VLLMEngineError("no vLLM environment at x; build it with `make vllm-env`")),
+                         ("eval", VLLMEngineError("the vLLM worker died (exit code -9)")),
+                         ("curate", PromptMismatchError("vLLM and vlrl encode prompt 0 differently")),
+                         ("serve", VLLMEngineError("the vLLM worker exited with code 1 while starting"))):
+        monkeypatch.setitem(cli.COMMANDS, command, lambda rest, err=err: (_ for _ in ()).throw(err))
+        assert cli.main([command]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {err}"
+
+
+def test_eval_with_no_vllm_worker_at_its_url_is_an_error_not_a_traceback(tiny_model_dir, synth_dir, tmp_path,
+                                                                         capsys):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["eval", f"model={tiny_model_dir}", f"data=[{synth_dir / 'counting' / 'test.jsonl'}]", "limit=1",
+            f"out={tmp_path / 'results.json'}", "engine=vllm", f"vllm.url=http://127.0.0.1:{port}",
+            "vllm.startup_timeout=1"]
+    code, err = _run(argv, capsys)
+    assert code == 2 and err.startswith("error: no vLLM worker answers at") and "vllm.url" in err
+    assert "Traceback" not in err and not (tmp_path / "results.json").exists()

@@ -360,6 +360,21 @@ def cmd_serve(rest: list[str]) -> None:
     serve_main(rest)
 
 
+def cmd_export(rest: list[str]) -> None:
+    """write a checkpoint as a plain Hugging Face model folder (LoRA adapters merged into their base)"""
+    from vlrl.models.export import EXPORT_DTYPES, export_checkpoint
+
+    p = argparse.ArgumentParser(prog="vlrl export", description="Write a checkpoint as a Hugging Face folder that "
+                                "from_pretrained loads; LoRA adapters are merged into the base model they name.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (runs/X/checkpoints/step-N) or model")
+    p.add_argument("--out", required=True, help="a new (or empty) folder")
+    p.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="float32")
+    p.add_argument("--base", default=None, help="the base model of an adapter checkpoint (default: the one it names)")
+    a = p.parse_args(rest)
+    _check_outs(p, [("--out", a.out, "dir")])
+    print(f"exported {a.checkpoint} -> {export_checkpoint(a.checkpoint, a.out, a.dtype, a.base)}")
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "init-model": cmd_init_model,
     "data": cmd_data,
@@ -371,6 +386,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "score": cmd_score,
     "serve": cmd_serve,
     "report": cmd_report,
+    "export": cmd_export,
 }
 
 
@@ -408,13 +424,18 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as err:
         print(f"data error: {err}", file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except (FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:  # a run that stopped itself (its message says what to do); other errors: traceback
+    except RuntimeError as err:  # a run that stopped itself or a vLLM worker that failed (the message says what to
+        #   do); other errors: traceback
+        from vlrl.rollout.vllm_engine import VLLMEngineError
         from vlrl.train.checkpoint import CheckpointWriteError
         from vlrl.train.harness import NonFiniteError
 
+        if isinstance(err, VLLMEngineError):  # no vLLM environment, a worker that died or does not answer
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         if not isinstance(err, (CheckpointWriteError, NonFiniteError)):
             raise
         print(f"error: {err}", file=sys.stderr)

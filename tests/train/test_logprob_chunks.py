@@ -90,7 +90,11 @@ def test_tiny_model_rows_in_small_chunks(tiny_model_dir, synth_dir, shared_prefi
     results = {}
     for chunk in (3, 10**6):
         calls: list[int] = []
-        hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-2]))
+
+        def record(m, i, o, calls=calls):
+            calls.append(i[0].shape[-2])
+
+        hook = model.get_output_embeddings().register_forward_hook(record)
         model.zero_grad(set_to_none=True)
         out = row_logprobs(model, groups, batch, chunk_tokens=chunk, **kw)
         out.logp.sum().backward()

@@ -9,11 +9,18 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
 
 from vlrl.models.families import SUPPORTED_MODEL_TYPES, family_of_model
+from vlrl.models.lora import adapter_base, is_adapter_folder, load_adapters
 from vlrl.models.processor import load_processor
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa") -> PreTrainedModel:
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+               base: str | Path | None = None) -> PreTrainedModel:
+    """The model of folder `path`; a LoRA adapter checkpoint (`vlrl.models.lora`) comes back merged into its base
+    model (the one its adapter config names, or `base`)."""
     path = Path(path)
+    if is_adapter_folder(path):
+        model = load_model(base or adapter_base(path), dtype, attn_implementation)
+        return load_adapters(model, path, trainable=False).merge_and_unload()
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json); build one with `vlrl init-model`")
     cfg = AutoConfig.from_pretrained(path)

@@ -69,7 +69,7 @@ from vlrl.algos import ADVANTAGES, POLICY_LOSSES, kl_penalized_rewards
 from vlrl.data.loading import load_samples
 from vlrl.data.order import global_batch
 from vlrl.eval.evaluate import EvalResult, close_engine, evaluate_samples
-from vlrl.models.loading import load_model, load_model_and_processor
+from vlrl.models.loading import load_model
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rewards.registry import RewardSpec
 from vlrl.rewards.runner import RewardRunner
@@ -78,6 +78,7 @@ from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_dis
 from vlrl.train.harness import RL_PROGRESS, RunHarness, Schedule
 from vlrl.train.logprobs import rows_logprobs_nograd
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
+from vlrl.train.policy import load_policy
 from vlrl.train.precision import precision_of
 from vlrl.train.rl_config import RLConfig, check_config, check_world
 from vlrl.train.rl_rollout import RolloutSpec, StepRollouts, all_reduce_max, collect, gather_rows
@@ -105,6 +106,11 @@ class RLRun:
     loss: LossSpec
     trust: TrustStage | None = None  # Trust-GRPO's judge stage (trust.enabled)
     replay: list | None = None  # demonstrations replayed with sft_coef (None: off)
+    adapters: Any = None  # LoRA: the peft model around `model` (checkpoints; the reference = adapters disabled)
+
+    @property
+    def to_save(self) -> Any:
+        return self.adapters if self.adapters is not None else self.model
 
 
 def _timed(metrics: dict[str, float], key: str, t0: float) -> None:
@@ -120,7 +126,12 @@ def prepare_update(run: RLRun, roll: StepRollouts, metrics: dict[str, float]) ->
                               image_id=run.loss.image_id, share_vision=cfg.share_vision,
                               shared_prefix=cfg.shared_prefix, chunk_tokens=cfg.logprob_chunk_tokens)
     t = time.perf_counter()
-    ref = rows_logprobs_nograd(run.ref, roll.groups, rows, **kw) if run.ref is not None else None
+    ref = None
+    if run.ref is not None:
+        ref = rows_logprobs_nograd(run.ref, roll.groups, rows, **kw)
+    elif run.adapters is not None and cfg.algorithm.beta > 0:  # LoRA: the reference is the base model
+        with run.adapters.disable_adapter():
+            ref = rows_logprobs_nograd(run.model, roll.groups, rows, **kw)
     _timed(metrics, "time/ref_logp", t)
     t = time.perf_counter()
     old = rows_logprobs_nograd(run.model, roll.groups, rows, **kw) if cfg.needs_old_logp else None
@@ -241,7 +252,9 @@ def replay_backward(run: RLRun, step: int) -> dict[str, float]:
 
 
 def _load_ref(cfg: RLConfig, info: DistInfo) -> Any:
-    if cfg.algorithm.beta <= 0:
+    """The frozen KL reference: none without a KL term, nor under LoRA without its own `ref_model` (then the
+    policy with its adapters disabled is the reference)."""
+    if cfg.algorithm.beta <= 0 or (cfg.lora.enabled and cfg.ref_model is None):
         return None
     ref: Any = load_model(cfg.ref_model or cfg.model, precision_of(cfg.dtype).compute_dtype)  # no master weights
     ref.to(info.device).eval()
@@ -253,13 +266,17 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     loss_kwargs = check_config(cfg)
     r, a, o = cfg.rollout, cfg.algorithm, cfg.optim
     torch.manual_seed(cfg.seed)
-    model: Any
-    model, processor = load_model_and_processor(start_from, precision_of(cfg.dtype).param_dtype, cfg.min_pixels,
-                                                cfg.max_pixels)
+    policy = load_policy(cfg.model, start_from, start_from != cfg.model, precision_of(cfg.dtype).param_dtype,
+                         cfg.lora, cfg.min_pixels, cfg.max_pixels)
+    model: Any = policy.model
+    processor = policy.processor
     model.to(info.device).train()
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    params = set_trainable(model, "full", freeze_vision=o.freeze_vision, freeze_merger=o.freeze_merger)
+    if cfg.lora.enabled:  # the adapters only (optim.freeze_* do not apply: the base is frozen whole)
+        params = policy.trainable()
+    else:
+        params = set_trainable(model, "full", freeze_vision=o.freeze_vision, freeze_merger=o.freeze_merger)
     opt = make_optimizer(params, o.lr, o.weight_decay, betas=(o.adam_betas[0], o.adam_betas[1]))
     sched = make_scheduler(opt, o.warmup_steps, cfg.max_steps, o.min_lr_ratio)
     samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template, skip_invalid=cfg.skip_invalid,
@@ -291,7 +308,8 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
         engine_kw["config"] = r.vllm
     # made last: a vllm engine starts a worker process, which nothing that can still fail above should leave behind
     engine = make_engine(r.engine, model, processor, device=info.device, **engine_kw)
-    return RLRun(cfg, info, model, ref, processor, engine, params, opt, sched, samples, rollout, loss, trust, replay)
+    return RLRun(cfg, info, model, ref, processor, engine, params, opt, sched, samples, rollout, loss, trust, replay,
+                 policy.adapters)
 
 
 def schedule(cfg: RLConfig) -> Schedule:
@@ -329,7 +347,7 @@ def _train(cfg: RLConfig, info: DistInfo) -> int:
         step = harness.loop(
             step, position, lambda step, position: rl_step(run, step, position),
             desc=f"rl/{cfg.algorithm.loss}", postfix="reward/mean",
-            save=lambda step, position: harness.save(step, position, run.model, run.processor, run.opt, run.sched),
+            save=lambda step, position: harness.save(step, position, run.to_save, run.processor, run.opt, run.sched),
             validate=(lambda: _validate(run, val)) if val else None,
         )  # fmt: skip
     finally:

@@ -25,6 +25,7 @@ from vlrl.algos import ADVANTAGES, AGG_MODES, KL_ESTIMATORS, POLICY_LOSSES
 from vlrl.config import ConfigError, check_names, check_ranges
 from vlrl.data.templates import TEMPLATES
 from vlrl.eval.evaluate import check_vllm
+from vlrl.models.lora import LoRAConfig, check_lora
 from vlrl.rewards.registry import RewardSpec, check_reward_keys
 from vlrl.rollout.base import ENGINES
 from vlrl.rollout.types import SamplingParams
@@ -157,6 +158,7 @@ class RLConfig:
     trust: TrustConfig = field(default_factory=TrustConfig)  # Trust-GRPO (SophiaVL-R1): judge process rewards
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics, samples, checkpoints
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # held-out accuracy during the run
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters (r > 0): only they train
 
     def __post_init__(self) -> None:
         """Every name and value checked when the config is made (`check_config`), so that `vlrl rl` refuses a bad
@@ -196,6 +198,10 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
                 raise ValueError(f"{key} must be >= 1, got {getattr(obj, name)}")
     check_ranges(_ranges(cfg))
     check_vllm("rollout.vllm", r.engine, r.vllm)
+    check_lora("lora", cfg.lora)
+    if cfg.lora.enabled and r.engine == "vllm":
+        raise ValueError("lora with rollout.engine vllm is not supported yet (the worker loads whole checkpoint "
+                         "weights, not adapters); use rollout.engine hf")
     check_adam_betas("optim.adam_betas", cfg.optim.adam_betas)
     check_run(cfg.model, cfg.data, cfg.out)
     tracker_names(cfg.logging.report_to)

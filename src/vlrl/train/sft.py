@@ -29,11 +29,12 @@ from vlrl.data.sample import Sample
 from vlrl.data.stream import SampleStream
 from vlrl.data.templates import TEMPLATES
 from vlrl.models.inputs import IGNORE_INDEX, Encoded, collate, encode_for_sft_cached
-from vlrl.models.loading import load_model_and_processor
+from vlrl.models.lora import LoRAConfig, check_lora
 from vlrl.models.processor import image_token_id
 from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
 from vlrl.train.harness import SFT_PROGRESS, RunHarness, schedule_of
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
+from vlrl.train.policy import load_policy
 from vlrl.train.precision import precision_of
 from vlrl.train.rundir import RESUME_CHANGES, SFT_FREE_KEYS, hold_run_dir, record_run_config
 from vlrl.train.trackers import tracker_names
@@ -68,6 +69,7 @@ class SFTConfig:
     cache_encoded: bool = False  # keep each sample's encoding (token ids, pixel values) after its first use
     freeze_vision: bool = False  # stage full: the vision tower (not its merger) stays frozen
     seed: int = 0  # seed of the data order and of torch's RNG
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters (r > 0, stage full): only they train
     dtype: str = "float32"  # float32 | bfloat16 (bf16 forwards, fp32 master weights and AdamW state) |
     #   pure_bfloat16 (all bf16: half the memory, but small updates are lost; see vlrl.train.precision)
     save_every: int = 50  # checkpoint every this many steps (and at the end)
@@ -103,6 +105,9 @@ class SFTConfig:
         ])  # fmt: skip
         check_adam_betas("adam_betas", self.adam_betas)
         precision_of(self.dtype)
+        check_lora("lora", self.lora)
+        if self.lora.enabled and self.stage != "full":
+            raise ValueError(f"lora needs stage full (stage {self.stage} trains the merger's own weights)")
         check_run(self.model, self.data, self.out)
         tracker_names(self.report_to)
         if self.stream and self.cache_encoded:
@@ -208,10 +213,14 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     record_run_config(Path(cfg.out), cfg, info, SFT_FREE_KEYS, resuming=state is not None)
     torch.manual_seed(cfg.seed)
     precision = precision_of(cfg.dtype)
-    model, processor = load_model_and_processor(start_from, precision.param_dtype)
-    model.to(info.device)  # type: ignore[arg-type]
+    policy = load_policy(cfg.model, start_from, state is not None, precision.param_dtype, cfg.lora)
+    model, processor = policy.model, policy.processor
+    model.to(info.device)
     model.train()
-    params = set_trainable(model, cfg.stage, freeze_vision=cfg.freeze_vision)
+    if cfg.lora.enabled:
+        params = policy.trainable()
+    else:
+        params = set_trainable(model, cfg.stage, freeze_vision=cfg.freeze_vision)
     opt = make_optimizer(params, cfg.lr, cfg.weight_decay, betas=(cfg.adam_betas[0], cfg.adam_betas[1]))
     sched = make_scheduler(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     stream = open_stream(cfg, state) if cfg.stream else None
@@ -238,7 +247,7 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
 
     step = harness.loop(
         step, position, step_fn, desc=f"sft/{cfg.stage}", postfix="loss",
-        save=lambda step, position: harness.save(step, position, model, processor, opt, sched,
+        save=lambda step, position: harness.save(step, position, policy.to_save, processor, opt, sched,
                                                  extra=None if stream is None else {"stream": stream.state_dict()}),
         validate=(lambda: _validate(model, processor, val, info)) if val else None,
     )  # fmt: skip
