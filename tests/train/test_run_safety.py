@@ -228,13 +228,15 @@ def test_resume_may_extend_and_observe_a_run_and_the_changes_are_recorded(tmp_pa
     out = tmp_path / "run"
     out.mkdir()
     record_run_config(out, _rl(out), INFO, RL_FREE_KEYS, resuming=False)
-    longer = _rl(out, max_steps=300, logging={"log_every": 5, "report_to": ["tensorboard"]}, threads=2)
+    longer = _rl(out, max_steps=300, logging={"log_every": 5, "report_to": ["tensorboard"]}, threads=2,
+                 logprob_chunk_tokens=512)
     record_run_config(out, longer, INFO, RL_FREE_KEYS, resuming=True)
     assert load_config(RLConfig, out / "config.yaml") == longer
     (line,) = _history(out)
     assert line["changes"] == {"max_steps": {"old": 100, "new": 300}, "logging.log_every": {"old": 1, "new": 5},
                                "logging.report_to": {"old": [], "new": ["tensorboard"]},
-                               "threads": {"old": 0, "new": 2}} and line["forced"] == []  # fmt: skip
+                               "threads": {"old": 0, "new": 2},
+                               "logprob_chunk_tokens": {"old": 2048, "new": 512}} and line["forced"] == []  # fmt: skip
     forced = _rl(out, model="models/b", max_steps=300, resume_changes="allow")
     record_run_config(out, forced, INFO, RL_FREE_KEYS, resuming=True)
     assert _history(out)[-1]["forced"] == ["model"]

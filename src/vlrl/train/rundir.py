@@ -50,8 +50,8 @@ SFT_FREE_KEYS = ("out", "max_steps", "max_seconds", "save_every", "keep_checkpoi
 # end completions early) are not free: a change is refused or, when allowed, recorded.
 RL_VLLM_FREE_KEYS = tuple(f"rollout.vllm.{k}" for k in ("url", "python", "gpu_memory_utilization", "max_images",
                                                         "startup_timeout", "request_timeout", "retries", "token_env"))
-RL_FREE_KEYS = ("out", "max_steps", "max_seconds", "threads", "gradient_checkpointing", "logging", "validation",
-                "resume_changes", "nonfinite_limit", *RL_VLLM_FREE_KEYS)  # fmt: skip
+RL_FREE_KEYS = ("out", "max_steps", "max_seconds", "threads", "gradient_checkpointing", "logprob_chunk_tokens",
+                "logging", "validation", "resume_changes", "nonfinite_limit", *RL_VLLM_FREE_KEYS)  # fmt: skip
 
 
 class RunLock:
