@@ -48,16 +48,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model_dir: Path, log_path: Path, extra: list[str] | None = None) -> Served:
-    """Start `vlrl serve` and wait (bounded) until /health answers; fail with the server's log otherwise."""
+def start_server(model_dir: Path, log_path: Path, extra: list[str] | None = None, *,
+                 startup_seconds: float = STARTUP_SECONDS, env: dict[str, str] | None = None) -> Served:
+    """Start `vlrl serve` (with `env` added to the environment) and wait (bounded) until /health answers; fail
+    with the server's log otherwise."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     cmd = [sys.executable, "-m", "vlrl.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", "tiny", *LIMIT_ARGS, *(extra or [])]
     with log_path.open("wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     served = Served(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + STARTUP_SECONDS
+    deadline = time.monotonic() + startup_seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"vlrl serve exited with {proc.returncode}:\n{served.log()}")
@@ -68,7 +70,7 @@ def start_server(model_dir: Path, log_path: Path, extra: list[str] | None = None
             pass
         time.sleep(0.2)
     served.stop()
-    pytest.fail(f"vlrl serve did not answer /health within {STARTUP_SECONDS}s:\n{served.log()}")
+    pytest.fail(f"vlrl serve did not answer /health within {startup_seconds}s:\n{served.log()}")
 
 
 def png_bytes(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

@@ -20,7 +20,7 @@ from vlrl.models.inputs import collate
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout.types import SamplingParams
-from vlrl.serve.generate import ContextLengthError, ServedModel, encode_sample
+from vlrl.serve.generate import ContextLengthError, ServedModel, encode_sample, request_text
 from vlrl.serve.schemas import LITERAL_IMAGE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -152,3 +152,69 @@ def test_should_stop_cancels_between_decode_steps(served: ServedModel) -> None:
 
     with pytest.raises(Cancelled):  # a request whose client left before its turn is not even encoded
         served.generate(sample, images, SamplingParams(max_new_tokens=24, n=2), seed=1, should_stop=lambda: True)
+
+
+class _Spy:
+    """An engine that records each `generate` call's keyword arguments and hands the call to the real engine."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.calls: list[dict[str, Any]] = []
+
+    def generate(self, prompts: Any, n: int, sampling: SamplingParams, **kwargs: Any) -> Any:
+        self.calls.append(kwargs)
+        return self.engine.generate(prompts, n, sampling, **kwargs)
+
+
+def test_the_engine_gets_the_encoding_and_the_same_prompt_as_text_and_images(served: ServedModel,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vllm engine samples from `raw` (text + images) and checks vLLM's ids against `encoded`: the server
+    gives both from one templated text (literal "<image>" restored), with the time bound and the cancel check."""
+    bounded = ServedModel(served.model, served.processor, "tiny", max_time=30.0)
+    spy = _Spy(bounded.engine)
+    monkeypatch.setattr(bounded, "engine", spy)
+    processor = served.processor
+    for sample, images in CASES:
+        stop = lambda: False  # noqa: E731
+        bounded.generate(sample, images, SamplingParams(max_new_tokens=2, temperature=0.0), seed=3, should_stop=stop)
+        call = spy.calls[-1]
+        (raw,), (enc,) = call["raw"], call["encoded"]
+        assert raw.text == request_text(processor, sample) and raw.images == images
+        assert all(a is b for a, b in zip(raw.images, images))
+        ids = processor(text=[raw.text], images=raw.images or None, padding=False, return_tensors="pt")["input_ids"][0]
+        assert torch.equal(ids, enc.input_ids)
+        assert call["max_seconds"] == 30.0 and call["should_stop"] is stop and call["seeds"] == [3]
+    literal = spy.calls[-1]["raw"][0].text  # "Say <image> literally.": text, not an image slot
+    assert "Say <image> literally." in literal and LITERAL_IMAGE not in literal
+    assert image_token_id(processor) not in spy.calls[-1]["encoded"][0].input_ids.tolist()
+
+
+def test_engine_vllm_is_built_with_its_settings_and_stopped_by_close(served: ServedModel,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlrl.rollout import base
+    from vlrl.rollout.hf_engine import HFEngine
+    from vlrl.rollout.vllm_engine import VLLMConfig
+
+    class FakeVLLM:
+        built: list[dict[str, Any]] = []
+
+        def __init__(self, model: Any, processor: Any, **kwargs: Any) -> None:
+            self.built.append(kwargs)
+            self.closed = 0
+
+        def close(self) -> None:
+            self.closed += 1
+
+    monkeypatch.setitem(base.ENGINES, "vllm", FakeVLLM)
+    cfg = VLLMConfig(python="/opt/vllm/bin/python")
+    model = ServedModel(served.model, served.processor, "tiny", engine="vllm", vllm=cfg)
+    assert FakeVLLM.built == [{"config": cfg}] and isinstance(model.engine, FakeVLLM)
+    model.close()
+    assert model.engine.closed == 1
+    ServedModel(served.model, served.processor, "tiny", engine="vllm")
+    assert FakeVLLM.built[-1] == {"config": VLLMConfig()}  # colocated, from the default environment
+    hf = ServedModel(served.model, served.processor, "tiny")
+    assert isinstance(hf.engine, HFEngine) and hf.engine.reload_weights is False
+    hf.close()  # the hf engine runs nothing beside this process
+    with pytest.raises(ValueError, match="unknown rollout engine"):
+        ServedModel(served.model, served.processor, "tiny", engine="sglang")

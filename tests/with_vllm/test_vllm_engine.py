@@ -2,15 +2,19 @@
 Qwen2-VL: its sampling log-probs equal the trainer's teacher-forced ones (also at a temperature other than 1),
 weights pushed after an optimizer step make vLLM's greedy completions the `hf` engine's (colocated and server
 mode), a worker that encodes prompts differently is refused with both sequences, an absent or dead worker is an
-error that says so, and seeds make sampling reproducible.
+error that says so, seeds make sampling reproducible, `max_seconds` and `should_stop` end a long request early
+with the completions as far as they got (and the worker serves the next one as usual), and raw prompts (text and
+images in memory) sample what their samples do.
 
 Each worker takes tens of seconds to start, so the workers are module fixtures shared by the tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +23,18 @@ import torch
 from vlrl.data.loading import load_samples
 from vlrl.data.synth import write_split
 from vlrl.models.build import init_model
-from vlrl.models.inputs import collate, encode_for_generation, encode_sft, sample_images, sft_response
+from vlrl.models.inputs import (
+    collate,
+    encode_for_generation,
+    encode_sft,
+    prompt_text,
+    sample_images,
+    sft_response,
+)
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout import SamplingParams, make_engine
+from vlrl.rollout.types import RawPrompt
 from vlrl.rollout.vllm_engine import PromptMismatchError, VLLMConfig, VLLMEngine, VLLMEngineError
 from vlrl.train.logprobs import rows_logprobs_nograd
 
@@ -154,6 +166,7 @@ def test_sync_weights_repacks_the_tied_output_head(tmp_path, vllm_python):
         _check_sync(eng, model, _stepped(model_dir, vllm_samples), vllm_samples)
     finally:
         eng.close()
+    assert eng.worker is not None and eng.worker.proc.returncode == 0  # it exited by itself when stdin closed
 
 
 def test_sync_weights_server(server, tiny, stepped, vllm_samples):
@@ -219,3 +232,55 @@ def test_killed_worker_is_an_error_with_its_log(tiny, vllm_python, vllm_samples)
     finally:
         eng.close()
     assert not Path(eng.worker.dir).exists()  # close removed the temporary model folder
+
+
+LONG = SamplingParams(max_new_tokens=2000, temperature=0.0)  # the random tiny model's greedy answers never stop
+
+
+def _check_cut(groups, engine, samples) -> None:
+    """Every completion of `groups` (greedy, `LONG`) ended early, without a stop token, and is what a request of
+    exactly its length samples (tokens and log-probs): the worker returned the tokens it had."""
+    lengths = [c.length for g in groups for c in g.completions]
+    assert all(c.truncated and c.finish_reason == "length" for g in groups for c in g.completions)
+    assert all(1 <= n < LONG.max_new_tokens for n in lengths), lengths
+    short = min(lengths)
+    again = engine.generate(samples, 1, SamplingParams(max_new_tokens=short, temperature=0.0))
+    for g, h in zip(groups, again):
+        assert g.completions[0].token_ids[:short].tolist() == h.completions[0].token_ids.tolist()
+        assert torch.allclose(g.completions[0].logprobs[:short], h.completions[0].logprobs, atol=1e-5)
+
+
+def test_max_seconds_ends_the_completions_where_they_are(engine, vllm_samples):
+    samples = vllm_samples[:2]
+    groups = engine.generate(samples, 1, LONG, max_seconds=0.5)
+    _check_cut(groups, engine, samples)
+
+
+def test_should_stop_aborts_and_the_worker_serves_the_next_request(engine, vllm_samples):
+    samples = vllm_samples[:2]
+    before = _greedy(engine, samples)
+    start = time.monotonic()
+    asked: list[bool] = []
+
+    def should_stop() -> bool:
+        asked.append(time.monotonic() > start + 1.0)
+        return asked[-1]
+
+    groups = engine.generate(samples, 1, LONG, should_stop=should_stop)
+    assert asked[-1] and asked.count(True) == 1  # polled until True, then the request was aborted
+    _check_cut(groups, engine, samples)
+    assert _greedy(engine, samples) == before
+
+
+def test_raw_prompts_sample_what_their_samples_do(engine, tiny, vllm_samples):
+    _, processor = tiny
+    prompts, seeds = _prompts_x_seeds(vllm_samples)
+    sampling = SamplingParams(max_new_tokens=16, temperature=1.0)
+    # the samples with their image files gone: only the raw prompts and the encodings can feed the request
+    bare = [dataclasses.replace(s, images=["/nonexistent.png"] * len(s.images)) for s in prompts]
+    raw = [RawPrompt(prompt_text(processor, s.messages), sample_images(s)) for s in prompts]
+    encoded = encode_for_generation(processor, prompts)
+    ids = [[c.token_ids.tolist() for c in g.completions] for g in engine.generate(prompts, 4, sampling, seeds=seeds)]
+    got = engine.generate(bare, 4, sampling, seeds=seeds, encoded=encoded, raw=raw)
+    assert [[c.token_ids.tolist() for c in g.completions] for g in got] == ids
+    assert [g.sample for g in got] == bare

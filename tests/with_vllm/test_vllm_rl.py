@@ -71,10 +71,9 @@ def _wait_gone(pids: set[int], timeout: float) -> set[int]:
 
 
 def _end_orphans(workers: dict[int, str], timeout: float) -> set[int]:
-    """Work-around (reported to the lead) for workers that outlive their SIGKILLed trainer, since nothing ties a
-    worker's life to its parent's: wait up to `timeout` s for `workers` (pid -> command line) to end, then SIGKILL
-    those still running and delete the temporary model folders (`vlrl-vllm-*`) their dead trainers left. Returns
-    the pids that had to be killed."""
+    """Clean up after a SIGKILLed trainer: wait up to `timeout` s for its `workers` (pid -> command line) to end by
+    themselves (their stdin closed with the trainer), SIGKILL those still running and delete the temporary model
+    folders (`vlrl-vllm-*`) the dead trainers left. Returns the pids that had to be killed."""
     left = _wait_gone(set(workers), timeout)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
@@ -138,7 +137,7 @@ def test_grpo_with_vllm_trains_then_sigkill_and_rerun_resumes(tiny_model_dir, sy
     proc.wait()
     assert len(workers) == 1  # the run had its colocated worker
     assert not (out / "checkpoints" / f"step-{STEPS}").exists()  # it really died mid-run
-    _end_orphans(workers, timeout=30)  # test_worker_dies_with_its_trainer asserts that none is left
+    assert not _end_orphans(workers, timeout=60), "the vLLM worker outlived its SIGKILLed trainer"
 
     again = _start(args, tmp_path / "rerun.log")
     workers = _workers_until(again, lambda: False, timeout=1800)
@@ -172,7 +171,6 @@ sys.stdin.read()  # until killed
 """
 
 
-@pytest.mark.xfail(strict=True, reason="a colocated vLLM worker outlives its SIGKILLed trainer (reported)")
 def test_worker_dies_with_its_trainer(tiny_model_dir, vllm_python):
     proc = subprocess.Popen([sys.executable, "-c", WORKER_PID, str(tiny_model_dir), vllm_python],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

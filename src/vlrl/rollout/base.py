@@ -10,8 +10,11 @@
 only, whatever batch, rank or world size it is sampled in: the trainer derives them from the run seed and
 the prompt's position in the data stream, so a resumed or re-sharded run samples the same completions.
 `encoded` (one `Encoded` per prompt, optional) replaces the engine's own encoding of the prompts: a caller holding
-its images in memory (the server) passes its encoding instead of `Sample.images` paths. `max_seconds` bounds the
-call's wall time: the completions still running then end without a stop token (`truncated`, finish "length").
+its images in memory (the server) passes its encoding instead of `Sample.images` paths, and with it `raw` (one
+`RawPrompt` per prompt: its chat-templated text and images), which engines that sample from text and images (vllm)
+send instead of rendering `Sample.messages` and reading `Sample.images`. `max_seconds` bounds the call's wall time,
+and `should_stop` (polled while generating) ends it when it returns True: the completions still running then end
+without a stop token (`truncated`, finish "length").
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded
-from vlrl.rollout.types import Group, SamplingParams
+from vlrl.rollout.types import Group, RawPrompt, SamplingParams
 
 
 @runtime_checkable
@@ -32,12 +35,14 @@ class RolloutEngine(Protocol):
 
     def generate(
         self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None,
-        encoded: Sequence[Encoded] | None = None, max_seconds: float | None = None,
+        encoded: Sequence[Encoded] | None = None, raw: Sequence[RawPrompt] | None = None,
+        max_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
     ) -> list[Group]:
         """`n` completions for each prompt, one `Group` per prompt in the prompts' order. `seeds`, when
         given, holds one seed per prompt; equal (prompt, seed, weights) give equal completions. `encoded`, when
-        given, holds each prompt's encoding (then `Sample.images` are not read); `max_seconds` bounds the wall
-        time (see the module docstring)."""
+        given, holds each prompt's encoding (then `Sample.images` are not read), `raw` (only with `encoded`) each
+        prompt's text and images; `max_seconds` bounds the wall time, `should_stop` ends the call early (see the
+        module docstring)."""
         ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:

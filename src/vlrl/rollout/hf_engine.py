@@ -40,7 +40,7 @@ from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout.lean_step import LeanStep
 from vlrl.rollout.prefix import continuation_mask, expand_cache, prefill, prompt_inputs
 from vlrl.rollout.sampler import SeededSampler, row_seeds
-from vlrl.rollout.types import Completion, Group, SamplingParams, check_generate_args
+from vlrl.rollout.types import Completion, Group, RawPrompt, SamplingParams, check_generate_args
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +114,14 @@ class HFEngine:
 
     def generate(
         self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None,
-        encoded: Sequence[Encoded] | None = None, max_seconds: float | None = None,
-        should_stop: Callable[[], bool] | None = None,
+        encoded: Sequence[Encoded] | None = None, raw: Sequence[RawPrompt] | None = None,
+        max_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
     ) -> list[Group]:
-        """`RolloutEngine.generate`: `encoded` replaces the encoding of `prompts`; `max_seconds` ends the decode
-        loop of a chunk once that wall time has passed since this call began, `should_stop` (called after each
-        token) once it returns True."""
+        """`RolloutEngine.generate`: `encoded` replaces the encoding of `prompts` (`raw` is checked, not used: this
+        engine samples from the token ids); `max_seconds` ends the decode loop of a chunk once that wall time has
+        passed since this call began, `should_stop` (called after each token) once it returns True."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
-        check_generate_args(len(prompts), n, seeds, encoded)
+        check_generate_args(len(prompts), n, seeds, encoded, raw)
         if not prompts:
             return []
         if encoded is None:

@@ -1,5 +1,5 @@
 """Typed records of the rollout stage: how to sample (`SamplingParams`), what comes back (`Group` of
-`Completion`s)."""
+`Completion`s), prompts given as text and images (`RawPrompt`)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,38 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded
 
 
-def check_generate_args(n_prompts: int, n: int, seeds: Sequence[int] | None, encoded: Sequence[Encoded] | None) -> None:
-    """The argument checks every `RolloutEngine.generate` makes: n >= 1, one seed and one encoding per prompt."""
+@dataclass(frozen=True)
+class RawPrompt:
+    """A prompt as its chat-templated text and its images in memory, for a caller that encodes prompts itself
+    (the server): engines that take text and images (vllm) sample from these, engines that take token ids (hf)
+    from `encoded`, which must then be given too."""
+
+    text: str
+    images: list[Image.Image]
+
+
+def check_generate_args(n_prompts: int, n: int, seeds: Sequence[int] | None, encoded: Sequence[Encoded] | None,
+                        raw: Sequence[RawPrompt] | None = None) -> None:
+    """The argument checks every `RolloutEngine.generate` makes: n >= 1, one seed, one encoding and one raw prompt
+    per prompt, and raw prompts only with their encodings."""
     if n < 1:
         raise ValueError(f"n (completions per prompt) must be >= 1, got {n}")
     if seeds is not None and len(seeds) != n_prompts:
         raise ValueError(f"{len(seeds)} seeds for {n_prompts} prompts")
     if encoded is not None and len(encoded) != n_prompts:
         raise ValueError(f"{len(encoded)} encoded prompts for {n_prompts} prompts")
+    if raw is not None:
+        if len(raw) != n_prompts:
+            raise ValueError(f"{len(raw)} raw prompts for {n_prompts} prompts")
+        if encoded is None:
+            raise ValueError("raw prompts need their encodings (`encoded`): engines that sample from token ids "
+                             "use those, and the vllm engine checks its prompt ids against them")
 
 
 @dataclass(frozen=True)
@@ -46,7 +65,7 @@ class Completion:
     logprobs [T] (float32): log-probability of each sampled token under the distribution it was drawn from,
         i.e. log_softmax of the *processed* logits (vision tokens suppressed, then temperature, top-k, top-p).
     truncated: no stop token: `max_new_tokens` ran out (DAPO's "overlong" completions), or the call's
-        `max_seconds` did.
+        `max_seconds` did, or its `should_stop()` turned True.
     """
 
     token_ids: torch.Tensor  # [T]

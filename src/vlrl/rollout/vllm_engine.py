@@ -21,10 +21,17 @@ the tokenizer's and the model's EOS, completions end with their stop token, thei
 log-probs (after temperature, top-k, top-p: the distribution each token was drawn from), and each prompt's seed
 makes its G completions reproducible (vLLM's own random stream, so not the `hf` engine's completions).
 A worker that dies, or does not answer within `request_timeout` after `retries` tries, is an error that says so
-(with the end of a colocated worker's log), never a silent hang.
+(with the end of a colocated worker's log), never a silent hang. A colocated worker exits when its trainer does,
+even one killed by SIGKILL (its stdin is a pipe from the trainer: `--exit-with-stdin`).
 
-Not (yet): `max_seconds` and `should_stop` (the server's per-request limits) are not honoured; CUDA IPC / NCCL
-weight transfer for large models on GPUs (the HTTP body is a copy through host memory).
+`max_seconds` goes to the worker, which ends the request at the first engine step past it; `should_stop` is polled
+every 0.1 s while the worker generates, and once it returns True the engine asks the worker to abort the request
+(`/abort`), which then ends it the same way. Either way the completions come back as far as they got
+(`truncated`, finish "length"). `raw` prompts (text and images in memory, with their `encoded` ids) are sent
+instead of the samples' rendered messages and image files; vLLM's prompt ids are still checked against `encoded`.
+
+Not (yet): CUDA IPC / NCCL weight transfer for large models on GPUs (the HTTP body is a copy through host memory);
+putting the worker to sleep between rollouts to free GPU memory (sleep / wake up).
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,12 +62,13 @@ from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded, encode_for_generation, prompt_text, sample_images
 from vlrl.models.processor import vision_token_ids
 from vlrl.rollout.hf_engine import stop_token_ids
-from vlrl.rollout.types import Completion, Group, SamplingParams, check_generate_args
+from vlrl.rollout.types import Completion, Group, RawPrompt, SamplingParams, check_generate_args
 
 log = logging.getLogger(__name__)
 
 WORKER = Path(__file__).parent / "vllm_worker"  # run by path with the vLLM environment's Python
 READY = "VLRL_WORKER_READY"
+POLL_SECONDS = 0.1  # how often `should_stop` is asked while the worker generates
 
 
 @dataclass
@@ -79,7 +88,12 @@ class VLLMConfig:
 
 
 class VLLMEngineError(RuntimeError):
-    """The worker is missing, died, refused a request or did not answer in time."""
+    """The worker is missing, died, refused a request or did not answer in time. `status`: the HTTP status of a
+    refusal (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class PromptMismatchError(VLLMEngineError):
@@ -132,8 +146,10 @@ class _Worker:
         self.log_path = self.dir / "worker.log"
         cmd = [str(python), str(WORKER), "--model", str(self.dir / "model"), "--port", "0", "--dtype", cfg.dtype,
                "--gpu-memory-utilization", str(cfg.gpu_memory_utilization), "--max-images", str(cfg.max_images),
-               "--max-model-len", str(cfg.max_model_len)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+               "--max-model-len", str(cfg.max_model_len), "--exit-with-stdin"]
+        # stdin: a pipe this process holds open and never writes; it closes when this process ends, however it
+        # ends, and the worker then exits (--exit-with-stdin)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
                                      text=True, bufsize=1)
         self._finalizer = weakref.finalize(self, _stop, self.proc, self.dir)
         self.port = self._wait_ready(cfg.startup_timeout)
@@ -178,13 +194,20 @@ class _Worker:
 
 
 def _stop(proc: subprocess.Popen[str], folder: Path) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+    """Close the worker's stdin (it exits by itself), then terminate it, then kill it, each after a wait."""
+    if proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+    for end in (None, proc.terminate, proc.kill):
+        if end is not None:
+            end()
         try:
             proc.wait(timeout=30)
+            break
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            continue
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -240,7 +263,8 @@ class VLLMEngine:
                     return dict(json.loads(resp.read()))
             except urllib.error.HTTPError as err:  # the worker answered: its message is the error
                 detail = err.read().decode(errors="replace")[:2000]
-                raise VLLMEngineError(f"vLLM worker {self.url}{path}: HTTP {err.code}: {detail}") from err
+                raise VLLMEngineError(f"vLLM worker {self.url}{path}: HTTP {err.code}: {detail}",
+                                      status=err.code) from err
             except (urllib.error.URLError, OSError) as err:  # no answer: refused, reset or timed out
                 last = err
                 if attempt + 1 < tries:
@@ -256,8 +280,14 @@ class VLLMEngine:
                 self._request("/health", timeout=min(30.0, timeout), retries=0)
                 return
             except VLLMEngineError as err:
-                if time.monotonic() >= deadline or "HTTP" in str(err):
-                    raise VLLMEngineError(f"no vLLM worker answers at {self.url} (rollout.vllm.url): {err}") from err
+                if err.status in (401, 403):
+                    where = (f"${self.cfg.token_env} (rollout.vllm.token_env)" if self.cfg.token_env else
+                             "rollout.vllm.token_env to the variable that holds it")
+                    raise VLLMEngineError(f"the vLLM worker at {self.url} refused the token: set {where} ({err})",
+                                          err.status) from err
+                if time.monotonic() >= deadline or err.status is not None:
+                    raise VLLMEngineError(f"no vLLM worker answers at {self.url} (rollout.vllm.url): {err}",
+                                          err.status) from err
                 time.sleep(1.0)
 
     # -- RolloutEngine ---------------------------------------------------------------------------------------
@@ -270,32 +300,78 @@ class VLLMEngine:
 
     def generate(
         self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None,
-        encoded: Sequence[Encoded] | None = None, max_seconds: float | None = None,
+        encoded: Sequence[Encoded] | None = None, raw: Sequence[RawPrompt] | None = None,
+        max_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
     ) -> list[Group]:
-        """`RolloutEngine.generate` (`max_seconds` is not honoured by this engine, see the module docstring)."""
-        check_generate_args(len(prompts), n, seeds, encoded)
+        """`RolloutEngine.generate` (`max_seconds`, `should_stop` and `raw`: see the module docstring). A request
+        to the worker after the call's time is out or `should_stop` said so still goes, with no time left: its
+        completions end after one engine step (and its prompt ids are checked)."""
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        check_generate_args(len(prompts), n, seeds, encoded, raw)
         if not prompts:
             return []
         if encoded is None:
             encoded = encode_for_generation(self.processor, prompts)
         chunk = self.max_prompts_per_call if self.max_prompts_per_call > 0 else len(prompts)
         groups: list[Group] = []
+        stopped = False
         for lo in range(0, len(prompts), chunk):
             hi = min(lo + chunk, len(prompts))
             part_seeds = None if seeds is None else list(seeds[lo:hi])
-            groups += self._generate(prompts[lo:hi], encoded[lo:hi], n, sampling, part_seeds)
+            stopped = stopped or (should_stop is not None and should_stop())
+            seconds = 0.0 if stopped else None if deadline is None else max(0.0, deadline - time.monotonic())
+            part, aborted = self._generate(prompts[lo:hi], encoded[lo:hi], None if raw is None else raw[lo:hi], n,
+                                           sampling, part_seeds, seconds, None if stopped else should_stop)
+            groups += part
+            stopped = stopped or aborted
         return groups
 
-    def _generate(self, prompts: Sequence[Sample], encoded: Sequence[Encoded], n: int, sampling: SamplingParams,
-                  seeds: list[int] | None) -> list[Group]:
+    def _post_generate(self, req: dict[str, Any],
+                       should_stop: Callable[[], bool] | None) -> tuple[dict[str, Any], bool]:
+        """POST /generate; meanwhile, every `POLL_SECONDS`, ask `should_stop` and once it says True post /abort of
+        the request. The worker's answer, and whether the request was aborted."""
+        body = json.dumps(req).encode()
+        if should_stop is None:
+            return self._request("/generate", body), False
+        answer: list[dict[str, Any]] = []
+        failed: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                answer.append(self._request("/generate", body))
+            except BaseException as err:  # re-raised in the caller's thread
+                failed.append(err)
+
+        thread = threading.Thread(target=call, name="vllm-generate", daemon=True)
+        thread.start()
+        aborted = False
+        while thread.is_alive():
+            thread.join(POLL_SECONDS)
+            if thread.is_alive() and not aborted and should_stop():
+                aborted = True
+                try:
+                    self._request("/abort", json.dumps({"request_id": req["request_id"]}).encode(),
+                                  timeout=min(30.0, self.cfg.request_timeout), retries=0)
+                except VLLMEngineError as err:  # the request then runs to its end: slower, not wrong
+                    log.warning("could not abort vLLM request %s: %s", req["request_id"], err)
+        if failed:
+            raise failed[0]
+        return answer[0], aborted
+
+    def _generate(self, prompts: Sequence[Sample], encoded: Sequence[Encoded], raw: Sequence[RawPrompt] | None,
+                  n: int, sampling: SamplingParams, seeds: list[int] | None, max_seconds: float | None,
+                  should_stop: Callable[[], bool] | None) -> tuple[list[Group], bool]:
+        if raw is None:
+            raw = [RawPrompt(prompt_text(self.processor, s.messages), sample_images(s)) for s in prompts]
         req = {
-            "prompts": [{"text": prompt_text(self.processor, s.messages), "images": [_png(im) for im in sample_images(s)],
-                         "seed": None if seeds is None else int(seeds[i])} for i, s in enumerate(prompts)],
+            "prompts": [{"text": r.text, "images": [_png(im) for im in r.images],
+                         "seed": None if seeds is None else int(seeds[i])} for i, r in enumerate(raw)],
             "n": n, "max_tokens": sampling.max_new_tokens, "temperature": 0.0 if sampling.greedy else sampling.temperature,
             "top_p": sampling.top_p, "top_k": sampling.top_k, "stop_token_ids": self.stop_ids,
-            "suppress_token_ids": self.suppress_ids,
+            "suppress_token_ids": self.suppress_ids, "max_seconds": max_seconds, "request_id": uuid.uuid4().hex,
         }  # fmt: skip
-        results = self._request("/generate", json.dumps(req).encode())["results"]
+        answer, aborted = self._post_generate(req, should_stop)
+        results = answer["results"]
         if len(results) != len(prompts):
             raise VLLMEngineError(f"the vLLM worker answered {len(results)} prompts for {len(prompts)}")
         groups = []
@@ -314,7 +390,7 @@ class VLLMEngine:
                     logprobs=torch.tensor(c["logprobs"], dtype=torch.float32), truncated=not stopped))
             groups.append(Group(sample=sample, prompt=enc, completions=completions,
                                 seed=None if seeds is None else seeds[i]))
-        return groups
+        return groups, aborted
 
     def close(self) -> None:
         """Stop a colocated worker (a server is left running)."""

@@ -1,11 +1,13 @@
-"""Generation for the server: the `hf` rollout engine (`vlrl.rollout.hf_engine.HFEngine`, the one RL and curate
-use) behind `ServedModel.generate(sample, images, sampling, stop, seed)`.
+"""Generation for the server: a rollout engine (`vlrl.rollout.base.make_engine`, the ones RL, eval and curate use:
+`hf` in this process, or `vllm`, a vLLM worker) behind `ServedModel.generate(sample, images, sampling, stop, seed)`.
 
 The server receives images inline, so it encodes each request itself (`encode_sample`: literal "<image>" text
-restored after the placeholders became image slots) and passes that encoding to the engine, with one seed per
-request (the request's `seed`, else a fresh random one), the wall-time bound `max_time` and the request's
-cancellation check `should_stop` (the app's "client is gone"), which the engine calls after every decode step.
-Stop strings cut the decoded text; usage counts come from the completions' token ids.
+restored after the placeholders became image slots) and passes the engine that encoding (what `hf` samples from)
+and the same templated text with the images (`RawPrompt`: what `vllm` sends its worker, which checks that the ids
+vLLM builds from them equal the encoding's), with one seed per request (the request's `seed`, else a fresh random
+one), the wall-time bound `max_time` and the request's cancellation check `should_stop` (the app's "client is
+gone"), which the engine polls while it generates. Stop strings cut the decoded text; usage counts come from the
+completions' token ids.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from PIL import Image
 from vlrl.data.sample import IMAGE_PLACEHOLDER, Sample
 from vlrl.models.inputs import Encoded, to_chat
 from vlrl.models.processor import reserved_tokens
-from vlrl.rollout.hf_engine import HFEngine
-from vlrl.rollout.types import Completion, SamplingParams
+from vlrl.rollout.base import make_engine
+from vlrl.rollout.types import Completion, RawPrompt, SamplingParams
+from vlrl.rollout.vllm_engine import VLLMConfig
 from vlrl.serve.schemas import LITERAL_IMAGE
 
 
@@ -55,15 +58,20 @@ def max_context(model: Any) -> int:
     return int(getattr(cfg, "max_position_embeddings", 4096))
 
 
-def encode_sample(processor: Any, sample: Sample, images: list[Image.Image]) -> Encoded:
-    """`models.inputs.encode_prompt` of the sample, with escaped literal "<image>" text restored after the
+def request_text(processor: Any, sample: Sample) -> str:
+    """The sample's chat-templated prompt text, with escaped literal "<image>" text restored after the
     placeholders became image slots (so request text may mention "<image>" without adding an image)."""
     chat = to_chat(sample.messages)
     for message in chat:
         for part in message["content"]:
             if part.get("type") == "text":
                 part["text"] = part["text"].replace(LITERAL_IMAGE, IMAGE_PLACEHOLDER)
-    text = processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return str(processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+
+
+def encode_sample(processor: Any, sample: Sample, images: list[Image.Image], text: str | None = None) -> Encoded:
+    """`models.inputs.encode_prompt` of the sample's `request_text` (`text`, when the caller has it already)."""
+    text = request_text(processor, sample) if text is None else text
     batch = processor(text=[text], images=images or None, padding=False, return_tensors="pt")
     return Encoded(
         input_ids=batch["input_ids"][0],  # [L]
@@ -92,7 +100,9 @@ def _choice(tok: Any, completion: Completion, stop: Sequence[str]) -> Choice:
 
 class ServedModel:
     """One local model behind the server: `generate(sample, images, sampling, stop, seed, should_stop)` through
-    one `hf` rollout engine built at start (its `LeanStep` weight copy loaded once: the served weights do not change).
+    one rollout engine built at start: `hf` (its `LeanStep` weight copy loaded once: the served weights do not
+    change), or `vllm` with `vllm` settings (colocated by default: the engine saves the model and starts a vLLM
+    worker, `VLLMEngineError` when it cannot). `close()` stops what the engine runs beside this process.
 
     max_time: wall-time bound of one request's generation (its completions then end with finish_reason "length").
     reserved_tokens: the processor's vision tokens (Qwen-VL's `<|image_pad|>`, ...; InternVL's `<IMG_CONTEXT>`,
@@ -100,14 +110,22 @@ class ServedModel:
     Not thread-safe: the app calls it under a lock, one request at a time."""
 
     def __init__(self, model: Any, processor: Any, model_id: str, *, device: str = "cpu",
-                 max_time: float | None = None) -> None:
+                 max_time: float | None = None, engine: str = "hf", vllm: VLLMConfig | None = None) -> None:
         self.model = model.to(device).eval()
         self.processor = processor
         self.model_id = model_id
         self.max_time = max_time
         self.context = max_context(model)
         self.reserved_tokens = reserved_tokens(processor)
-        self.engine = HFEngine(self.model, processor, device=device, reload_weights=False)
+        kwargs: dict[str, Any] = ({"config": vllm if vllm is not None else VLLMConfig()} if engine == "vllm"
+                                  else {"device": device, "reload_weights": False})
+        self.engine = make_engine(engine, self.model, processor, **kwargs)
+
+    def close(self) -> None:
+        """Stop what the engine runs beside this process (the `vllm` engine's colocated worker; `hf` has nothing)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     def generate(self, sample: Sample, images: list[Image.Image], sampling: SamplingParams,
                  stop: Sequence[str] = (), seed: int | None = None,
@@ -117,11 +135,13 @@ class ServedModel:
         Raises `ContextLengthError` when the prompt plus `sampling.max_new_tokens` exceed the model's context;
         `ValueError` from the processor (e.g. an image of extreme aspect ratio) propagates. Equal `seed`s give
         equal completions; greedy (temperature 0) decodes once and repeats it n times. `should_stop` is checked
-        before encoding (`Cancelled` when True) and after every decode step (the completions then end there, with
-        finish_reason "length"), so an abandoned request stops costing model time within one step."""
+        before encoding (`Cancelled` when True) and polled by the engine while it generates (`hf`: after every
+        decode step; the completions then end there, with finish_reason "length"), so an abandoned request soon
+        stops costing model time."""
         if should_stop is not None and should_stop():
             raise Cancelled("the request was cancelled before generation")
-        enc = encode_sample(self.processor, sample, images)
+        text = request_text(self.processor, sample)
+        enc = encode_sample(self.processor, sample, images, text)
         prompt_len = int(enc.input_ids.shape[0])
         if prompt_len + sampling.max_new_tokens > self.context:
             raise ContextLengthError(
@@ -131,7 +151,8 @@ class ServedModel:
         runs = 1 if sampling.greedy else sampling.n
         seed = secrets.randbits(63) if seed is None else seed
         group = self.engine.generate([sample], runs, sampling, seeds=[seed], encoded=[enc],
-                                     max_seconds=self.max_time, should_stop=should_stop)[0]
+                                     raw=[RawPrompt(text, images)], max_seconds=self.max_time,
+                                     should_stop=should_stop)[0]
         choices = [_choice(self.processor.tokenizer, c, stop) for c in group.completions]
         if runs < sampling.n:
             choices = [Choice(c.text, c.completion_tokens, c.finish_reason) for c in choices * sampling.n]

@@ -11,9 +11,14 @@ itself on a free loopback port; in server mode it talks to one started by hand o
 Endpoints (JSON unless said otherwise):
   GET  /health    -> {"status": "ok", "model", "vllm", "weights_version"}
   POST /generate  {"prompts": [{"text", "images": [base64 PNG], "seed"}], "n", "max_tokens", "temperature",
-                   "top_p", "top_k", "stop_token_ids", "suppress_token_ids"}
+                   "top_p", "top_k", "stop_token_ids", "suppress_token_ids", optional "max_seconds", "request_id"}
                   -> {"results": [{"prompt_token_ids", "completions": [{"token_ids", "logprobs",
-                      "finish_reason"}]}], "weights_version"}
+                      "finish_reason"}]}], "weights_version", "interrupted"}
+                  `max_seconds` (from the request's arrival) and a `/abort` of its `request_id` end the request at
+                  the next engine step: the completions still running come back as far as they got, with
+                  finish_reason "length", and "interrupted" is true.
+  POST /abort     {"request_id"} -> {"request_id"}: ends that request as above (also one that has not started
+                  yet: it then runs a single engine step).
   POST /weights   body: a safetensors file of the policy's state dict (names as the model's own checkpoint has
                   them); header X-Weights-Version -> {"tensors", "weights_version"}. Loaded in place through the
                   worker's `reload_weights` (vLLM's documented reload path), then the prefix and multimodal
@@ -23,7 +28,12 @@ Endpoints (JSON unless said otherwise):
 Sampling matches vlrl's `hf` engine: the vision tokens are excluded (`allowed_token_ids`), and the returned
 log-probs are vLLM's *processed* log-probs (after temperature, top-k, top-p), the distribution each token was drawn
 from. Every request carries each prompt's seed, so equal (prompt, seed, weights) give equal completions.
-A first line `VLRL_WORKER_READY <port>` on stdout tells a parent process that the worker is serving.
+Requests are served one at a time, each by stepping vLLM's engine loop itself (as `LLM.generate` does), so that
+between steps it can see a deadline or an abort.
+A first line `VLRL_WORKER_READY <port>` on stdout tells a parent process that the worker is serving. With
+`--exit-with-stdin` (how `VLLMEngine` starts a colocated worker, stdin a pipe it never writes) the worker exits
+when its stdin reaches end of file: the parent closed it or died, even by SIGKILL, so no worker outlives its
+trainer. A worker started by hand has no such tie.
 """
 
 from __future__ import annotations
@@ -35,12 +45,15 @@ import json
 import os
 import sys
 import threading
+import time
+import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 MAX_JSON_BYTES = 512 * 1024 * 1024  # a batch of prompts with their images
 READY = "VLRL_WORKER_READY"
+ABORT_MEMORY = 600.0  # seconds an abort of a request not (yet) seen is kept
 
 
 def refresh_tied_heads(worker: Any) -> None:
@@ -75,14 +88,21 @@ class Worker:
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.lock = threading.Lock()
         self.weights_version = 0
+        self.aborts: dict[str, float] = {}  # request id -> when its abort came
+        self.abort_lock = threading.Lock()
 
     def generate(self, req: dict[str, Any]) -> dict[str, Any]:
         from PIL import Image
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
+        arrived = time.monotonic()
+        deadline = None if req.get("max_seconds") is None else arrived + float(req["max_seconds"])
+        request_id = str(req.get("request_id") or uuid.uuid4().hex)
         suppress = {int(i) for i in req.get("suppress_token_ids", [])}
         allowed = [i for i in range(self.vocab_size) if i not in suppress] if suppress else None
         temperature = float(req["temperature"])
+        n = int(req["n"])
         inputs, params = [], []
         for p in req["prompts"]:
             images = [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in p.get("images", [])]
@@ -91,24 +111,68 @@ class Worker:
                 item["multi_modal_data"] = {"image": images}
             inputs.append(item)
             params.append(SamplingParams(
-                n=int(req["n"]), max_tokens=int(req["max_tokens"]), temperature=temperature,
+                n=n, max_tokens=int(req["max_tokens"]), temperature=temperature,
                 top_p=float(req.get("top_p", 1.0)), top_k=int(req.get("top_k", 0)) or -1, seed=p.get("seed"),
                 logprobs=0, stop_token_ids=[int(i) for i in req.get("stop_token_ids", [])],
                 allowed_token_ids=allowed, skip_special_tokens=False, detokenize=False,
+                # every step's output holds each completion's tokens so far: what an interrupted request returns
+                output_kind=RequestOutputKind.CUMULATIVE,
             ))
         with self.lock:
-            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            results, interrupted = self._run(request_id, inputs, params, deadline)
             version = self.weights_version
+        return {"results": results, "weights_version": version, "interrupted": interrupted}
+
+    def _run(self, request_id: str, inputs: list[dict[str, Any]], params: list[Any],
+             deadline: float | None) -> tuple[list[dict[str, Any]], bool]:
+        """vLLM's engine loop over the prompts (`LLM.generate`'s, stepped here), ended early by `deadline` or an
+        abort of `request_id`; each prompt's ids and completions (as far as they got)."""
+        from vllm.renderers.inputs.preprocess import parse_model_prompt
+
+        engine = self.llm.llm_engine
+        ids = [f"{request_id}-{i}" for i in range(len(inputs))]
+        prompt_ids: list[list[int]] = []
+        latest: dict[str, dict[int, Any]] = {rid: {} for rid in ids}  # request -> completion index -> output
+        interrupted = False
+        try:
+            for rid, item, sp in zip(ids, inputs, params):  # rendered one at a time, as LLM.generate does
+                (rendered,) = self.llm.renderer.render_cmpl([parse_model_prompt(self.llm.model_config, item)])
+                prompt_ids.append([int(t) for t in rendered["prompt_token_ids"]])
+                engine.add_request(rid, rendered, sp)
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    for c in out.outputs:
+                        latest[out.request_id][c.index] = c
+                if engine.has_unfinished_requests() and (
+                        (deadline is not None and time.monotonic() >= deadline) or self._take_abort(request_id)):
+                    interrupted = True
+                    break
+        finally:
+            engine.abort_request(ids)  # whatever still runs (none when every completion ended)
+            self._take_abort(request_id)
         results = []
-        for out in outputs:
+        for rid, sp, prompt in zip(ids, params, prompt_ids):
             completions = []
-            for c in out.outputs:
-                ids = [int(t) for t in c.token_ids]
-                logps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs or [])]
-                completions.append({"token_ids": ids, "logprobs": logps, "finish_reason": c.finish_reason})
-            results.append({"prompt_token_ids": [int(t) for t in out.prompt_token_ids or []],
-                            "completions": completions})
-        return {"results": results, "weights_version": version}
+            for index in range(sp.n):
+                c = latest[rid].get(index)
+                tokens = [int(t) for t in c.token_ids] if c is not None else []
+                logps = [float(step[t].logprob) for t, step in zip(tokens, (c.logprobs or []) if c else [])]
+                reason = c.finish_reason if c is not None and c.finish_reason is not None else "length"
+                completions.append({"token_ids": tokens, "logprobs": logps, "finish_reason": reason})
+            results.append({"prompt_token_ids": prompt, "completions": completions})
+        return results, interrupted
+
+    def abort(self, request_id: str) -> None:
+        """End request `request_id` at its next engine step (remembered for a while if it has not started)."""
+        now = time.monotonic()
+        with self.abort_lock:
+            for rid in [r for r, t in self.aborts.items() if now - t > ABORT_MEMORY]:
+                del self.aborts[rid]  # aborts of requests that never came
+            self.aborts[request_id] = now
+
+    def _take_abort(self, request_id: str) -> bool:
+        with self.abort_lock:
+            return self.aborts.pop(request_id, None) is not None
 
     def load_weights(self, body: bytes, version: int) -> dict[str, Any]:
         from safetensors.torch import load
@@ -174,6 +238,12 @@ def make_handler(worker: Worker, token: str, server: list[ThreadingHTTPServer]) 
                     body = self._body(MAX_JSON_BYTES)
                     if body is not None:
                         self._send(HTTPStatus.OK, worker.generate(json.loads(body)))
+                elif self.path == "/abort":
+                    body = self._body(1 << 16)
+                    if body is not None:
+                        request_id = str(json.loads(body)["request_id"])
+                        worker.abort(request_id)
+                        self._send(HTTPStatus.OK, {"request_id": request_id})
                 elif self.path == "/weights":
                     body = self._body(1 << 40)
                     if body is not None:
@@ -206,11 +276,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--token", default=os.environ.get("VLRL_WORKER_TOKEN", ""),
                    help="a bearer token every request must carry (default: $VLRL_WORKER_TOKEN; empty: none)")
+    p.add_argument("--exit-with-stdin", action="store_true",
+                   help="exit when stdin reaches end of file (a parent holding it open died or closed it)")
     return p.parse_args(argv)
+
+
+def exit_with_stdin() -> None:
+    """Exit the process once stdin reaches end of file, from a daemon thread. The parent keeps the pipe's write end
+    open and never writes; the kernel closes it when the parent dies, however it dies."""
+
+    def watch() -> None:
+        try:
+            sys.stdin.buffer.read()
+        except (OSError, ValueError):  # stdin closed under us: the same signal
+            pass
+        try:  # a dead parent took the read end of stdout with it: this may fail
+            print("stdin closed: the worker's parent is gone or done, exiting", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+        # at once, whatever the request threads are doing: the engine core runs in this process, so nothing of
+        # vLLM's is left behind, and an orderly shutdown could wait for a generation to end
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-stdin", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.exit_with_stdin:
+        exit_with_stdin()  # before loading the model: a parent may die during the start too
     worker = Worker(args)
     holder: list[ThreadingHTTPServer] = []
     httpd = ThreadingHTTPServer((args.host, args.port), make_handler(worker, args.token, holder))
