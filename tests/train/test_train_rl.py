@@ -101,12 +101,14 @@ def _rl_args(recipe: str, model: Path, data: Path, out: Path, steps: int, over: 
             *_overrides(model, data, out, steps, {"threads": 1, **over})]
 
 
-def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path, parallel):
     # beta > 0 (reference model), dynamic sampling and two minibatches: every cross-rank path at once
     # and demonstration replay (its batch split across ranks like the RL rows); the vision tower trains (the
     # recipe freezes it) so its gradients are reduced across ranks too
     kw = {"rollout.batch_size": 4, "rollout.dynamic_sampling": "true", "algorithm.num_minibatches": 2,
-          "logging.log_samples": 8, "replay.coef": 0.5, "replay.batch_size": 6, "optim.freeze_vision": "false"}
+          "logging.log_samples": 8, "replay.coef": 0.5, "replay.batch_size": 6, "optim.freeze_vision": "false",
+          "parallel": parallel}
     one = _cli(_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "one", 2, kw))
     out = one.communicate(timeout=600)[0]
     assert one.returncode == 0, out

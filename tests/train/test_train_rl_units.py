@@ -271,7 +271,7 @@ def test_a_vllm_server_is_refused_under_several_ranks_before_the_run_dir_is_touc
     check_world(server, 1)
     check_world(colocated, 2)
     two = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
-    monkeypatch.setattr(rl, "init_distributed", lambda: two)
+    monkeypatch.setattr(rl, "init_distributed", lambda **kw: two)
     with pytest.raises(ConfigError, match=r"rollout.vllm.url 'http://127.0.0.1:8100' with 2 ranks"):
         rl.run_rl(server)
     assert not out.exists()

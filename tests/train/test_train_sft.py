@@ -91,12 +91,14 @@ def test_sigkill_then_rerun_resumes_exactly(tiny_model_dir, synth_dir, tmp_path)
     assert steps == list(range(1, 9))  # no step logged twice after the resume
 
 
-def test_torchrun_two_processes_match_one(tiny_model_dir, synth_dir, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(tiny_model_dir, synth_dir, tmp_path, parallel):
     one = _cli(_sft_args(tiny_model_dir, synth_dir, tmp_path / "one", 4))
     assert one.wait(timeout=300) == 0, one.stdout.read() if one.stdout else ""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          "-m", "vlrl.cli", *_sft_args(tiny_model_dir, synth_dir, tmp_path / "two", 4)],
+                          "-m", "vlrl.cli", *_sft_args(tiny_model_dir, synth_dir, tmp_path / "two", 4),
+                          f"parallel={parallel}"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr
     l1 = [m["loss"] for m in read_metrics(tmp_path / "one" / "metrics.jsonl")]

@@ -24,6 +24,8 @@ def global_batch(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 
 def shard(indices: list[int], rank: int, world: int) -> list[int]:
-    """This rank's share of a global batch (contiguous, so groups of G stay together when B*G is split)."""
-    per = -(-len(indices) // world)
-    return indices[rank * per : (rank + 1) * per]
+    """This rank's share of a global batch: contiguous, sizes differing by at most one (the first len % world ranks
+    take one more), so every rank has some as soon as there are as many items as ranks."""
+    per, extra = divmod(len(indices), world)
+    lo = rank * per + min(rank, extra)
+    return indices[lo : lo + per + (1 if rank < extra else 0)]

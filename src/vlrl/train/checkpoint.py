@@ -51,14 +51,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model: Any, processor: Any, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` (rank 0 only), then prune all but the newest `keep`."""
+def save_checkpoint(run_dir: Path, step: int, model: Any, processor: Any, state: dict[str, Any], keep: int = 2,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `step` (rank 0 only), then prune all but the newest `keep`. `weights`: the model's state
+    dict when the model itself holds only a shard of it (FSDP2)."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
     remove_partial(root)
     try:
         tmp.mkdir(parents=True)
-        model.save_pretrained(tmp)
+        if weights is None:
+            model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=weights)
         processor.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
         if final.exists():

@@ -6,6 +6,7 @@ normalised by the GLOBAL token count, so the sum is the exact full-batch gradien
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -25,8 +26,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group that torchrun describes (WORLD_SIZE > 1), else run alone."""
+def init_distributed(device: str = "auto", timeout: float | None = None) -> DistInfo:
+    """Join the process group that torchrun describes (WORLD_SIZE > 1), else run alone. `timeout`: seconds a
+    collective may wait for the other ranks before the run fails (None: torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -35,7 +37,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
 
 

@@ -41,6 +41,7 @@ from vlrl.config import ConfigError, to_dict
 from vlrl.train import checkpoint as ckpt
 from vlrl.train.dist import DistInfo, barrier
 from vlrl.train.logging import MetricsLogger, scalars_of
+from vlrl.train.parallel import load_optimizer_state, model_state, optimizer_state
 from vlrl.train.trackers import Trackers
 
 StepFn = Callable[[int, int], tuple[dict[str, Any], list[dict[str, Any]], int]]
@@ -157,11 +158,12 @@ class RunHarness:
         self.start_from = model if last is None else str(last)
         return (model, None) if last is None else (str(last), ckpt.load_state(last))
 
-    def restore(self, state: dict[str, Any] | None, opt: Any, sched: Any) -> tuple[int, int]:
-        """Load optimizer, scheduler and RNG states; (step, data position) to continue from; start the clock."""
+    def restore(self, state: dict[str, Any] | None, opt: Any, sched: Any, root: Any = None) -> tuple[int, int]:
+        """Load optimizer, scheduler and RNG states; (step, data position) to continue from; start the clock.
+        `root`: the wrapped model (`vlrl.train.parallel`), which an FSDP2 optimizer state is sharded over."""
         step, position, elapsed = 0, 0, 0.0
         if state is not None:
-            opt.load_state_dict(state["optimizer"])
+            load_optimizer_state(root, opt, state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             ckpt.set_rng_state(state["rng"])
             step, position, elapsed = state["step"], state["position"], state.get("elapsed", 0.0)
@@ -185,16 +187,21 @@ class RunHarness:
     def out_of_time(self) -> bool:
         return self.schedule.max_seconds is not None and self.elapsed() >= self.schedule.max_seconds
 
-    def save(self, step: int, position: int, model: Any, processor: Any, opt: Any, sched: Any,
+    def save(self, step: int, position: int, model: Any, processor: Any, opt: Any, sched: Any, root: Any = None,
              extra: dict[str, Any] | None = None) -> None:
         """Checkpoint `step` (rank 0 writes; every rank waits): weights, optimizer, scheduler, RNG, position, and
-        `extra` (more trainer state under its own keys, e.g. SFT's data stream; back in `resume_point`'s state)."""
+        `extra` (more trainer state under its own keys, e.g. SFT's data stream; back in `resume_point`'s state).
+        Under FSDP2 (`root`) every rank first helps gather the whole weights and optimizer state to rank 0, so the
+        checkpoint is the same at any world size and resumes at any other."""
         barrier()
+        weights = model_state(root)
+        optimizer = optimizer_state(root, opt)
         if self.info.is_main:
-            state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
+            state = {"optimizer": optimizer, "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
                      "step": step, "position": position, "elapsed": self.elapsed(),
                      "nonfinite": self.nonfinite.state_dict(), **(extra or {})}  # fmt: skip
-            ckpt.save_checkpoint(self.run_dir, step, model, processor, state, keep=self.schedule.keep_checkpoints)
+            ckpt.save_checkpoint(self.run_dir, step, model, processor, state, keep=self.schedule.keep_checkpoints,
+                                 weights=weights)
         barrier()
 
     def _log(self, step: int, record: dict[str, Any], rows: list[dict[str, Any]], desc: str) -> None:

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import register_dataclass
 from torch.utils.checkpoint import checkpoint
 
 from vlrl.algos import entropy_from_logits
@@ -59,6 +60,7 @@ from vlrl.rollout.prefix import (
     uses_activation_checkpointing,
 )
 from vlrl.rollout.types import Group
+from vlrl.train.parallel import call, is_fsdp, matched_count, same_blocks, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +299,10 @@ class RowLogprobs:
     entropy: Tensor | None
 
 
+# a pytree node: FSDP2 (vlrl.train.parallel) hooks its backward on the tensors of a forward's output
+register_dataclass(RowLogprobs)
+
+
 def row_logprobs(model: Any, groups: Sequence[Group], batch: RowBatch, *, temperature: float,
                  suppress_ids: Sequence[int], device: torch.device, with_entropy: bool = False,
                  chunk_tokens: int = CHUNK_TOKENS) -> RowLogprobs:
@@ -313,25 +319,38 @@ def row_logprobs(model: Any, groups: Sequence[Group], batch: RowBatch, *, temper
 def rows_logprobs_nograd(model: Any, groups: Sequence[Group], rows: Sequence[Row], *, micro_batch_size: int,
                          temperature: float, suppress_ids: Sequence[int], device: torch.device, pad_id: int,
                          image_id: int, share_vision: bool = True, shared_prefix: bool = True,
-                         chunk_tokens: int = CHUNK_TOKENS) -> list[Tensor]:
+                         chunk_tokens: int = CHUNK_TOKENS, spare: Group | None = None) -> list[Tensor]:
     """Log-probs of every row's completion (one `[T_r]` CPU tensor per row), `micro_batch_size` rows per forward
-    (for the reference model and the old policy). The model is put in eval mode for the pass (where activation
-    checkpointing is off, so it does not stop the shared prefix)."""
+    (for the reference model and the old policy). `model`: a model or a wrapped root (`vlrl.train.parallel`); under
+    FSDP2 every forward is a collective, so a rank with fewer micro-batches than another runs the rest on a row of
+    `spare` and drops them. The model is put in eval mode for the pass (where activation checkpointing is off, so
+    it does not stop the shared prefix)."""
     was_training = model.training
     model.eval()
-    shared_prefix = use_shared_prefix(model, shared_prefix)
+    shared_prefix = use_shared_prefix(unwrap(model), shared_prefix)
     micro = max(1, micro_batch_size)
     order = length_order(groups, rows) if len(rows) > micro else list(range(len(rows)))
     out: list[Tensor] = [torch.zeros(0)] * len(rows)
+    starts = list(range(0, len(rows), micro))
+    rounds = matched_count(len(starts), model) if is_fsdp(model) else len(starts)
+    kw: dict[str, Any] = dict(temperature=temperature, suppress_ids=suppress_ids, device=device,
+                              chunk_tokens=chunk_tokens)
     try:
-        for k in range(0, len(rows), micro):
-            part = order[k : k + micro]
+        for r in range(rounds):
+            if r >= len(starts):  # another rank's micro-batch: take part in its gathers, keep nothing
+                if spare is None:
+                    raise RuntimeError("this rank sampled no group this step; use rollout.batch_size >= ranks")
+                same_blocks(model, spare.prompt.pixel_values is not None)
+                call(model, row_logprobs, [spare], build_rows([spare], [(0, 0)], pad_id, image_id, share_vision,
+                                                              shared_prefix), **kw)
+                continue
+            part = order[starts[r] : starts[r] + micro]
             batch = build_rows(groups, [rows[i] for i in part], pad_id, image_id, share_vision, shared_prefix)
-            res = row_logprobs(model, groups, batch, temperature=temperature, suppress_ids=suppress_ids,
-                               device=device, chunk_tokens=chunk_tokens)
+            same_blocks(model, any(groups[rows[i][0]].prompt.pixel_values is not None for i in part))
+            res = call(model, row_logprobs, groups, batch, **kw)
             lengths = batch.mask.sum(-1).long().tolist()
-            for r, (i, n) in enumerate(zip(part, lengths)):
-                out[i] = res.logp[r, :n].float().cpu()
+            for j, (i, n) in enumerate(zip(part, lengths)):
+                out[i] = res.logp[j, :n].float().cpu()
     finally:
         model.train(was_training)
     return out

@@ -78,13 +78,14 @@ from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_dis
 from vlrl.train.harness import RL_PROGRESS, RunHarness, Schedule
 from vlrl.train.logprobs import rows_logprobs_nograd
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
+from vlrl.train.parallel import autocast_here, full_weights, wrap
 from vlrl.train.policy import load_policy
 from vlrl.train.precision import precision_of
 from vlrl.train.rl_config import RLConfig, check_config, check_world
 from vlrl.train.rl_rollout import RolloutSpec, StepRollouts, all_reduce_max, collect, gather_rows
 from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
 from vlrl.train.rundir import RL_FREE_KEYS, hold_run_dir, record_run_config
-from vlrl.train.sft import sft_backward
+from vlrl.train.sft import check_ranks, sft_backward
 from vlrl.train.trust import TrustStage
 
 
@@ -107,6 +108,8 @@ class RLRun:
     trust: TrustStage | None = None  # Trust-GRPO's judge stage (trust.enabled)
     replay: list | None = None  # demonstrations replayed with sft_coef (None: off)
     adapters: Any = None  # LoRA: the peft model around `model` (checkpoints; the reference = adapters disabled)
+    root: Any = None  # `model` wrapped for training (`vlrl.train.parallel`: DDP, FSDP2 or none)
+    engine_stale: bool = False  # the weights changed since the engine last took them
 
     @property
     def to_save(self) -> Any:
@@ -124,17 +127,18 @@ def prepare_update(run: RLRun, roll: StepRollouts, metrics: dict[str, float]) ->
     kw: dict[str, Any] = dict(micro_batch_size=cfg.micro_batch_size, temperature=cfg.rollout.temperature,
                               suppress_ids=run.loss.suppress_ids, device=run.info.device, pad_id=run.loss.pad_id,
                               image_id=run.loss.image_id, share_vision=cfg.share_vision,
-                              shared_prefix=cfg.shared_prefix, chunk_tokens=cfg.logprob_chunk_tokens)
+                              shared_prefix=cfg.shared_prefix, chunk_tokens=cfg.logprob_chunk_tokens,
+                              spare=roll.spare)
     t = time.perf_counter()
     ref = None
     if run.ref is not None:
         ref = rows_logprobs_nograd(run.ref, roll.groups, rows, **kw)
     elif run.adapters is not None and cfg.algorithm.beta > 0:  # LoRA: the reference is the base model
         with run.adapters.disable_adapter():
-            ref = rows_logprobs_nograd(run.model, roll.groups, rows, **kw)
+            ref = rows_logprobs_nograd(run.root, roll.groups, rows, **kw)
     _timed(metrics, "time/ref_logp", t)
     t = time.perf_counter()
-    old = rows_logprobs_nograd(run.model, roll.groups, rows, **kw) if cfg.needs_old_logp else None
+    old = rows_logprobs_nograd(run.root, roll.groups, rows, **kw) if cfg.needs_old_logp else None
     _timed(metrics, "time/old_logp", t)
     scores = roll.scores  # [n_local * G]
     if cfg.algorithm.kl_in_reward and ref is not None and old is not None:
@@ -150,7 +154,7 @@ def prepare_update(run: RLRun, roll: StepRollouts, metrics: dict[str, float]) ->
     adv = adv_all[mine].float() if len(mine) else torch.zeros(0)
     truncated = torch.tensor([c.truncated for g in roll.groups for c in g.completions], dtype=torch.bool)
     row_mask = (~truncated).float() if cfg.algorithm.mask_truncated else torch.ones(len(rows))
-    return UpdateBatch(roll.groups, roll.gids, roll.n_groups, adv, row_mask, old, ref)
+    return UpdateBatch(roll.groups, roll.gids, roll.n_groups, adv, row_mask, old, ref, roll.spare)
 
 
 def _kl_penalty(cfg: RLConfig, scores: torch.Tensor, old: list[torch.Tensor], ref: list[torch.Tensor],
@@ -220,21 +224,25 @@ def sample_records(step: int, roll: StepRollouts, batch: UpdateBatch, limit: int
 def rl_step(run: RLRun, step: int, position: int) -> tuple[dict[str, float], list[dict[str, Any]], int]:
     """One RL step from data position `position`: returns (metrics, sample rows, next position)."""
     t_step = time.perf_counter()
-    roll, position = collect(run.engine, run.samples, run.rollout, run.info, position)
+    with full_weights(run.root) as model:  # under FSDP2 the engine samples from gathered weights
+        if run.engine_stale:
+            run.engine.sync_weights(model)
+            run.engine_stale = False
+        roll, position = collect(run.engine, run.samples, run.rollout, run.info, position)
     metrics: dict[str, float] = dict(roll.metrics)
     metrics.update(rollout_metrics(roll, run.cfg.rewards))
     if run.trust is not None:  # the step number metrics.jsonl logs (1-based) sets the annealed weight
         metrics.update(run.trust.apply(roll, step + 1))
-    with precision_of(run.cfg.dtype).autocast(run.info.device):  # the forwards; the optimizer step stays fp32
+    with autocast_here(run.root, precision_of(run.cfg.dtype), run.info.device):  # the forwards, not the optimizer
         batch = prepare_update(run, roll, metrics)
         t = time.perf_counter()
         metrics["lr"] = run.sched.get_last_lr()[0]  # the rate this step's updates use
         if run.replay is not None:  # its gradient joins the step's first optimizer update
             metrics.update(replay_backward(run, step))
-        metrics.update(policy_update(run.model, run.params, run.opt, batch, run.loss, run.cfg.rollout.group_size,
+        metrics.update(policy_update(run.root, run.params, run.opt, batch, run.loss, run.cfg.rollout.group_size,
                                      run.info))
     run.sched.step()
-    run.engine.sync_weights(run.model)
+    run.engine_stale = True  # synced before the next rollout
     _timed(metrics, "time/update", t)
     metrics["time/step"] = time.perf_counter() - t_step
     return metrics, sample_records(step + 1, roll, batch, run.cfg.logging.log_samples), position
@@ -246,8 +254,8 @@ def replay_backward(run: RLRun, step: int) -> dict[str, float]:
     assert run.replay is not None
     cfg = run.cfg
     indices = global_batch(step, cfg.replay.batch_size, len(run.replay), cfg.seed)
-    stats = sft_backward(run.model, run.processor, run.replay, indices, cfg.replay.loss_agg, cfg.micro_batch_size,
-                         run.info, scale=cfg.replay.coef)
+    stats = sft_backward(run.root, run.processor, run.replay, indices, cfg.replay.loss_agg, cfg.micro_batch_size,
+                         run.info, scale=cfg.replay.coef, sync=False)  # summed with the first update's gradient
     return {"sft_replay/loss": stats["loss"]}
 
 
@@ -259,7 +267,8 @@ def _load_ref(cfg: RLConfig, info: DistInfo) -> Any:
     ref: Any = load_model(cfg.ref_model or cfg.model, precision_of(cfg.dtype).compute_dtype)  # no master weights
     ref.to(info.device).eval()
     ref.requires_grad_(False)
-    return ref
+    # sharded like the policy under fsdp; whole on every rank otherwise (no gradients: nothing for DDP to do)
+    return wrap(ref, "fsdp" if cfg.parallel == "fsdp" else "none", info, precision_of("float32"))
 
 
 def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
@@ -273,10 +282,10 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     model.to(info.device).train()
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    if cfg.lora.enabled:  # the adapters only (optim.freeze_* do not apply: the base is frozen whole)
-        params = policy.trainable()
-    else:
-        params = set_trainable(model, "full", freeze_vision=o.freeze_vision, freeze_merger=o.freeze_merger)
+    if not cfg.lora.enabled:  # under LoRA the adapters only (optim.freeze_* do not apply: the base is frozen whole)
+        set_trainable(model, "full", freeze_vision=o.freeze_vision, freeze_merger=o.freeze_merger)
+    root = wrap(model, cfg.parallel, info, precision_of(cfg.dtype), cpu_offload=cfg.cpu_offload)
+    params = [p for p in root.parameters() if p.requires_grad]  # (sharded under fsdp)
     opt = make_optimizer(params, o.lr, o.weight_decay, betas=(o.adam_betas[0], o.adam_betas[1]))
     sched = make_scheduler(opt, o.warmup_steps, cfg.max_steps, o.min_lr_ratio)
     samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template, skip_invalid=cfg.skip_invalid,
@@ -307,9 +316,10 @@ def build_run(cfg: RLConfig, info: DistInfo, start_from: str) -> RLRun:
     elif r.engine == "vllm":
         engine_kw["config"] = r.vllm
     # made last: a vllm engine starts a worker process, which nothing that can still fail above should leave behind
-    engine = make_engine(r.engine, model, processor, device=info.device, **engine_kw)
+    with full_weights(root) as whole:
+        engine = make_engine(r.engine, whole, processor, device=info.device, **engine_kw)
     return RLRun(cfg, info, model, ref, processor, engine, params, opt, sched, samples, rollout, loss, trust, replay,
-                 policy.adapters)
+                 policy.adapters, root)
 
 
 def schedule(cfg: RLConfig) -> Schedule:
@@ -322,8 +332,10 @@ def schedule(cfg: RLConfig) -> Schedule:
 
 def run_rl(cfg: RLConfig) -> Path:
     """Train; returns the final checkpoint folder. Re-running the same command resumes."""
-    info = init_distributed()
+    info = init_distributed(timeout=cfg.dist_timeout)
     check_world(cfg, info.world_size)
+    check_ranks(cfg.parallel, info.world_size, cfg.rollout.batch_size, "rollout.batch_size",
+                cpu_offload=cfg.cpu_offload, device=info.device.type)
     with hold_run_dir(Path(cfg.out), info):  # one run at a time in out, refused before anything loads
         step = _train(cfg, info)
     barrier()
@@ -343,11 +355,12 @@ def _train(cfg: RLConfig, info: DistInfo) -> int:
     run = build_run(cfg, info, start_from)
     try:
         val = _load_val(cfg)
-        step, position = harness.restore(state, run.opt, run.sched)
+        step, position = harness.restore(state, run.opt, run.sched, run.root)
         step = harness.loop(
             step, position, lambda step, position: rl_step(run, step, position),
             desc=f"rl/{cfg.algorithm.loss}", postfix="reward/mean",
-            save=lambda step, position: harness.save(step, position, run.to_save, run.processor, run.opt, run.sched),
+            save=lambda step, position: harness.save(step, position, run.to_save, run.processor, run.opt, run.sched,
+                                                     root=run.root),
             validate=(lambda: _validate(run, val)) if val else None,
         )  # fmt: skip
     finally:
@@ -381,11 +394,13 @@ def val_rewards(cfg: RLConfig) -> list[RewardSpec]:
 
 
 def validation_result(run: RLRun, val: list) -> EvalResult | None:
-    """Greedy evaluation of the validation samples on rank 0 (None on the others): `vlrl eval`'s own function."""
-    if not run.info.is_main:
-        return None
-    return evaluate_samples(run.model, run.processor, val, device=run.info.device,
-                            max_new_tokens=run.cfg.validation.max_new_tokens, rewards=val_rewards(run.cfg))
+    """Greedy evaluation of the validation samples on rank 0 (None on the others): `vlrl eval`'s own function.
+    Every rank calls it: under FSDP2 they all gather the weights first."""
+    with full_weights(run.root) as model:
+        if not run.info.is_main:
+            return None
+        return evaluate_samples(model, run.processor, val, device=run.info.device,
+                                max_new_tokens=run.cfg.validation.max_new_tokens, rewards=val_rewards(run.cfg))
 
 
 def _validate(run: RLRun, val: list) -> dict[str, float]:

@@ -32,7 +32,7 @@ from vlrl.rollout.types import SamplingParams
 from vlrl.rollout.vllm_engine import VLLMConfig
 from vlrl.train.precision import precision_of
 from vlrl.train.rundir import RESUME_CHANGES
-from vlrl.train.sft import LOSS_AGGS, check_adam_betas, check_run
+from vlrl.train.sft import LOSS_AGGS, check_adam_betas, check_parallel, check_run
 from vlrl.train.trackers import tracker_names
 from vlrl.train.trust import TrustConfig
 
@@ -159,6 +159,11 @@ class RLConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics, samples, checkpoints
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # held-out accuracy during the run
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters (r > 0): only they train
+    parallel: str = "ddp"  # several ranks (torchrun): ddp (whole model per rank) | fsdp (FSDP2: weights, gradients
+    #   and optimizer state sharded; the reference too) | none (one process only); see vlrl.train.parallel
+    cpu_offload: bool = False  # fsdp: keep the shards and optimizer state in host memory
+    dist_timeout: float = 1800.0  # seconds a rank waits for the others in a collective (e.g. while rank 0
+    #   validates or writes a checkpoint) before the run fails
 
     def __post_init__(self) -> None:
         """Every name and value checked when the config is made (`check_config`), so that `vlrl rl` refuses a bad
@@ -199,6 +204,7 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
     check_ranges(_ranges(cfg))
     check_vllm("rollout.vllm", r.engine, r.vllm)
     check_lora("lora", cfg.lora)
+    check_parallel(cfg.parallel, cfg.lora.enabled, cfg.cpu_offload)
     if cfg.lora.enabled and r.engine == "vllm":
         raise ValueError("lora with rollout.engine vllm is not supported yet (the worker loads whole checkpoint "
                          "weights, not adapters); use rollout.engine hf")
@@ -261,7 +267,7 @@ def _ranges(cfg: RLConfig) -> list[tuple[str, Any, str]]:
     return [
         ("max_steps", cfg.max_steps, ">= 1"), ("max_seconds", cfg.max_seconds, "> 0"),
         ("seed", cfg.seed, "in [0, 2**63)"), ("threads", cfg.threads, ">= 0"),
-        ("nonfinite_limit", cfg.nonfinite_limit, ">= 0"),
+        ("nonfinite_limit", cfg.nonfinite_limit, ">= 0"), ("dist_timeout", cfg.dist_timeout, "> 0"),
         ("min_pixels", cfg.min_pixels, ">= 1"), ("max_pixels", cfg.max_pixels, ">= 1"),
         ("rollout.top_p", r.top_p, "in (0, 1]"), ("rollout.top_k", r.top_k, ">= 0"),
         ("rollout.max_prompts_per_call", r.max_prompts_per_call, ">= 0"),

@@ -50,6 +50,8 @@ class StepRollouts:
     scores: Tensor  # [n_local * G]
     per_reward: dict[str, list[float | None]]
     metrics: dict[str, float] = field(default_factory=dict)
+    spare: Group | None = None  # a group this rank sampled (kept or not): the input of the zero-weight forwards
+    #   that keep ranks' collectives matched under ddp / fsdp when a rank has fewer micro-batches than another
 
 
 def stream_indices(start: int, count: int, n: int, seed: int) -> list[int]:
@@ -132,6 +134,7 @@ def collect(engine: RolloutEngine, samples: Sequence[Sample], spec: RolloutSpec,
     t_roll = t_reward = 0.0
     sampled = torch.zeros(2, dtype=torch.float64)  # sum and count of the scorable rewards of every draw
     last: list[tuple[int, Group, Tensor, dict[str, list[float | None]]]] = []
+    spare: Group | None = None
     while True:
         k = B if tries == 0 else B - n_kept
         tries += 1
@@ -143,6 +146,7 @@ def collect(engine: RolloutEngine, samples: Sequence[Sample], spec: RolloutSpec,
         groups = engine.generate(picked, G, spec.sampling,
                                  seeds=[mix_seed(spec.seed, position + i) for i in mine])
         t_roll += time.perf_counter() - t
+        spare = spare or (groups[0] if groups else None)
         t = time.perf_counter()
         scores, per = score_groups(groups, spec.rewards, spec.runner)
         t_reward += time.perf_counter() - t
@@ -174,7 +178,8 @@ def collect(engine: RolloutEngine, samples: Sequence[Sample], spec: RolloutSpec,
     total, count = all_reduce_sum(sampled).tolist()
     metrics["reward/sampled_mean"] = total / max(1.0, count)
     scores_all = torch.cat([item[2] for item in kept]) if kept else torch.zeros(0, dtype=torch.float64)
-    out = StepRollouts([item[1] for item in kept], [item[0] for item in kept], n_kept, scores_all, per_reward, metrics)
+    out = StepRollouts([item[1] for item in kept], [item[0] for item in kept], n_kept, scores_all, per_reward, metrics,
+                       spare)
     return out, position
 
 

@@ -25,8 +25,9 @@ from torch.nn.utils.rnn import pad_sequence
 
 from vlrl.algos import add_kl_to_loss, agg_loss
 from vlrl.rollout.types import Group
-from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum
+from vlrl.train.dist import DistInfo, all_reduce_sum
 from vlrl.train.logprobs import CHUNK_TOKENS, Row, build_rows, length_order, row_logprobs, use_shared_prefix
+from vlrl.train.parallel import call, clip_grads, matched_count, no_sync, same_blocks, unwrap
 
 # Policy-loss metrics averaged over micro-batches (weighted by their masked tokens) and reported.
 LOSS_METRICS = ("clip_frac/low", "clip_frac/high", "clip_frac/region", "clip_frac/dual", "approx_kl", "ratio/mean")
@@ -49,6 +50,7 @@ class UpdateBatch:
     row_mask: Tensor  # [n_local * G]
     old_logp: list[Tensor] | None
     ref_logp: list[Tensor] | None
+    spare: Group | None = None  # see `StepRollouts.spare`
 
 
 @dataclass(kw_only=True)
@@ -99,13 +101,15 @@ class _Sums:
         return dict(zip(keys, all_reduce_sum(t).tolist()))
 
 
-def _micro_loss(model: Any, batch: UpdateBatch, rows: list[Row], row_ids: list[int], spec: LossSpec,
+def _micro_loss(root: Any, batch: UpdateBatch, rows: list[Row], row_ids: list[int], spec: LossSpec,
                 norm: tuple[float, float], info: DistInfo, sums: _Sums, first_pass: bool) -> None:
-    """Forward + backward of one micro-batch; adds its metrics to `sums`."""
-    shared = use_shared_prefix(model, spec.shared_prefix)
+    """Forward + backward of one micro-batch (through the wrapped root, `vlrl.train.parallel`); adds its metrics to
+    `sums`."""
+    shared = use_shared_prefix(unwrap(root), spec.shared_prefix)
     rb = build_rows(batch.groups, rows, spec.pad_id, spec.image_id, spec.share_vision, shared)
-    out = row_logprobs(model, batch.groups, rb, temperature=spec.temperature, suppress_ids=spec.suppress_ids,
-                       device=info.device, with_entropy=first_pass, chunk_tokens=spec.chunk_tokens)
+    same_blocks(root, any(batch.groups[g].prompt.pixel_values is not None for g, _ in rows))
+    out = call(root, row_logprobs, batch.groups, rb, temperature=spec.temperature, suppress_ids=spec.suppress_ids,
+               device=info.device, with_entropy=first_pass, chunk_tokens=spec.chunk_tokens)
     width = out.logp.shape[1]
     mask = out.mask * batch.row_mask[row_ids].to(out.mask)[:, None]  # [b, T]
     old = out.logp.detach() if batch.old_logp is None else _pad([batch.old_logp[i] for i in row_ids], width,
@@ -152,9 +156,26 @@ def update_is_finite(local_loss: float, grad_norm: float) -> bool:
     return float(bad) == 0.0 and math.isfinite(grad_norm)
 
 
-def policy_update(model: Any, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, batch: UpdateBatch,
+def _idle_backward(root: Any, spare: Group | None, spec: LossSpec, info: DistInfo, sync: bool) -> None:
+    """A forward and backward with weight zero on one row of `spare`: the collectives of a micro-batch this rank does
+    not have (another rank does), so that every rank's DDP / FSDP2 communication matches."""
+    if spare is None:
+        raise RuntimeError("this rank sampled no group this step, so it cannot take part in the other ranks' "
+                           "micro-batches; use rollout.batch_size >= the number of ranks")
+    rb = build_rows([spare], [(0, 0)], spec.pad_id, spec.image_id, spec.share_vision,
+                    use_shared_prefix(unwrap(root), spec.shared_prefix))
+    same_blocks(root, spare.prompt.pixel_values is not None)
+    with no_sync(root, sync):
+        out = call(root, row_logprobs, [spare], rb, temperature=spec.temperature, suppress_ids=spec.suppress_ids,
+                   device=info.device, chunk_tokens=spec.chunk_tokens)
+        (out.logp.sum() * 0.0).backward()
+
+
+def policy_update(root: Any, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, batch: UpdateBatch,
                   spec: LossSpec, group_size: int, info: DistInfo) -> dict[str, float]:
-    """`ppo_epochs` x `num_minibatches` optimizer steps; returns the step's loss metrics (global)."""
+    """`ppo_epochs` x `num_minibatches` optimizer steps; returns the step's loss metrics (global). `root`: the
+    wrapped policy (`vlrl.train.parallel`); gradients already in `.grad` (the replay term, not yet synchronised
+    under DDP) join the first update, whose last backward sums them across ranks."""
     sums = _Sums()
     grad_norms: list[float] = []
     skipped = 0  # updates left out for a loss or gradient norm that is not finite
@@ -170,12 +191,19 @@ def policy_update(model: Any, params: list[torch.nn.Parameter], opt: torch.optim
             local_tokens = float(sum(float(batch.row_mask[i]) * n for i, n in zip(row_ids, lengths)))
             n_tokens = float(all_reduce_sum(torch.tensor(local_tokens, dtype=torch.float64)))
             loss_before = sums.values.get("loss", 0.0)
-            for k in range(0, len(rows), spec.micro_batch_size):
-                _micro_loss(model, batch, rows[k : k + spec.micro_batch_size],
-                            row_ids[k : k + spec.micro_batch_size], spec, (n_rows, n_tokens), info, sums,
-                            first_pass=epoch == 0)
-            all_reduce_grads(params)
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)))
+            starts = list(range(0, len(rows), spec.micro_batch_size))
+            rounds = matched_count(len(starts), root)  # backwards are collectives under ddp / fsdp
+            for r in range(rounds):
+                last = r == rounds - 1
+                if r >= len(starts):
+                    _idle_backward(root, batch.spare, spec, info, sync=last)
+                    continue
+                k = starts[r]
+                with no_sync(root, last):
+                    _micro_loss(root, batch, rows[k : k + spec.micro_batch_size],
+                                row_ids[k : k + spec.micro_batch_size], spec, (n_rows, n_tokens), info, sums,
+                                first_pass=epoch == 0)
+            grad_norms.append(clip_grads(params, spec.max_grad_norm))
             if update_is_finite(sums.values.get("loss", 0.0) - loss_before, grad_norms[-1]):
                 opt.step()
             else:  # skipped: weights and optimizer moments unchanged (`vlrl.train.harness.NonFiniteCount`)

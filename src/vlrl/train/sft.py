@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlrl.config import check_names, check_out_path, check_ranges
+from vlrl.config import ConfigError, check_names, check_out_path, check_ranges
 from vlrl.data.loading import load_samples
 from vlrl.data.order import global_batch, shard
 from vlrl.data.sample import Sample
@@ -31,9 +31,20 @@ from vlrl.data.templates import TEMPLATES
 from vlrl.models.inputs import IGNORE_INDEX, Encoded, collate, encode_for_sft_cached
 from vlrl.models.lora import LoRAConfig, check_lora
 from vlrl.models.processor import image_token_id
-from vlrl.train.dist import DistInfo, all_reduce_grads, all_reduce_sum, barrier, cleanup, init_distributed
+from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from vlrl.train.harness import SFT_PROGRESS, RunHarness, schedule_of
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
+from vlrl.train.parallel import (
+    PARALLEL,
+    autocast_here,
+    call,
+    clip_grads,
+    full_weights,
+    matched_count,
+    no_sync,
+    same_blocks,
+    wrap,
+)
 from vlrl.train.policy import load_policy
 from vlrl.train.precision import precision_of
 from vlrl.train.rundir import RESUME_CHANGES, SFT_FREE_KEYS, hold_run_dir, record_run_config
@@ -70,6 +81,11 @@ class SFTConfig:
     freeze_vision: bool = False  # stage full: the vision tower (not its merger) stays frozen
     seed: int = 0  # seed of the data order and of torch's RNG
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # LoRA adapters (r > 0, stage full): only they train
+    parallel: str = "ddp"  # several ranks (torchrun): ddp (whole model per rank) | fsdp (FSDP2: weights, gradients
+    #   and optimizer state sharded) | none (one process only); see vlrl.train.parallel
+    cpu_offload: bool = False  # fsdp: keep the shards and optimizer state in host memory
+    dist_timeout: float = 1800.0  # seconds a rank waits for the others in a collective (e.g. while rank 0
+    #   validates or writes a checkpoint) before the run fails
     dtype: str = "float32"  # float32 | bfloat16 (bf16 forwards, fp32 master weights and AdamW state) |
     #   pure_bfloat16 (all bf16: half the memory, but small updates are lost; see vlrl.train.precision)
     save_every: int = 50  # checkpoint every this many steps (and at the end)
@@ -102,10 +118,12 @@ class SFTConfig:
             ("eval_every", self.eval_every, ">= 0"), ("threads", self.threads, ">= 0"),
             ("shuffle_buffer", self.shuffle_buffer, ">= 1"), ("max_seconds", self.max_seconds, "> 0"),
             ("seed", self.seed, "in [0, 2**63)"), ("nonfinite_limit", self.nonfinite_limit, ">= 0"),
+            ("dist_timeout", self.dist_timeout, "> 0"),
         ])  # fmt: skip
         check_adam_betas("adam_betas", self.adam_betas)
         precision_of(self.dtype)
         check_lora("lora", self.lora)
+        check_parallel(self.parallel, self.lora.enabled, self.cpu_offload)
         if self.lora.enabled and self.stage != "full":
             raise ValueError(f"lora needs stage full (stage {self.stage} trains the merger's own weights)")
         check_run(self.model, self.data, self.out)
@@ -156,11 +174,13 @@ def _micro_loss(model: Any, batch: dict[str, torch.Tensor], agg: str, n_global: 
     return loss, float(loss.detach())
 
 
-def sft_backward(model: Any, processor: Any, samples: list, indices: list[int], loss_agg: str, micro_batch_size: int,
-                 info: DistInfo, scale: float = 1.0, cache: dict[int, Encoded] | None = None) -> dict[str, float]:
+def sft_backward(root: Any, processor: Any, samples: list, indices: list[int], loss_agg: str, micro_batch_size: int,
+                 info: DistInfo, scale: float = 1.0, cache: dict[int, Encoded] | None = None,
+                 sync: bool = True) -> dict[str, float]:
     """Backward of `scale` x the SFT loss of this rank's share of one global batch (`indices`), gradients
-    accumulated into `.grad` and not yet reduced across ranks. Returns the global loss (unscaled) and target
-    tokens. Used by SFT's step and by RL's demonstration replay (`RLConfig.sft_coef`). `cache`: see
+    accumulated into `.grad`, summed across ranks by the root's wrapper (`vlrl.train.parallel`; under DDP only
+    when `sync`, i.e. at the last backward before the optimizer step). Returns the global loss (unscaled) and
+    target tokens. Used by SFT's step and by RL's demonstration replay (`RLConfig.sft_coef`). `cache`: see
     `encode_for_sft_cached`."""
     encoded = encode_for_sft_cached(processor, samples, shard(indices, info.rank, info.world_size), cache)
     n_tokens = sum(int((e.labels != IGNORE_INDEX).sum()) for e in encoded if e.labels is not None)
@@ -168,23 +188,44 @@ def sft_backward(model: Any, processor: Any, samples: list, indices: list[int], 
     n_global = int(all_reduce_sum(torch.tensor(n_local, dtype=torch.long)).item())
     pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
     loss_sum = 0.0
-    for k in range(0, len(encoded), micro_batch_size):
+    starts = list(range(0, len(encoded), micro_batch_size))
+    rounds = matched_count(len(starts), root)  # every rank runs as many backwards (collectives under ddp / fsdp)
+    for r in range(rounds):
+        real = r < len(starts)  # else a repeat of the first micro-batch with weight 0
+        k = starts[r] if real else 0
         batch = collate(encoded[k : k + micro_batch_size], pad, img, padding_side="right")
         batch = {n: t.to(info.device) for n, t in batch.items()}
-        loss, value = _micro_loss(model, batch, loss_agg, max(1, n_global))
-        (loss * scale).backward()  # x 1.0 is exact: SFT's own update is unchanged
-        loss_sum += value
+        same_blocks(root, "pixel_values" in batch)
+        with no_sync(root, sync and r == rounds - 1):
+            loss, value = call(root, _micro_loss, batch, loss_agg, max(1, n_global))
+            (loss * (scale if real else 0.0)).backward()  # x 1.0 is exact: SFT's own update is unchanged
+        loss_sum += value if real else 0.0
     total = all_reduce_sum(torch.tensor(loss_sum, dtype=torch.float64)).item()
     n_tok_global = all_reduce_sum(torch.tensor(n_tokens, dtype=torch.long)).item()
     return {"loss": total, "target_tokens": float(n_tok_global)}
 
 
-def train_step(model: Any, processor: Any, samples: list, indices: list[int], cfg: SFTConfig, info: DistInfo,
-               params: list[torch.nn.Parameter], cache: dict[int, Encoded] | None = None) -> dict[str, float]:
-    """Forward/backward over this rank's share of one global batch; gradients summed across ranks."""
-    stats = sft_backward(model, processor, samples, indices, cfg.loss_agg, cfg.micro_batch_size, info, cache=cache)
-    all_reduce_grads(params)
-    return stats
+def check_parallel(mode: str, lora: bool, cpu_offload: bool) -> None:
+    """`parallel` and what goes with it, refused with the key's name before anything loads."""
+    check_names([("parallel", mode, PARALLEL)])
+    if mode == "fsdp" and lora:
+        raise ValueError("lora with parallel fsdp is not supported yet; use parallel ddp")
+    if cpu_offload and mode != "fsdp":
+        raise ValueError(f"cpu_offload needs parallel fsdp (got {mode})")
+
+
+def check_ranks(mode: str, world_size: int, batch_size: int, key: str = "batch_size", cpu_offload: bool = False,
+                device: str = "cpu") -> None:
+    """What only the launch can tell: several ranks need ddp or fsdp, at least one item per rank, and offloading
+    needs an accelerator to offload from."""
+    if cpu_offload and device == "cpu":
+        raise ConfigError("cpu_offload moves FSDP2's shards from the GPU to host memory; this run is on the CPU, "
+                          "where they are already: drop cpu_offload")
+    if world_size > 1 and mode == "none":
+        raise ConfigError(f"parallel none runs one process, but {world_size} were started; use parallel ddp or fsdp")
+    if batch_size < world_size:
+        raise ConfigError(f"{key} {batch_size} leaves ranks without items at {world_size} ranks; use at least "
+                          f"{world_size}")
 
 
 def run_sft(cfg: SFTConfig) -> Path:
@@ -194,7 +235,8 @@ def run_sft(cfg: SFTConfig) -> Path:
     if cfg.stream and (cfg.cache_encoded or cfg.shuffle_buffer < 1):
         raise ValueError("stream=true needs shuffle_buffer >= 1 and cache_encoded=false (a cache of every "
                          "sample's encoding would hold the whole dataset in memory)")
-    info = init_distributed()
+    info = init_distributed(timeout=cfg.dist_timeout)
+    check_ranks(cfg.parallel, info.world_size, cfg.batch_size, cpu_offload=cfg.cpu_offload, device=info.device.type)
     with hold_run_dir(Path(cfg.out), info):  # one run at a time in out, refused before anything loads
         step = _train(cfg, info)
     barrier()
@@ -217,10 +259,10 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
     model, processor = policy.model, policy.processor
     model.to(info.device)
     model.train()
-    if cfg.lora.enabled:
-        params = policy.trainable()
-    else:
-        params = set_trainable(model, cfg.stage, freeze_vision=cfg.freeze_vision)
+    if not cfg.lora.enabled:
+        set_trainable(model, cfg.stage, freeze_vision=cfg.freeze_vision)
+    root = wrap(model, cfg.parallel, info, precision, cpu_offload=cfg.cpu_offload)
+    params = [p for p in root.parameters() if p.requires_grad]  # (sharded under fsdp)
     opt = make_optimizer(params, cfg.lr, cfg.weight_decay, betas=(cfg.adam_betas[0], cfg.adam_betas[1]))
     sched = make_scheduler(opt, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     stream = open_stream(cfg, state) if cfg.stream else None
@@ -228,14 +270,15 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
                                                          skip_invalid=cfg.skip_invalid, system_prompt=cfg.system_prompt)
     val = _load_val(cfg)
     cache: dict[int, Encoded] | None = {} if cfg.cache_encoded else None
-    step, position = harness.restore(state, opt, sched)
+    step, position = harness.restore(state, opt, sched, root)
 
     def step_fn(step: int, position: int) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
         ts = time.perf_counter()
         batch, indices = next_batch(step, cfg, samples, stream)
-        with precision.autocast(info.device):
-            stats = train_step(model, processor, batch, indices, cfg, info, params, cache)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        with autocast_here(root, precision, info.device):
+            stats = sft_backward(root, processor, batch, indices, cfg.loss_agg, cfg.micro_batch_size, info,
+                                 cache=cache)
+        grad_norm = clip_grads(params, cfg.max_grad_norm)
         finite = math.isfinite(grad_norm) and math.isfinite(stats["loss"])  # global values: every rank agrees
         if finite:  # else skipped: the weights and AdamW's moments stay as they are (see NonFiniteCount)
             opt.step()
@@ -247,9 +290,9 @@ def _train(cfg: SFTConfig, info: DistInfo) -> int:
 
     step = harness.loop(
         step, position, step_fn, desc=f"sft/{cfg.stage}", postfix="loss",
-        save=lambda step, position: harness.save(step, position, policy.to_save, processor, opt, sched,
+        save=lambda step, position: harness.save(step, position, policy.to_save, processor, opt, sched, root=root,
                                                  extra=None if stream is None else {"stream": stream.state_dict()}),
-        validate=(lambda: _validate(model, processor, val, info)) if val else None,
+        validate=(lambda: _validate(root, processor, val, info)) if val else None,
     )  # fmt: skip
     return step
 
@@ -285,13 +328,14 @@ def _load_val(cfg: SFTConfig) -> list:
                         system_prompt=cfg.system_prompt)
 
 
-def _validate(model: Any, processor: Any, val: list, info: DistInfo) -> dict[str, float]:
+def _validate(root: Any, processor: Any, val: list, info: DistInfo) -> dict[str, float]:
     from vlrl.eval.evaluate import evaluate_samples
 
-    model.eval()
-    result = evaluate_samples(model, processor, val, device=info.device) if info.is_main else None
-    model.train()
-    barrier()
+    with full_weights(root) as model:  # every rank takes part in gathering the weights; rank 0 evaluates
+        model.eval()
+        result = evaluate_samples(model, processor, val, device=info.device) if info.is_main else None
+        model.train()
+        barrier()
     if result is None:
         return {}
     return {"val_accuracy": result.accuracy, **{f"val_accuracy/{k}": v["accuracy"] for k, v in result.by_task.items()}}
