@@ -166,7 +166,7 @@ from vlrl.rollout.vllm_engine import VLLMConfig, VLLMEngine
 
 model, processor = load_model_and_processor(sys.argv[1])
 engine = VLLMEngine(model, processor, config=VLLMConfig(python=sys.argv[2]))
-print("WORKER", engine.worker.proc.pid, flush=True)
+print("WORKER", engine.worker.proc.pid, engine.worker.dir, flush=True)
 sys.stdin.read()  # until killed
 """
 
@@ -184,6 +184,7 @@ def test_worker_dies_with_its_trainer(tiny_model_dir, vllm_python):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert not _end_orphans(workers, timeout=60), "the vLLM worker outlived its SIGKILLed trainer"
+        assert not Path(line.split()[2]).exists()  # nor did the trainer's copy of the model it had made
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -146,7 +146,7 @@ class _Worker:
         self.log_path = self.dir / "worker.log"
         cmd = [str(python), str(WORKER), "--model", str(self.dir / "model"), "--port", "0", "--dtype", cfg.dtype,
                "--gpu-memory-utilization", str(cfg.gpu_memory_utilization), "--max-images", str(cfg.max_images),
-               "--max-model-len", str(cfg.max_model_len), "--exit-with-stdin"]
+               "--max-model-len", str(cfg.max_model_len), "--exit-with-stdin", "--remove-on-exit", str(self.dir)]
         # stdin: a pipe this process holds open and never writes; it closes when this process ends, however it
         # ends, and the worker then exits (--exit-with-stdin)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,

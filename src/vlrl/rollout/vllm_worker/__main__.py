@@ -43,6 +43,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -278,10 +279,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a bearer token every request must carry (default: $VLRL_WORKER_TOKEN; empty: none)")
     p.add_argument("--exit-with-stdin", action="store_true",
                    help="exit when stdin reaches end of file (a parent holding it open died or closed it)")
+    p.add_argument("--remove-on-exit", default="",
+                   help="with --exit-with-stdin: a folder to delete then (the parent's copy of the model, which a "
+                        "parent killed outright cannot delete itself)")
     return p.parse_args(argv)
 
 
-def exit_with_stdin() -> None:
+def exit_with_stdin(remove: str = "") -> None:
     """Exit the process once stdin reaches end of file, from a daemon thread. The parent keeps the pipe's write end
     open and never writes; the kernel closes it when the parent dies, however it dies."""
 
@@ -294,6 +298,8 @@ def exit_with_stdin() -> None:
             print("stdin closed: the worker's parent is gone or done, exiting", file=sys.stderr, flush=True)
         except (OSError, ValueError):
             pass
+        if remove:
+            shutil.rmtree(remove, ignore_errors=True)
         # at once, whatever the request threads are doing: the engine core runs in this process, so nothing of
         # vLLM's is left behind, and an orderly shutdown could wait for a generation to end
         os._exit(0)
@@ -304,7 +310,7 @@ def exit_with_stdin() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.exit_with_stdin:
-        exit_with_stdin()  # before loading the model: a parent may die during the start too
+        exit_with_stdin(args.remove_on_exit)  # before loading the model: a parent may die during the start too
     worker = Worker(args)
     holder: list[ThreadingHTTPServer] = []
     httpd = ThreadingHTTPServer((args.host, args.port), make_handler(worker, args.token, holder))
