@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import jitter_text_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -28,6 +29,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vlrl.models.build import init_model
 
     return init_model("qwen2-vl", "tiny", tmp_path_factory.mktemp("models") / "tiny-qwen2-vl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with `jitter_text_weights`, saved as a model folder."""
+    from vlrl.models.loading import load_model_and_processor
+
+    model, processor = load_model_and_processor(tiny_model_dir)
+    out = tmp_path_factory.mktemp("models") / "tiny-varied"
+    jitter_text_weights(model).save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from model_helpers import jitter_text_weights
 
 from vlrl.data.loading import load_samples
 from vlrl.data.sample import Sample
@@ -60,12 +61,7 @@ def varied_model(tiny_model_dir):
     """The random tiny model with its text weights jittered (std 0.05): its greedy answers differ from prompt to
     prompt (the untouched random model repeats one token for every prompt)."""
     model, processor = load_model_and_processor(tiny_model_dir)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "visual" not in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval(), processor
+    return jitter_text_weights(model).eval(), processor
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from proc_tree import alive, children
 from serve_helpers import free_port, start_server
 
 from vlrl.cli import main
@@ -49,29 +50,6 @@ def test_a_vllm_worker_that_cannot_start_is_an_error_before_serving(tiny_model_d
         client.get(f"http://127.0.0.1:{port}/health", timeout=2.0)
 
 
-def _children(pid: int) -> dict[int, str]:
-    """The live child processes of `pid` (from /proc): pid -> command line."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, ...
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out[int(entry.name)] = cmd
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 @pytest.mark.slow
@@ -83,20 +61,20 @@ def test_sigterm_stops_the_colocated_worker_and_removes_its_model_copy(tiny_mode
     tmp.mkdir()
     served = start_server(tiny_model_dir, tmp_path / "server.log", ["--engine", "vllm", "--vllm-python", str(fake)],
                           env={"TMPDIR": str(tmp)})
-    workers = [pid for pid, cmd in _children(served.proc.pid).items() if cmd.startswith("sleep")]
+    workers = [pid for pid, cmd in children(served.proc.pid).items() if cmd.startswith("sleep")]
     try:
-        assert len(workers) == 1, _children(served.proc.pid)
+        assert len(workers) == 1, children(served.proc.pid)
         assert [(p / "model" / "config.json").is_file() for p in tmp.glob("vlrl-vllm-*")] == [True]
         served.proc.send_signal(signal.SIGTERM)
         code = served.proc.wait(timeout=60)
         deadline = time.monotonic() + 30
-        while _alive(workers[0]) and time.monotonic() < deadline:
+        while alive(workers[0]) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(workers[0]), f"the worker outlived the server (exit {code}):\n{served.log()}"
+        assert not alive(workers[0]), f"the worker outlived the server (exit {code}):\n{served.log()}"
         assert not list(tmp.glob("vlrl-vllm-*"))
         assert code == 128 + signal.SIGTERM  # it exited (finally blocks ran) rather than being killed by the signal
     finally:
         served.stop()
         for pid in workers:  # the stand-in this test started, if the server left it behind
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)

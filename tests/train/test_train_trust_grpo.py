@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from serve_helpers import Served, free_port, start_server
 
 from vlrl import recipes_dir
 from vlrl.config import load_config
@@ -32,9 +33,6 @@ from vlrl.train.rl import RLConfig, run_rl
 from vlrl.train.rl_rollout import StepRollouts
 from vlrl.train.sft import SFTConfig, run_sft
 from vlrl.train.trust import PROCESS_KEY, TrustConfig, TrustStage
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serve"))
-from serve_helpers import Served, free_port, start_server  # noqa: E402
 
 RECIPE = recipes_dir() / "tiny-trust-grpo.yaml"
 G = 4

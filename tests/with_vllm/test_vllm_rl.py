@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from proc_tree import alive, children
 from safetensors.torch import load_file
 
 from vlrl.eval.evaluate import EvalConfig, run_eval
@@ -36,36 +37,12 @@ def distinct_chars(completions, samples):
 '''
 
 
-def _children(pid: int) -> dict[int, str]:
-    """The live child processes of `pid` (from /proc): pid -> command line."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, ...
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out[int(entry.name)] = cmd
-    return out
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _wait_gone(pids: set[int], timeout: float) -> set[int]:
     """The pids of `pids` still running after up to `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while (left := {p for p in pids if _alive(p)}) and time.monotonic() < deadline:
+    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
 
@@ -108,7 +85,7 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
 
 def _workers(pid: int) -> dict[int, str]:
     """The vLLM workers `pid` runs: pid -> command line."""
-    return {child: cmd for child, cmd in _children(pid).items() if WORKER_MARK in cmd}
+    return {child: cmd for child, cmd in children(pid).items() if WORKER_MARK in cmd}
 
 
 def _workers_until(proc: subprocess.Popen, done: Callable[[], bool], timeout: float) -> dict[int, str]:
@@ -190,23 +167,6 @@ def test_worker_dies_with_its_trainer(tiny_model_dir, vllm_python):
             proc.kill()
             proc.wait()
 
-
-@pytest.fixture(scope="module")
-def varied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with its text weights jittered (std 0.05), saved: its greedy answers differ from prompt to
-    prompt (the untouched random model repeats one token for every prompt)."""
-    from vlrl.models.loading import load_model_and_processor
-
-    model, processor = load_model_and_processor(tiny_model_dir)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "visual" not in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    out = tmp_path_factory.mktemp("varied")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
 
 
 def test_eval_with_vllm_gives_the_hf_engines_greedy_predictions(varied_model_dir, synth_dir, vllm_python, tmp_path):
