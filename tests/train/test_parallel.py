@@ -103,13 +103,14 @@ def test_fsdp_at_four_ranks_matches_one_process(tiny_model_dir, synth_dir, tmp_p
 @pytest.mark.slow
 def test_fsdp_sigkill_resumes_at_two_ranks_and_at_one(tiny_model_dir, synth_dir, tmp_path):
     """Checkpoints hold the whole weights and optimizer state, gathered from the shards: a run killed after step 2
-    at 2 ranks resumes at 2 ranks, or at 1, to the weights of an uninterrupted run."""
+    at 2 ranks resumes at 2 ranks, or at 1, to the weights of an uninterrupted run; and a 1-process run resumes
+    as FSDP2 at 2 ranks."""
     _finish(_launch(_sft(tiny_model_dir, synth_dir, tmp_path / "ref", 4, "parallel=fsdp"), 2))
     ref = _weights(tmp_path / "ref", 4)
-    for again in (2, 1):
-        run = tmp_path / f"run-{again}"
+    for first, again in ((2, 2), (2, 1), (1, 2)):
+        run = tmp_path / f"run-{first}-{again}"
         args = _sft(tiny_model_dir, synth_dir, run, 4, "parallel=fsdp")
-        proc = _launch(args, 2)
+        proc = _launch(args, first)
         deadline = time.monotonic() + 600
         while not (run / "checkpoints" / "step-2").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
@@ -117,7 +118,7 @@ def test_fsdp_sigkill_resumes_at_two_ranks_and_at_one(tiny_model_dir, synth_dir,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         assert not (run / "checkpoints" / "step-4").exists()  # it really died mid-run
-        out = _finish(_launch(args if again == 2 else [*args[:-1], "parallel=ddp"], again))
+        out = _finish(_launch(args if again == 2 else [*args[:-1], "parallel=none"], again))
         assert "resumed from" in out
         assert _close(_weights(run, 4), ref) < 1e-4
         assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -195,13 +195,26 @@ def optimizer_state(root: Any, opt: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def load_optimizer_state(root: Any, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a whole optimizer state written by `optimizer_state`, at any world size (each rank keeps its shard)."""
+    """Load a whole optimizer state written by `optimizer_state`, at any world size (each rank keeps its shard).
+    Both forms load under either kind of root: torch's own (parameters numbered in the optimizer's order) and
+    FSDP2's (parameters named): `Optimizer.load_state_dict` pairs parameters by order, whatever their keys."""
     if not is_fsdp(root):
         opt.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(root, opt, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(root, opt, _named(root, opt, state), options=StateDictOptions(full_state_dict=True))
+
+
+def _named(root: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A numbered optimizer state (`Optimizer.state_dict`) with the parameters' names instead (FSDP2's form)."""
+    if not any(isinstance(k, int) for k in state["state"]) and not any(
+            isinstance(i, int) for g in state["param_groups"] for i in g["params"]):
+        return state
+    name_of = {id(p): n for n, p in root.named_parameters()}
+    names = [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
 
 
 def same_blocks(root: Any, with_images: bool) -> None:
