@@ -26,7 +26,7 @@ lint: $(STAMP)
 
 # tests/with_vllm needs vLLM's own environment (minutes to build, GBs): `make test-vllm` runs it
 test: lint
-	$(BIN)/python -m pytest -q tests --ignore=tests/with_vllm
+	$(BIN)/python -m pytest -q --durations=15 tests --ignore=tests/with_vllm
 
 # vLLM's environment, beside vlrl's (its CPU build pins an older transformers); rebuilt when its script changes
 VLLM_VENV := .venv-vllm

@@ -45,6 +45,10 @@ def test_launch_checks():
         SFTConfig(model="m", data=["d"], out="o", parallel="zero3")
     with pytest.raises(ValueError, match="cpu_offload needs parallel fsdp"):
         SFTConfig(model="m", data=["d"], out="o", cpu_offload=True)
+    from vlrl.train.rl_config import RLConfig, RolloutConfig
+
+    with pytest.raises(ValueError, match="parallel fsdp with rollout.engine vllm"):
+        RLConfig(model="m", data=["d"], out="o", parallel="fsdp", rollout=RolloutConfig(engine="vllm"))
 
 
 def test_one_process_is_a_plain_root_and_call_runs_through_it():

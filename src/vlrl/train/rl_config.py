@@ -205,6 +205,9 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
     check_vllm("rollout.vllm", r.engine, r.vllm)
     check_lora("lora", cfg.lora)
     check_parallel(cfg.parallel, cfg.lora.enabled, cfg.cpu_offload)
+    if cfg.parallel == "fsdp" and r.engine == "vllm":
+        raise ValueError("parallel fsdp with rollout.engine vllm is not supported yet (the weight push reads whole "
+                         "tensors); use parallel ddp, or rollout.engine hf")
     if cfg.lora.enabled and r.engine == "vllm":
         raise ValueError("lora with rollout.engine vllm is not supported yet (the worker loads whole checkpoint "
                          "weights, not adapters); use rollout.engine hf")
