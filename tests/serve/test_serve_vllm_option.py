@@ -1,6 +1,6 @@
 """`vlrl serve --engine vllm` without vLLM: its options are checked before the model loads, a worker that cannot
 start is `error: ...` (exit 2) before serving, and the server stops its colocated worker when it exits on SIGTERM
-(a stand-in worker, a script that says it is ready and sleeps, takes vLLM's place)."""
+(a stand-in worker, a script that says it is ready and waits for its stdin to close, takes vLLM's place)."""
 
 from __future__ import annotations
 
@@ -54,14 +54,16 @@ def test_a_vllm_worker_that_cannot_start_is_an_error_before_serving(tiny_model_d
 
 @pytest.mark.slow
 def test_sigterm_stops_the_colocated_worker_and_removes_its_model_copy(tiny_model_dir: Path, tmp_path: Path) -> None:
-    fake = tmp_path / "fake-python"  # run as `fake-python <worker> --model DIR ...`: ready at once, then sleeps
-    fake.write_text("#!/bin/sh\necho VLRL_WORKER_READY 1\nexec sleep 300\n")
+    # run as `fake-python <worker> --model DIR ...`: ready at once, then (as the real worker) gone when its stdin
+    # closes
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\necho VLRL_WORKER_READY 1\nexec cat > /dev/null\n")
     fake.chmod(0o755)
     tmp = tmp_path / "tmp"  # the server's temporary folders, where the engine writes the worker's model copy
     tmp.mkdir()
     served = start_server(tiny_model_dir, tmp_path / "server.log", ["--engine", "vllm", "--vllm-python", str(fake)],
                           env={"TMPDIR": str(tmp)})
-    workers = [pid for pid, cmd in children(served.proc.pid).items() if cmd.startswith("sleep")]
+    workers = [pid for pid, cmd in children(served.proc.pid).items() if cmd.startswith("cat")]
     try:
         assert len(workers) == 1, children(served.proc.pid)
         assert [(p / "model" / "config.json").is_file() for p in tmp.glob("vlrl-vllm-*")] == [True]

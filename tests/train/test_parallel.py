@@ -1,7 +1,7 @@
 """`parallel: none | ddp | fsdp` (vlrl.train.parallel) on gloo ranks of this CPU: FSDP2 at 4 ranks computes the
-1-process losses and weights, a SIGKILLed FSDP2 run resumes at 2 ranks and at 1 rank to the uninterrupted run's
-weights, and what the launch cannot have is refused before anything loads. (2 ranks = 1 rank for ddp and fsdp, SFT
-and RL: tests/train/test_train_sft.py and test_train_rl.py.)"""
+1-process losses and weights, a SIGKILLed FSDP2 run resumes at another world size to the uninterrupted run's
+weights (and, as two nodes, at the same one), and what the launch cannot have is refused before anything loads.
+(2 ranks = 1 rank for ddp and fsdp, SFT and RL: tests/train/test_train_sft.py and test_train_rl.py.)"""
 
 from __future__ import annotations
 
@@ -107,11 +107,11 @@ def test_fsdp_at_four_ranks_matches_one_process(tiny_model_dir, synth_dir, tmp_p
 @pytest.mark.slow
 def test_fsdp_sigkill_resumes_at_two_ranks_and_at_one(tiny_model_dir, synth_dir, tmp_path):
     """Checkpoints hold the whole weights and optimizer state, gathered from the shards: a run killed after step 2
-    at 2 ranks resumes at 2 ranks, or at 1, to the weights of an uninterrupted run; and a 1-process run resumes
-    as FSDP2 at 2 ranks."""
+    at 2 ranks resumes at 1 to the weights of an uninterrupted run, and a 1-process run resumes as FSDP2 at 2
+    ranks."""
     _finish(_launch(_sft(tiny_model_dir, synth_dir, tmp_path / "ref", 4, "parallel=fsdp"), 2))
     ref = _weights(tmp_path / "ref", 4)
-    for first, again in ((2, 2), (2, 1), (1, 2)):
+    for first, again in ((2, 1), (1, 2)):  # 2 -> 2: test_two_nodes_on_loopback_run_rl_and_resume_after_sigkill
         run = tmp_path / f"run-{first}-{again}"
         args = _sft(tiny_model_dir, synth_dir, run, 4, "parallel=fsdp")
         proc = _launch(args, first)

@@ -101,17 +101,27 @@ def _rl_args(recipe: str, model: Path, data: Path, out: Path, steps: int, over: 
             *_overrides(model, data, out, steps, {"threads": 1, **over})]
 
 
+# beta > 0 (reference model), dynamic sampling and two minibatches: every cross-rank path at once and
+# demonstration replay (its batch split across ranks like the RL rows); the vision tower trains (the recipe freezes
+# it) so its gradients are reduced across ranks too
+CROSS_RANK = {"rollout.batch_size": 4, "rollout.dynamic_sampling": "true", "algorithm.num_minibatches": 2,
+              "logging.log_samples": 8, "replay.coef": 0.5, "replay.batch_size": 6, "optim.freeze_vision": "false"}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(sft_model, synth_dir, tmp_path_factory) -> Path:
+    """The 2-step `CROSS_RANK` run of one process that the torchrun runs are compared with."""
+    out = tmp_path_factory.mktemp("rl-one") / "one"
+    one = _cli(_rl_args("tiny-grpo", sft_model, synth_dir, out, 2, CROSS_RANK))
+    log = one.communicate(timeout=600)[0]
+    assert one.returncode == 0, log
+    return out
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path, parallel):
-    # beta > 0 (reference model), dynamic sampling and two minibatches: every cross-rank path at once
-    # and demonstration replay (its batch split across ranks like the RL rows); the vision tower trains (the
-    # recipe freezes it) so its gradients are reduced across ranks too
-    kw = {"rollout.batch_size": 4, "rollout.dynamic_sampling": "true", "algorithm.num_minibatches": 2,
-          "logging.log_samples": 8, "replay.coef": 0.5, "replay.batch_size": 6, "optim.freeze_vision": "false",
-          "parallel": parallel}
-    one = _cli(_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "one", 2, kw))
-    out = one.communicate(timeout=600)[0]
-    assert one.returncode == 0, out
+def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path, parallel, one_process_run):
+    kw = {**CROSS_RANK, "parallel": parallel}
+    (tmp_path / "one").symlink_to(one_process_run, target_is_directory=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           "-m", "vlrl.cli", *_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "two", 2, kw)],

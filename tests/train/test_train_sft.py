@@ -91,10 +91,18 @@ def test_sigkill_then_rerun_resumes_exactly(tiny_model_dir, synth_dir, tmp_path)
     assert steps == list(range(1, 9))  # no step logged twice after the resume
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_two_processes_match_one(tiny_model_dir, synth_dir, tmp_path, parallel):
-    one = _cli(_sft_args(tiny_model_dir, synth_dir, tmp_path / "one", 4))
+@pytest.fixture(scope="module")
+def one_process_run(tiny_model_dir, synth_dir, tmp_path_factory) -> Path:
+    """The 4-step run of one process that the torchrun runs are compared with."""
+    out = tmp_path_factory.mktemp("sft-one") / "one"
+    one = _cli(_sft_args(tiny_model_dir, synth_dir, out, 4))
     assert one.wait(timeout=300) == 0, one.stdout.read() if one.stdout else ""
+    return out
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(tiny_model_dir, synth_dir, tmp_path, parallel, one_process_run):
+    (tmp_path / "one").symlink_to(one_process_run, target_is_directory=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           "-m", "vlrl.cli", *_sft_args(tiny_model_dir, synth_dir, tmp_path / "two", 4),
