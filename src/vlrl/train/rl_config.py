@@ -202,7 +202,6 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
                 key = f"{section}.{name}" if section else name
                 raise ValueError(f"{key} must be >= 1, got {getattr(obj, name)}")
     check_ranges(_ranges(cfg))
-    check_vllm("rollout.vllm", r.engine, r.vllm)
     check_lora("lora", cfg.lora)
     check_parallel(cfg.parallel, cfg.lora.enabled, cfg.cpu_offload)
     if cfg.parallel == "fsdp" and r.engine == "vllm":
@@ -211,6 +210,7 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
     if cfg.lora.enabled and r.engine == "vllm":
         raise ValueError("lora with rollout.engine vllm is not supported yet (the worker loads whole checkpoint "
                          "weights, not adapters); use rollout.engine hf")
+    check_vllm("rollout.vllm", r.engine, r.vllm)  # after: the combinations above are refused whatever the worker
     check_adam_betas("optim.adam_betas", cfg.optim.adam_betas)
     check_run(cfg.model, cfg.data, cfg.out)
     tracker_names(cfg.logging.report_to)
