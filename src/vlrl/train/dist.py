@@ -1,7 +1,7 @@
 """Distributed setup for `torchrun` at any world size: gloo on CPU, nccl on GPU.
 
-Gradients are summed across ranks by one coalesced all-reduce per step; each rank's loss is already
-normalised by the GLOBAL token count, so the sum is the exact full-batch gradient for any world size.
+Each rank's loss is normalised by the GLOBAL token (or sample) count, so summing gradients across ranks gives the
+exact full-batch gradient at any world size; DDP or FSDP2 does the summing (`vlrl.train.parallel`).
 """
 
 from __future__ import annotations
@@ -50,20 +50,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
-    """Sum gradients across ranks with one flat buffer (parameters without a grad count as zero)."""
-    if not is_distributed():
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
-        offset += n
 
 
 def barrier() -> None:

@@ -5,8 +5,8 @@ Normalisation: each micro-batch's loss is scaled so that the sum over micro-batc
 `agg_loss(loss_mat, mask, mode)` of the whole global minibatch:
   - "token-mean": `agg_loss(..., num_tokens=<masked tokens of the global minibatch>)`;
   - the "seq-mean-*" modes: `agg_loss(micro) * rows(micro) / rows(global minibatch)`.
-Gradients are then summed across ranks (`all_reduce_grads`), so the update does not depend on the world
-size or the micro-batch size.
+Gradients are then summed across ranks (DDP or FSDP2, `vlrl.train.parallel`), so the update does not depend on
+the world size or the micro-batch size.
 
 Minibatches are cut by global group index (minibatch m holds groups [m * ceil(n/M), (m + 1) * ceil(n/M))),
 never by rank, for the same reason.
