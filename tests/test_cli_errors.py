@@ -288,3 +288,4 @@ def test_eval_with_no_vllm_worker_at_its_url_is_an_error_not_a_traceback(tiny_mo
     code, err = _run(argv, capsys)
     assert code == 2 and err.startswith("error: no vLLM worker answers at") and "vllm.url" in err
     assert "Traceback" not in err and not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "results.config.yaml").exists()  # a refused evaluation writes nothing

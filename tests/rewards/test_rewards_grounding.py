@@ -7,7 +7,7 @@ import math
 import pytest
 
 from vlrl.data.sample import Sample
-from vlrl.rewards.boxes import Box, parse_boxes, scale_factors
+from vlrl.rewards.boxes import MAX_COORD, Box, parse_boxes, scale_factors
 from vlrl.rewards.grounding import average_precision, grounding_score, iou, vlmr1_detection_score
 from vlrl.rewards.registry import get_reward
 
@@ -34,6 +34,14 @@ def test_parse_box_forms(text: str) -> None:
     boxes = parse_boxes(text)
     assert _coords(boxes) == [(1.0, 2.0, 3.0, 4.0)]
 
+
+
+@pytest.mark.parametrize("form", ['{{"bbox_2d": [{c}, 2, 3, 4]}}', "<box>{c} 2 3 4</box>", "({c}, 2), (3, 4)",
+                                  "[{c}, 2, 3, 4]"])
+def test_coordinates_beyond_max_coord_are_no_box_in_every_form(form: str) -> None:
+    """Every written form obeys the same bound (`MAX_COORD`): at it a box, past it none."""
+    assert _coords(parse_boxes(form.format(c=int(MAX_COORD)))) == [(MAX_COORD, 2.0, 3.0, 4.0)]
+    assert parse_boxes(form.format(c=int(MAX_COORD) + 1)) == []
 
 def test_parse_labels_lists_and_last_fence() -> None:
     text = '```json\n[{"bbox_2d": [0,0,1,1]}]\n```\nfinal:\n```json\n[{"bbox_2d": [0,0,10,10], "label": "cat"},' \

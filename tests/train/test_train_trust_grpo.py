@@ -26,7 +26,7 @@ from vlrl import recipes_dir
 from vlrl.config import load_config
 from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded
-from vlrl.rewards.judge import JudgeConfig
+from vlrl.rewards.judge import FAILURE_KINDS, JudgeConfig
 from vlrl.rollout import Completion, Group
 from vlrl.train.logging import read_metrics
 from vlrl.train.rl import RLConfig, run_rl
@@ -138,11 +138,17 @@ def test_uniform_groups_make_no_judge_call(fake_judge: FakeJudge) -> None:
 
 
 def test_judge_down_counts_failures_and_keeps_outcome_rewards() -> None:
-    stage = _stage(f"http://127.0.0.1:{free_port()}/v1")  # nothing listens there
+    stage = _stage(f"http://127.0.0.1:{free_port()}/v1", max_retries=1)  # nothing listens there
     try:
         roll = _rollouts([["1", "2", "1", "3"]])
         m = stage.apply(roll, step=1)
-        assert m["trust/judge_failures"] == m["trust/judge_no_reply"] == m["trust/judge_calls"] == G
+        assert m["trust/judge_failures"] == m["trust/judge_no_reply"] == G
+        assert m["trust/judge_calls"] == 2 * G and m["trust/judge_retries"] == G  # one retry per completion
+        # every no-reply failure under its cause: nothing listens, so each is a connection error
+        causes = {k: v for k, v in m.items() if k.startswith("trust/judge_") and k.removeprefix("trust/judge_")
+                  in FAILURE_KINDS}
+        assert len(causes) == len(FAILURE_KINDS) and sum(causes.values()) == m["trust/judge_no_reply"]
+        assert m["trust/judge_connection_errors"] == G
         assert roll.scores.tolist() == [1.0, 0.0, 1.0, 0.0]
         assert m["trust/frac_groups_sent"] == 1.0 and m["trust/frac_groups_judged"] == 0.0
     finally:

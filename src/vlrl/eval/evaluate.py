@@ -222,13 +222,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
-    save_config(cfg, out.with_name(out.stem + ".config.yaml"))
     samples = load_samples(cfg.data, registry=cfg.registry, template=cfg.template, skip_invalid=cfg.skip_invalid,
                            limit=cfg.limit, system_prompt=cfg.system_prompt)  # bad data fails before the model loads
     model, processor = load_model_and_processor(cfg.model)
     engine = make_engine("vllm", model, processor, config=cfg.vllm) if cfg.engine == "vllm" else None  # None:
     #   evaluate_samples' own hf engine
     try:
+        save_config(cfg, out.with_name(out.stem + ".config.yaml"))  # once data, model and engine are there: a
+        #   refused evaluation writes nothing
         result = evaluate_samples(model, processor, samples, batch_size=cfg.batch_size,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, n=cfg.n,
                                   seed=cfg.seed, rewards=cfg.rewards, threshold=cfg.threshold, progress=True,

@@ -157,10 +157,9 @@ def _json_boxes(text: str) -> list[Box]:
 def _tag_boxes(text: str) -> list[Box]:
     out: list[Box] = []
     for m in _BOX_TAG.finditer(text):
-        numbers = _NUMBER.findall(m.group(2))
-        if len(numbers) == 4:
-            x1, y1, x2, y2 = (float(n) for n in numbers)
-            out.append(Box(x1, y1, x2, y2, label=m.group(1).strip() if m.group(1) else None))
+        coords = _four([float(n) for n in _NUMBER.findall(m.group(2))])
+        if coords is not None:
+            out.append(Box(*coords, label=m.group(1).strip() if m.group(1) else None))
             if len(out) >= MAX_BOXES:
                 break
     return out
@@ -169,8 +168,10 @@ def _tag_boxes(text: str) -> list[Box]:
 def _regex_boxes(pattern: re.Pattern[str], text: str) -> list[Box]:
     out: list[Box] = []
     for m in pattern.finditer(text):
-        x1, y1, x2, y2 = (float(g) for g in m.groups())
-        out.append(Box(x1, y1, x2, y2))
+        coords = _four([float(g) for g in m.groups()])
+        if coords is None:  # a coordinate beyond MAX_COORD: not a box
+            continue
+        out.append(Box(*coords))
         if len(out) >= MAX_BOXES:
             break
     return out

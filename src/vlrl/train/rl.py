@@ -48,8 +48,9 @@ metrics.jsonl, one line per logged step (all values global over ranks):
       trust/frac_groups_judged (groups that got at least one process reward), trust/judge_requests
       (completions sent), trust/judge_calls (HTTP requests, retries included), trust/cache_hits,
       trust/judge_failures (sent completions left without a process reward) = trust/judge_no_reply (call
-      failed after retries, or image unusable) + trust/judge_unparsable, trust/process_mean,
-      trust/reward_mean (the mixed reward)
+      failed after retries, or image unusable) + trust/judge_unparsable; trust/judge_no_reply by cause:
+      trust/judge_{timeouts,http_errors,connection_errors,malformed,over_deadline,image_errors,errors};
+      trust/judge_retries (repeated attempts), trust/process_mean, trust/reward_mean (the mixed reward)
 samples.jsonl: the first `logging.log_samples` rows of each logged step: step, row, id, images (the sample's image
 paths), prompt (the last user message's text), answer, completion, reward, advantage, reward/{key} (and
 reward/trust_process with Trust-GRPO), length, truncated.

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from vlrl.algos import needs_judge, trust_weighted_rewards
-from vlrl.rewards.judge import JudgeClient, JudgeConfig
+from vlrl.rewards.judge import FAILURE_KINDS, JudgeClient, JudgeConfig
 from vlrl.rewards.judge_prompts import TEMPLATES
 from vlrl.train.dist import all_reduce_sum
 from vlrl.train.rl_rollout import StepRollouts
@@ -91,9 +91,10 @@ class Judged:
     counts: dict[str, float]
 
 
-# The per-step judge counters, summed over ranks into `trust/<name>` metrics.
+# The per-step judge counters, summed over ranks into `trust/<name>` metrics: the totals, the retries, and the
+# no-reply failures by cause (`judge_<cause>`, one per `FAILURE_KINDS` entry; they add up to judge_no_reply).
 JUDGE_COUNTS = ("judge_requests", "judge_calls", "cache_hits", "judge_failures", "judge_no_reply",
-                "judge_unparsable")
+                "judge_unparsable", "judge_retries", *(f"judge_{kind}" for kind in FAILURE_KINDS))
 
 
 def outcome_values(values: Sequence[float | None]) -> Tensor:
@@ -133,10 +134,11 @@ class TrustStage:
             if v is not None:
                 process[r] = v
         after = self.client.stats.as_dict()
-        delta = {k: after[k] - before[k] for k in ("calls", "cache_hits", "failures", "unparsable")}
+        delta = {k: float(after[k] - before[k]) for k in after}
         counts = {"judge_requests": float(len(rows)), "judge_calls": delta["calls"],
                   "cache_hits": delta["cache_hits"], "judge_failures": float(sum(v is None for v in values)),
-                  "judge_no_reply": delta["failures"], "judge_unparsable": delta["unparsable"]}
+                  "judge_no_reply": delta["failures"], "judge_unparsable": delta["unparsable"],
+                  "judge_retries": delta["retries"], **{f"judge_{kind}": delta[kind] for kind in FAILURE_KINDS}}
         return Judged(process, sent, counts)
 
     def apply(self, roll: StepRollouts, step: int) -> dict[str, float]:
