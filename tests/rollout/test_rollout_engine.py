@@ -124,6 +124,22 @@ def test_seeded_sampling_is_batch_invariant(tiny, prompts):
     assert len(set(texts)) > 1  # the G completions of one prompt differ
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_on_tokens_reports_every_row_token_by_token(tiny, prompts, threads):
+    """`on_tokens` hears each completion's tokens one decode step at a time, as rows i * n + j (also when the
+    prompts are decoded in shards by several threads), up to and with the stop token, nothing after."""
+    model, processor = tiny
+    eng = HFEngine(model, processor, decode_threads=threads, max_prompts_per_call=1 if threads == 2 else 0)
+    sp = SamplingParams(max_new_tokens=6, temperature=1.3)
+    heard: dict[int, list[list[int]]] = {}
+    groups = eng.generate(prompts, 3, sp, seeds=[1, 2, 3],
+                          on_tokens=lambda row, ids: heard.setdefault(row, []).append(ids))
+    rows = [c.token_ids.tolist() for g in groups for c in g.completions]
+    assert sorted(heard) == list(range(len(rows)))
+    assert [sum(heard[r], []) for r in range(len(rows))] == rows
+    assert all(len(piece) == 1 for pieces in heard.values() for piece in pieces)
+
+
 def test_unseeded_sampling_follows_the_torch_rng(tiny, prompts):
     model, processor = tiny
     eng = make_engine("hf", model, processor)

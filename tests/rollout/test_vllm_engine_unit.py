@@ -207,7 +207,10 @@ def test_stop_token_ends_a_completion_else_truncated(tiny, fake, prompts):
     eos = processor.tokenizer.eos_token_id
     assert eos in eng.stop_ids
     fake.completions = [[5, 6, eos], [5, 6, 7]]
-    groups = eng.generate(prompts, 2, SamplingParams(max_new_tokens=3), seeds=[3, 4])
+    heard: list[tuple[int, list[int]]] = []
+    groups = eng.generate(prompts, 2, SamplingParams(max_new_tokens=3), seeds=[3, 4],
+                          on_tokens=lambda row, ids: heard.append((row, ids)))
+    assert heard == [(0, [5, 6, eos]), (1, [5, 6, 7]), (2, [5, 6, eos]), (3, [5, 6, 7])]  # each completion whole
     assert [g.seed for g in groups] == [3, 4]
     for g in groups:
         stopped, cut = g.completions

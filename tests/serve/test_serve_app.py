@@ -35,6 +35,10 @@ class ScriptedEngine:
     def __init__(self) -> None:
         self.delay = 0.0
         self.gate: threading.Event | None = None  # when set, generate waits for it (the test decides when it ends)
+        self.mid_gate: threading.Event | None = None  # when set, a streaming generate waits for it after its first
+        #   piece of text (the test reads that piece while the generation is still running)
+        self.fail_at_start: Exception | None = None  # raised before any token
+        self.fail_after_text: Exception | None = None  # raised after the first piece of a streamed text
         self.fail: Exception | None = None
         self.active = 0
         self.max_active = 0
@@ -46,7 +50,8 @@ class ScriptedEngine:
 
     def generate(self, sample: Sample, images: list[Image.Image], sampling: SamplingParams,
                  stop: Sequence[str] = (), seed: int | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+                 should_stop: Callable[[], bool] | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
         with self._lock:
             self.active += 1
             self.calls += 1
@@ -54,12 +59,21 @@ class ScriptedEngine:
             self.should_stop = should_stop
         try:
             time.sleep(self.delay)
+            if self.fail_at_start is not None:
+                raise self.fail_at_start
             if self.gate is not None:
                 assert self.gate.wait(timeout=30)
-            for _ in range(sampling.max_new_tokens):  # one "decode step" per token, as the hf engine checks
+            for t in range(sampling.max_new_tokens):  # one "decode step" per token, as the hf engine checks
                 if should_stop is not None and should_stop():
                     break
                 self.tokens += 1
+                if on_text is not None and t < 2:  # the text in two pieces: "answer", then " {i}"
+                    for i in range(sampling.n):
+                        on_text(i, "answer" if t == 0 else f" {i}")
+                    if t == 0 and self.fail_after_text is not None:
+                        raise self.fail_after_text
+                    if t == 0 and self.mid_gate is not None:
+                        assert self.mid_gate.wait(timeout=30)
             if self.fail is not None:
                 raise self.fail
             self.seen.append((sample, images, sampling, list(stop)))
@@ -297,6 +311,62 @@ def test_stream_sends_chat_completion_chunks(app_server: tuple[str, ScriptedEngi
                                                                    "total_tokens": 13}
     bad = httpx.post(url + "/v1/chat/completions", json={**body, "temperature": 9}, timeout=30)
     _assert_api_error(bad, 400, "temperature")  # errors found before generating stay plain JSON
+
+
+def test_stream_sends_text_while_it_is_generated(app_server: tuple[str, ScriptedEngine]) -> None:
+    """The first piece of text reaches the client while the generation still runs (held after that piece until
+    the client has read it), and the pieces add up to the choice's text."""
+    url, engine = app_server
+    engine.mid_gate = threading.Event()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        lines = (line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: "))
+        role = json.loads(next(lines))
+        assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        first = json.loads(next(lines))
+        assert first["choices"][0]["delta"] == {"content": "answer"} and first["choices"][0]["finish_reason"] is None
+        assert engine.active == 1  # still generating: the piece was sent before the end
+        engine.mid_gate.set()
+        rest = [json.loads(e) for e in lines if e != "[DONE]"]
+    assert [c["choices"][0]["delta"] for c in rest] == [{"content": " 0"}, {}]
+    assert rest[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stream_errors_before_and_after_the_first_piece(app_server: tuple[str, ScriptedEngine]) -> None:
+    """An engine error before any text is a plain JSON error with its status; after text was sent (status 200
+    already) it ends the stream with an OpenAI-shaped error event and no `[DONE]`; the error is counted."""
+    url, engine = app_server
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    engine.fail_at_start = ContextLengthError("prompt (9 tokens) + max_tokens (3) exceed the model's context")
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        resp.read()
+    assert _assert_api_error(resp, 400, "context")["code"] == "context_length_exceeded"
+    engine.fail_at_start = None
+    engine.fail_after_text = ContextLengthError("late failure")
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        events = _events(resp)
+    assert "[DONE]" not in events
+    assert json.loads(events[-1])["error"]["code"] == "context_length_exceeded"
+    assert [json.loads(e)["choices"][0]["delta"] for e in events[:-1]] == [{"role": "assistant", "content": ""},
+                                                                          {"content": "answer"}]
+    assert httpx.get(url + "/health", timeout=10).json()["errors"] == 2
+
+
+def test_a_streaming_client_that_leaves_stops_the_generation(app_server: tuple[str, ScriptedEngine]) -> None:
+    """The client reads the first piece and closes the connection while the generation waits: the server notices,
+    the engine's `should_stop` turns True, and the generation ends at its next token (1 of 32 taken)."""
+    url, engine = app_server
+    engine.mid_gate = threading.Event()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 32, "stream": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        lines = (line for line in resp.iter_lines() if line.startswith("data: "))
+        next(lines), next(lines)  # the role chunk and the first piece
+    _wait_for(lambda: engine.should_stop is not None and engine.should_stop(), "the server to see the client go")
+    engine.mid_gate.set()
+    _wait_for(lambda: engine.active == 0, "the generation to end")
+    assert engine.tokens == 1
 
 
 @pytest.mark.parametrize(("extra", "param"), [

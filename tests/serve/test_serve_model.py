@@ -127,6 +127,26 @@ def test_stop_strings_usage_and_context(served: ServedModel) -> None:
         served.generate(sample, images, SamplingParams(max_new_tokens=served.context))
 
 
+@pytest.mark.parametrize(("temperature", "n", "stop"), [(1.0, 3, False), (0.0, 2, False), (0.0, 1, True)])
+def test_on_text_streams_each_choice_in_pieces_that_add_up(served: ServedModel, temperature: float, n: int,
+                                                          stop: bool) -> None:
+    """Streaming: each choice's text arrives in several pieces while the engine decodes, and they add up to the
+    choice's final text (sampled n completions; greedy decoded once for n choices; cut at a stop string)."""
+    sample, images = CASES[0]
+    sampling = SamplingParams(max_new_tokens=24, temperature=temperature, n=n)
+    plain = served.generate(sample, images, sampling, seed=3)
+    stops = [plain.choices[0].text[6:9]] if stop else []
+    if stop:
+        plain = served.generate(sample, images, sampling, seed=3, stop=stops)
+    pieces: dict[int, list[str]] = {i: [] for i in range(n)}
+    streamed = served.generate(sample, images, sampling, seed=3, stop=stops,
+                               on_text=lambda i, text: pieces[i].append(text))
+    assert [c.text for c in streamed.choices] == [c.text for c in plain.choices]
+    assert ["".join(pieces[i]) for i in range(n)] == [c.text for c in plain.choices]
+    assert all(len(pieces[i]) > 1 for i in range(n)) and all(all(pieces[i]) for i in range(n))
+    if stop:
+        assert plain.choices[0].finish_reason == "stop" and stops[0] not in "".join(pieces[0])
+
 def test_max_time_ends_with_length(served: ServedModel) -> None:
     sample, images = CASES[1]
     bounded = ServedModel(served.model, served.processor, "tiny", max_time=0.0)

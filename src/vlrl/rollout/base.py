@@ -14,7 +14,10 @@ its images in memory (the server) passes its encoding instead of `Sample.images`
 `RawPrompt` per prompt: its chat-templated text and images), which engines that sample from text and images (vllm)
 send instead of rendering `Sample.messages` and reading `Sample.images`. `max_seconds` bounds the call's wall time,
 and `should_stop` (polled while generating) ends it when it returns True: the completions still running then end
-without a stop token (`truncated`, finish "length").
+without a stop token (`truncated`, finish "length"). `on_tokens` (`vlrl.rollout.types.TokenCallback`) receives each
+completion's tokens as they are sampled (`hf`: after every decode step; `vllm`: each completion whole, when its
+worker answers), so the server can stream them; by the time `generate` returns, every completion's tokens have
+been reported.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded
-from vlrl.rollout.types import Group, RawPrompt, SamplingParams
+from vlrl.rollout.types import Group, RawPrompt, SamplingParams, TokenCallback
 
 
 @runtime_checkable
@@ -37,12 +40,13 @@ class RolloutEngine(Protocol):
         self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None,
         encoded: Sequence[Encoded] | None = None, raw: Sequence[RawPrompt] | None = None,
         max_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
+        on_tokens: TokenCallback | None = None,
     ) -> list[Group]:
         """`n` completions for each prompt, one `Group` per prompt in the prompts' order. `seeds`, when
         given, holds one seed per prompt; equal (prompt, seed, weights) give equal completions. `encoded`, when
         given, holds each prompt's encoding (then `Sample.images` are not read), `raw` (only with `encoded`) each
-        prompt's text and images; `max_seconds` bounds the wall time, `should_stop` ends the call early (see the
-        module docstring)."""
+        prompt's text and images; `max_seconds` bounds the wall time, `should_stop` ends the call early,
+        `on_tokens` hears the tokens as they come (see the module docstring)."""
         ...
 
     def sync_weights(self, model: torch.nn.Module) -> None:

@@ -40,7 +40,14 @@ from vlrl.models.processor import image_token_id, vision_token_ids
 from vlrl.rollout.lean_step import LeanStep
 from vlrl.rollout.prefix import continuation_mask, expand_cache, prefill, prompt_inputs
 from vlrl.rollout.sampler import SeededSampler, row_seeds
-from vlrl.rollout.types import Completion, Group, RawPrompt, SamplingParams, check_generate_args
+from vlrl.rollout.types import (
+    Completion,
+    Group,
+    RawPrompt,
+    SamplingParams,
+    TokenCallback,
+    check_generate_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +123,12 @@ class HFEngine:
         self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None,
         encoded: Sequence[Encoded] | None = None, raw: Sequence[RawPrompt] | None = None,
         max_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
+        on_tokens: TokenCallback | None = None,
     ) -> list[Group]:
         """`RolloutEngine.generate`: `encoded` replaces the encoding of `prompts` (`raw` is checked, not used: this
         engine samples from the token ids); `max_seconds` ends the decode loop of a chunk once that wall time has
-        passed since this call began, `should_stop` (called after each token) once it returns True."""
+        passed since this call began, `should_stop` (called after each token) once it returns True; `on_tokens`
+        hears each row's token after every decode step (from the decoding thread)."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         check_generate_args(len(prompts), n, seeds, encoded, raw)
         if not prompts:
@@ -134,8 +143,9 @@ class HFEngine:
         @torch.no_grad()
         def run(lo: int, hi: int) -> list[Group]:  # grad mode is per thread
             part = None if seeds is None else list(seeds[lo:hi])
+            report = None if on_tokens is None else _offset_rows(on_tokens, lo * n)
             return self._generate_chunk(prompts[lo:hi], encoded[lo:hi], n, sampling, part, step, deadline,
-                                        should_stop)
+                                        should_stop, report)
 
         was_training, threads = self.model.training, torch.get_num_threads()
         self.model.eval()
@@ -168,10 +178,11 @@ class HFEngine:
 
     def _generate_chunk(self, prompts: Sequence[Sample], encoded: Sequence[Encoded], n: int,
                         sampling: SamplingParams, seeds: list[int] | None, step: LeanStep | None = None,
-                        deadline: float | None = None, should_stop: Callable[[], bool] | None = None) -> list[Group]:
+                        deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
+                        on_tokens: TokenCallback | None = None) -> list[Group]:
         sampler = SeededSampler(sampling, self.suppress_ids, row_seeds(seeds, n) if seeds is not None else None)
         new = self._decode(encoded, n, sampling.max_new_tokens, sampler, step, deadline=deadline,
-                           should_stop=should_stop)  # [N, T]
+                           should_stop=should_stop, on_tokens=on_tokens)  # [N, T]
         logps = sampler.stacked(new.shape[1]).cpu()  # [N, T]
         stop = torch.isin(new, torch.tensor(self.stop_ids))  # [N, T]
         has_stop = stop.any(dim=1)  # [N]; False = truncated
@@ -190,7 +201,7 @@ class HFEngine:
 
     def _decode(self, encoded: Sequence[Encoded], n: int, max_new: int, sampler: SeededSampler,
                 step: LeanStep | None = None, *, deadline: float | None = None,
-                should_stop: Callable[[], bool] | None = None) -> Tensor:
+                should_stop: Callable[[], bool] | None = None, on_tokens: TokenCallback | None = None) -> Tensor:
         """Prefill the prompts at batch B, expand to B*n rows, decode up to `max_new` tokens, or fewer once
         `time.monotonic()` passes `deadline` or `should_stop()` is True: [B*n, T] (CPU)."""
         inputs = {k: v.to(self.device) for k, v in prompt_inputs(encoded, self.pad_id, self.image_id).items()}
@@ -215,6 +226,10 @@ class HFEngine:
             step_logp[live] = sampler.logprobs.pop().float().cpu()
             logps.append(step_logp)
             out[live, t] = tokens.cpu()
+            if on_tokens is not None:  # rows that stopped before this step have nothing more to say
+                for row, token, finished in zip(live.tolist(), tokens.tolist(), done.tolist()):
+                    if not finished:
+                        on_tokens(row, [token])
             done |= torch.isin(tokens, stop)
             if t == max_new - 1 or bool(done.all()) or (deadline is not None and time.monotonic() >= deadline):
                 break
@@ -236,3 +251,8 @@ class HFEngine:
                 logits = out_t.logits[:, -1]  # [n_live, V]
         sampler.logprobs = logps
         return out[:, : len(logps)]
+
+
+def _offset_rows(on_tokens: TokenCallback, offset: int) -> TokenCallback:
+    """`on_tokens` for a chunk of the call's prompts whose first row is row `offset` of the call."""
+    return lambda row, ids: on_tokens(offset + row, ids)

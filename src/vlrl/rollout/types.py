@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +11,10 @@ from PIL import Image
 
 from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded
+
+# `on_tokens(row, token_ids)`: tokens appended to completion `row` of a `generate` call (prompt i's completion j is
+# row i * n + j), in order, the stop token included, nothing after it; a streaming caller decodes them as they come.
+TokenCallback = Callable[[int, list[int]], None]
 
 
 @dataclass(frozen=True)

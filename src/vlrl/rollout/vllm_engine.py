@@ -62,7 +62,14 @@ from vlrl.data.sample import Sample
 from vlrl.models.inputs import Encoded, encode_for_generation, prompt_text, sample_images
 from vlrl.models.processor import vision_token_ids
 from vlrl.rollout.hf_engine import stop_token_ids
-from vlrl.rollout.types import Completion, Group, RawPrompt, SamplingParams, check_generate_args
+from vlrl.rollout.types import (
+    Completion,
+    Group,
+    RawPrompt,
+    SamplingParams,
+    TokenCallback,
+    check_generate_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -302,10 +309,12 @@ class VLLMEngine:
         self, prompts: Sequence[Sample], n: int, sampling: SamplingParams, *, seeds: Sequence[int] | None = None,
         encoded: Sequence[Encoded] | None = None, raw: Sequence[RawPrompt] | None = None,
         max_seconds: float | None = None, should_stop: Callable[[], bool] | None = None,
+        on_tokens: TokenCallback | None = None,
     ) -> list[Group]:
         """`RolloutEngine.generate` (`max_seconds`, `should_stop` and `raw`: see the module docstring). A request
         to the worker after the call's time is out or `should_stop` said so still goes, with no time left: its
-        completions end after one engine step (and its prompt ids are checked)."""
+        completions end after one engine step (and its prompt ids are checked). `on_tokens` hears each completion
+        whole once the worker has answered for its chunk of prompts (the worker does not stream)."""
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         check_generate_args(len(prompts), n, seeds, encoded, raw)
         if not prompts:
@@ -322,6 +331,10 @@ class VLLMEngine:
             seconds = 0.0 if stopped else None if deadline is None else max(0.0, deadline - time.monotonic())
             part, aborted = self._generate(prompts[lo:hi], encoded[lo:hi], None if raw is None else raw[lo:hi], n,
                                            sampling, part_seeds, seconds, None if stopped else should_stop)
+            if on_tokens is not None:
+                for i, group in enumerate(part, start=lo):
+                    for j, completion in enumerate(group.completions):
+                        on_tokens(i * n + j, completion.token_ids.tolist())
             groups += part
             stopped = stopped or aborted
         return groups

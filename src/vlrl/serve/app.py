@@ -1,8 +1,8 @@
 """The FastAPI app: OpenAI-compatible `/v1/chat/completions`, `/v1/models` and `/health` for one local model.
 
 `create_app(engine, limits, hosts=..., port=...)` takes any object with `model_id`, `reserved_tokens` (the served
-model's vision tokens, refused in request text) and `generate(sample, images, sampling, stop, seed, should_stop)
--> GenerationResult` (`serve.generate.ServedModel` for a local HF model). Generation is serialised by one lock and
+model's vision tokens, refused in request text) and `generate(sample, images, sampling, stop, seed, should_stop,
+on_text) -> GenerationResult` (`serve.generate.ServedModel` for a local HF model). Generation is serialised by one lock and
 runs in a worker thread, so the event loop keeps answering `/health` and rejecting bad requests while the model
 works.
 
@@ -11,7 +11,11 @@ error, including malformed JSON, has OpenAI's shape `{"error": {"message", "type
 
 A client that disconnects is noticed while its request waits (it leaves the queue at once) or generates (the
 engine's `should_stop` ends the decode at the next step). `stream: true` is answered with server-sent events in
-OpenAI's `chat.completion.chunk` format once the completion is generated (one content chunk per choice).
+OpenAI's `chat.completion.chunk` format as the text is generated (the engine's `on_text` pieces, each a content
+chunk; the `hf` engine gives them token by token, `vllm` each choice whole): the response starts with the first
+piece, so an error found before it (context length, an image the processor refuses) is still a plain JSON error,
+and one after it ends the stream with an `error` event. A streaming client that disconnects stops the generation
+too.
 
 A web page in a local browser must not be able to drive the model: every request must name this server in
 `Host` (a DNS-rebinding page names its own domain), a request from a browser page of another origin (`Origin`)
@@ -59,7 +63,8 @@ class Engine(Protocol):
 
     def generate(self, sample: Sample, images: list[Image.Image], sampling: SamplingParams,
                  stop: Sequence[str] = (), seed: int | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> GenerationResult: ...
+                 should_stop: Callable[[], bool] | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> GenerationResult: ...
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -202,28 +207,106 @@ def _response(result: GenerationResult, request_id: str, model_id: str) -> dict[
     }
 
 
-def stream_chunks(result: GenerationResult, request_id: str, model_id: str, include_usage: bool) -> list[str]:
-    """The server-sent events of a generated result in OpenAI's streaming format: per choice a role chunk, a
-    content chunk and a finish chunk; then a usage chunk (`stream_options.include_usage`) and `[DONE]`."""
-    head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_id}
-    extra = {"usage": None} if include_usage else {}
+class _Chunks:
+    """OpenAI `chat.completion.chunk` events of one streamed request."""
 
-    def chunk(index: int, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-        return {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                **extra}
+    def __init__(self, request_id: str, model_id: str, include_usage: bool) -> None:
+        self.head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                     "model": model_id}
+        self.extra: dict[str, Any] = {"usage": None} if include_usage else {}
+        self.include_usage = include_usage
 
-    chunks = []
-    for i, c in enumerate(result.choices):
-        chunks += [chunk(i, {"role": "assistant", "content": ""}, None), chunk(i, {"content": c.text}, None),
-                   chunk(i, {}, c.finish_reason)]
-    if include_usage:
-        chunks.append({**head, "choices": [], "usage": _usage(result)})
-    return [f"data: {json.dumps(c, ensure_ascii=False)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+    def choice(self, index: int, delta: dict[str, str], finish: str | None = None) -> str:
+        return _event({**self.head, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                                 "finish_reason": finish}], **self.extra})
+
+    def end(self, result: GenerationResult) -> list[str]:
+        """Each choice's finish chunk, the usage chunk (`stream_options.include_usage`), then `[DONE]`."""
+        events = [self.choice(i, {}, c.finish_reason) for i, c in enumerate(result.choices)]
+        if self.include_usage:
+            events.append(_event({**self.head, "choices": [], "usage": _usage(result)}))
+        return events + ["data: [DONE]\n\n"]
 
 
-async def _events(events: list[str]) -> AsyncIterator[str]:
-    for event in events:
-        yield event
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+Piece = tuple[int, str]  # (choice index, text)
+
+
+async def _next_pieces(queue: asyncio.Queue[Piece], task: asyncio.Future[Any]) -> list[Piece]:
+    """The pieces queued now, else wait for one or for the generation to end ([]: it ended, nothing queued). The
+    generating thread queues its pieces before its result reaches the loop, so none is left once `[]` comes."""
+    if queue.empty() and not task.done():
+        getter = asyncio.ensure_future(queue.get())
+        try:
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            pieces = [getter.result()]
+            while not queue.empty():
+                pieces.append(queue.get_nowait())
+            return pieces
+    pieces = []
+    while not queue.empty():
+        pieces.append(queue.get_nowait())
+    return pieces
+
+
+async def _start_stream(engine: Engine, state: _State, limits: ServeLimits, job: Job, cancel: threading.Event,
+                        chunks: _Chunks) -> Response:
+    """Start generating (the caller holds `state.lock`; the generation releases it when it ends) and answer once
+    the first piece of text is there, or the generation ended without one (then errors are still plain JSON)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Piece] = asyncio.Queue()
+
+    def on_text(index: int, text: str) -> None:  # the generating thread
+        loop.call_soon_threadsafe(queue.put_nowait, (index, text))
+
+    task = asyncio.ensure_future(_generate_locked(engine, state, limits, job, cancel, on_text))
+    task.add_done_callback(lambda _: state.lock.release())
+    try:
+        first = await _next_pieces(queue, task)
+    except BaseException:
+        cancel.set()  # this request was cancelled: the generation stops at its next token
+        raise
+    if not first:
+        result = task.result()  # an ApiError (context length, ...) becomes a plain JSON error here
+        if result is None or cancel.is_set():
+            return Response(status_code=499)
+    return StreamingResponse(_stream(task, queue, first, chunks, job[2].n, cancel, state),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _stream(task: asyncio.Future[GenerationResult | None], queue: asyncio.Queue[Piece], first: list[Piece],
+                  chunks: _Chunks, n: int, cancel: threading.Event, state: _State) -> AsyncIterator[str]:
+    """The events of a streamed request: a role chunk per choice, a content chunk per piece, the end. A client that
+    goes meanwhile (the response stops being read) stops the generation."""
+    try:
+        for i in range(n):
+            yield chunks.choice(i, {"role": "assistant", "content": ""})
+        pieces = first
+        while pieces:
+            for index, text in pieces:
+                yield chunks.choice(index, {"content": text})
+            pieces = await _next_pieces(queue, task)
+        try:
+            result = await task
+        except ApiError as err:  # found after text was sent: the status is 200 already
+            state.errors += 1
+            yield _event(err.body())
+            return
+        if result is None or cancel.is_set():
+            return
+        state.completions += 1
+        for event in chunks.end(result):
+            yield event
+    finally:
+        if not task.done():
+            cancel.set()
 
 
 def check_content_type(request: Request) -> None:
@@ -301,27 +384,28 @@ async def _complete(request: Request, engine: Engine, limits: ServeLimits, state
             state.waiting -= 1
         if not held:
             return Response(status_code=499)  # nobody reads it: the client is gone
+        job = (sample, raws, sampling, stop, req.seed)
+        if req.stream:  # the lock passes to the generation, which releases it when it ends
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await _start_stream(engine, state, limits, job, cancel,
+                                       _Chunks(sample.id, engine.model_id, include_usage))
         try:
-            result = await _generate_locked(engine, state, limits, (sample, raws, sampling, stop, req.seed), cancel)
+            result = await _generate_locked(engine, state, limits, job, cancel)
         finally:
             state.lock.release()
     finally:
-        gone.cancel()
+        gone.cancel()  # a stream's response watches for the client itself from here
     if result is None or cancel.is_set():
         return Response(status_code=499)
     state.completions += 1
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = stream_chunks(result, sample.id, engine.model_id, include_usage)
-        return StreamingResponse(_events(events), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return JSONResponse(_response(result, sample.id, engine.model_id))
 
 
 Job = tuple[Sample, list[bytes], SamplingParams, list[str], int | None]  # sample, image bytes, sampling, stop, seed
 
 
-def _run_locked(engine: Engine, state: _State, limits: ServeLimits, job: Job,
-                cancel: threading.Event) -> GenerationResult | None:
+def _run_locked(engine: Engine, state: _State, limits: ServeLimits, job: Job, cancel: threading.Event,
+                on_text: Callable[[int, str], None] | None = None) -> GenerationResult | None:
     """Decode the images and generate, holding the thread lock: the real serialiser (it holds even if the
     awaiting request was cancelled), and it keeps at most one request's decoded images in memory. None: the
     client went before its turn (nothing decoded)."""
@@ -331,16 +415,18 @@ def _run_locked(engine: Engine, state: _State, limits: ServeLimits, job: Job,
             return None
         images = decode_images(raws, limits)
         try:
-            return engine.generate(sample, images, sampling, stop, seed, should_stop=cancel.is_set)
+            if on_text is None:
+                return engine.generate(sample, images, sampling, stop, seed, should_stop=cancel.is_set)
+            return engine.generate(sample, images, sampling, stop, seed, should_stop=cancel.is_set, on_text=on_text)
         except Cancelled:
             return None
 
 
-async def _generate_locked(engine: Engine, state: _State, limits: ServeLimits, job: Job,
-                           cancel: threading.Event) -> GenerationResult | None:
+async def _generate_locked(engine: Engine, state: _State, limits: ServeLimits, job: Job, cancel: threading.Event,
+                           on_text: Callable[[int, str], None] | None = None) -> GenerationResult | None:
     """Generate in a worker thread; the caller holds `state.lock` (one generation at a time)."""
     try:
-        return await asyncio.to_thread(_run_locked, engine, state, limits, job, cancel)
+        return await asyncio.to_thread(_run_locked, engine, state, limits, job, cancel, on_text)
     except ContextLengthError as exc:
         raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
     except ValueError as exc:  # the processor refused an input (e.g. an image of extreme aspect ratio)

@@ -7,7 +7,8 @@ and the same templated text with the images (`RawPrompt`: what `vllm` sends its 
 vLLM builds from them equal the encoding's), with one seed per request (the request's `seed`, else a fresh random
 one), the wall-time bound `max_time` and the request's cancellation check `should_stop` (the app's "client is
 gone"), which the engine polls while it generates. Stop strings cut the decoded text; usage counts come from the
-completions' token ids.
+completions' token ids. A streaming request also passes `on_text`, which hears each choice's text as the engine's
+tokens arrive (`serve.textstream.TextStream`), the last piece once the choice is final.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from vlrl.rollout.base import make_engine
 from vlrl.rollout.types import Completion, RawPrompt, SamplingParams
 from vlrl.rollout.vllm_engine import VLLMConfig
 from vlrl.serve.schemas import LITERAL_IMAGE
+from vlrl.serve.textstream import TextStream
 
 
 class ContextLengthError(ValueError):
@@ -129,7 +131,8 @@ class ServedModel:
 
     def generate(self, sample: Sample, images: list[Image.Image], sampling: SamplingParams,
                  stop: Sequence[str] = (), seed: int | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> GenerationResult:
+                 should_stop: Callable[[], bool] | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
         """`sampling.n` completions of `sample.messages` with `images` standing at its `<image>` placeholders.
 
         Raises `ContextLengthError` when the prompt plus `sampling.max_new_tokens` exceed the model's context;
@@ -137,7 +140,8 @@ class ServedModel:
         equal completions; greedy (temperature 0) decodes once and repeats it n times. `should_stop` is checked
         before encoding (`Cancelled` when True) and polled by the engine while it generates (`hf`: after every
         decode step; the completions then end there, with finish_reason "length"), so an abandoned request soon
-        stops costing model time."""
+        stops costing model time. `on_text(choice, text)`, when given, hears each choice's text in pieces as it is
+        generated (called from the generating thread; the pieces of a choice add up to its final text)."""
         if should_stop is not None and should_stop():
             raise Cancelled("the request was cancelled before generation")
         text = request_text(self.processor, sample)
@@ -150,10 +154,26 @@ class ServedModel:
             )
         runs = 1 if sampling.greedy else sampling.n
         seed = secrets.randbits(63) if seed is None else seed
+        streams = [TextStream(self.processor.tokenizer, stop) for _ in range(runs)] if on_text else []
+
+        def on_tokens(row: int, ids: list[int]) -> None:
+            _tell(on_text, row, streams[row].push(ids), sampling.n // runs)
+
         group = self.engine.generate([sample], runs, sampling, seeds=[seed], encoded=[enc],
                                      raw=[RawPrompt(text, images)], max_seconds=self.max_time,
-                                     should_stop=should_stop)[0]
+                                     should_stop=should_stop, on_tokens=on_tokens if on_text else None)[0]
         choices = [_choice(self.processor.tokenizer, c, stop) for c in group.completions]
+        for row, (stream, choice) in enumerate(zip(streams, choices)):
+            _tell(on_text, row, stream.finish(choice.text), sampling.n // runs)
         if runs < sampling.n:
             choices = [Choice(c.text, c.completion_tokens, c.finish_reason) for c in choices * sampling.n]
         return GenerationResult(prompt_tokens=prompt_len, choices=choices)
+
+
+def _tell(on_text: Callable[[int, str], None] | None, row: int, text: str, copies: int) -> None:
+    """Send `text` of engine row `row` to its choices: the row itself, or every choice when greedy decoding ran
+    once for all of them (`copies` = n)."""
+    if on_text is None or not text:
+        return
+    for choice in range(row, row + copies):
+        on_text(choice, text)
