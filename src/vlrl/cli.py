@@ -366,7 +366,8 @@ def cmd_export(rest: list[str]) -> None:
 
     p = argparse.ArgumentParser(prog="vlrl export", description="Write a checkpoint as a Hugging Face folder that "
                                 "from_pretrained loads; LoRA adapters are merged into the base model they name.")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (runs/X/checkpoints/step-N) or model")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint folder (runs/X/checkpoints/step-N, full or sharded) or model")
     p.add_argument("--out", required=True, help="a new (or empty) folder")
     p.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="float32")
     p.add_argument("--base", default=None, help="the base model of an adapter checkpoint (default: the one it names)")

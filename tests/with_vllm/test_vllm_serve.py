@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import time
@@ -92,6 +93,14 @@ def test_greedy_answers_equal_the_hf_served_ones(vllm_server: Served, hf_answers
     got = [_answer(vllm_server, body) for body in REQUESTS]
     assert got == hf_answers
     assert len({text for text, *_ in got}) == len(got) and all(text for text, *_ in got)
+    body = {**REQUESTS[1], "stream": True}  # streamed: the vllm engine gives the text whole, the same text
+    with httpx.stream("POST", vllm_server.url + "/v1/chat/completions", json=body, timeout=600.0) as r:
+        assert r.status_code == 200
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(c["delta"].get("content") or "" for c in chunks) == hf_answers[1][0]
+    assert chunks[-1]["finish_reason"] == hf_answers[1][1]
 
 
 def test_a_request_whose_client_goes_is_cancelled_and_the_next_is_answered(vllm_server: Served,

@@ -12,15 +12,27 @@ from vlrl.models.families import SUPPORTED_MODEL_TYPES, family_of_model
 from vlrl.models.lora import adapter_base, is_adapter_folder, load_adapters
 from vlrl.models.processor import load_processor
 
+# the subfolder of a sharded checkpoint (`checkpoint_format: sharded`) that holds torch.distributed.checkpoint's
+# per-rank files of the model and optimizer state; the checkpoint folder itself has the config and processor only
+SHARDED_STATE = "sharded"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / SHARDED_STATE / ".metadata").exists()
+
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                base: str | Path | None = None) -> PreTrainedModel:
     """The model of folder `path`; a LoRA adapter checkpoint (`vlrl.models.lora`) comes back merged into its base
-    model (the one its adapter config names, or `base`)."""
+    model (the one its adapter config names, or `base`). A sharded checkpoint is refused (`vlrl export` it)."""
     path = Path(path)
     if is_adapter_folder(path):
         model = load_model(base or adapter_base(path), dtype, attn_implementation)
         return load_adapters(model, path, trainable=False).merge_and_unload()
+    if is_sharded_checkpoint(path):
+        raise ValueError(f"{path} is a sharded checkpoint (checkpoint_format: sharded): its weights are split into "
+                         "per-rank files that only a training run resumes from; write a Hugging Face folder with "
+                         f"`vlrl export --checkpoint {path} --out DIR` and load that")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: not a model folder (no config.json); build one with `vlrl init-model`")
     cfg = AutoConfig.from_pretrained(path)

@@ -9,11 +9,17 @@ Training code works on the Hugging Face model with the adapters injected in plac
 so every forward, family lookup and engine sees the model type it knows; the `PeftModel` is kept for what only it
 does: `save_pretrained` of the adapters and `disable_adapter()` (the reference model of a KL penalty is the same
 model with its adapters off: no second copy).
+
+Under FSDP2 (`parallel: fsdp`) the blocks of that model are sharded with their adapters inside them (frozen and
+trainable parameters in one group); `disable_adapter()` only switches the adapter layers off, so the reference pass
+gathers the same blocks in the same order on every rank. A checkpoint gathers the adapters alone (`is_adapters`
+tells the harness) and rank 0 writes the same folder as in one process, which resumes at any world size.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,3 +103,9 @@ def load_adapters(model: Any, path: str | Path, trainable: bool) -> Any:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+
+
+def is_adapters(model: Any) -> bool:
+    """Whether `model` is a peft model (what a LoRA run saves: its adapters)."""
+    peft = sys.modules.get("peft")  # not imported: no peft model exists (and a run without LoRA never imports it)
+    return peft is not None and isinstance(model, peft.PeftModel)

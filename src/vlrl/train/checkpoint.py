@@ -1,6 +1,14 @@
 """Checkpoints: `checkpoints/step-N/` holds an HF model folder that transformers loads directly, plus
 `trainer_state.pt` (optimizer, scheduler, RNG states, step, data position) for exact resume.
 
+Two formats (`checkpoint_format`). `full`: rank 0 gathers the whole weights and optimizer state and writes them as
+above (eval, serve and the demo load the folder as it is). `sharded`: every rank writes its own part of the model
+and optimizer state with torch.distributed.checkpoint into `step-N/sharded/` (no rank holds the whole state), and
+rank 0 the HF config, the processor and `trainer_state.pt` without weights or optimizer, marked
+`checkpoint_format: sharded`; resume reads it at any world size and under any `parallel`, and `vlrl export` turns
+it into an HF folder. All ranks write into one folder: a run on several nodes needs its run directory on a
+filesystem they share. The RNG states are rank 0's in both formats (every rank restores those).
+
 A checkpoint is written to `step-N.tmp/` and renamed when complete, so a crash mid-write leaves the
 previous checkpoint as the newest complete one; the next save removes any `.tmp` folder left behind. A write that
 fails (a full or read-only disk) stops the run with `CheckpointWriteError`, naming the checkpoint resume will take.
@@ -17,6 +25,7 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +33,12 @@ import numpy as np
 import torch
 
 from vlrl.config import ConfigError
+from vlrl.models.loading import SHARDED_STATE
+from vlrl.train.dist import barrier
 
 STATE_FILE = "trainer_state.pt"
+FORMATS = ("full", "sharded")  # the values of the configs' `checkpoint_format`
+FORMAT_KEY = "checkpoint_format"  # the trainer state's marker of a sharded checkpoint (absent: full)
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -71,12 +84,60 @@ def save_checkpoint(run_dir: Path, step: int, model: Any, processor: Any, state:
         tmp.rename(final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)  # free what it took; if this fails too, the next save removes it
-        last = latest_checkpoint(run_dir)
-        resume = f"re-running resumes from {last}" if last is not None else "no checkpoint was written yet"
-        raise CheckpointWriteError(f"could not write checkpoint {final}: {err}; the run stopped ({resume})") from err
+        raise _write_error(run_dir, final, err) from err
+    _prune(run_dir, keep)
+    return final
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, write_shards: Callable[[Path], None], model: Any,
+                            processor: Any, state: dict[str, Any], keep: int, is_main: bool) -> Path:
+    """Write sharded checkpoint `step`, then prune all but the newest `keep` (a collective: every rank calls it).
+    `write_shards(folder)` writes this rank's files of the model and optimizer state
+    (`vlrl.train.parallel.save_sharded`) and returns once every rank's are written; rank 0 then adds `model`'s
+    config, the processor and `state`, and renames the folder complete. Every rank writes into the same
+    `step-N.tmp`, so on several nodes the run directory must be on a filesystem they share."""
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        if is_main:
+            remove_partial(root)
+            tmp.mkdir(parents=True)
+        barrier()  # the folder exists before any rank writes into it
+        write_shards(tmp / SHARDED_STATE)
+        if is_main:  # every rank's shards are written (DCP's save ends with rank 0's metadata after all of them)
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            torch.save({**state, FORMAT_KEY: "sharded"}, tmp / STATE_FILE)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+    except (OSError, CheckpointException) as err:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(run_dir, final, err) from err
+    if is_main:
+        _prune(run_dir, keep)
+    return final
+
+
+def is_sharded(state: dict[str, Any]) -> bool:
+    """Whether a trainer state (`load_state`) is a sharded checkpoint's: its weights are in `sharded/`."""
+    return state.get(FORMAT_KEY) == "sharded"
+
+
+def _write_error(run_dir: Path, final: Path, err: BaseException) -> CheckpointWriteError:
+    last = latest_checkpoint(run_dir)
+    resume = f"re-running resumes from {last}" if last is not None else "no checkpoint was written yet"
+    return CheckpointWriteError(f"could not write checkpoint {final}: {err}; the run stopped ({resume})")
+
+
+def _prune(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
-    return final
 
 
 def remove_partial(root: Path) -> None:

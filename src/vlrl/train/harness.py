@@ -5,7 +5,11 @@ the final save.
     harness = RunHarness(Path(cfg.out), info, schedule_of(cfg))
     start_from, state = harness.resume_point(cfg.model)   # the newest complete checkpoint, else cfg.model
     ...build model, optimizer, scheduler from start_from...
-    step, position = harness.restore(state, opt, sched)   # optimizer, scheduler, RNG, step, data position
+    step, position = harness.restore(state, opt, sched, root)   # optimizer, scheduler, RNG, step, data position
+
+A sharded checkpoint (`Schedule.checkpoint_format`, `vlrl.train.checkpoint`) holds no HF weights: `resume_point`
+gives the run's start model to build from, and `restore` loads the checkpoint's weights and optimizer state into
+the wrapped model (`root`) at whatever world size and `parallel` the resumed run has.
     step = harness.loop(step, position, step_fn, save=..., validate=..., desc="sft/full", postfix="loss")
 
 `step_fn(step, position) -> (record, rows, position)` runs one optimizer step on global batch `step` (whose
@@ -38,10 +42,18 @@ from typing import Any
 from tqdm import tqdm
 
 from vlrl.config import ConfigError, to_dict
+from vlrl.models.lora import is_adapters
 from vlrl.train import checkpoint as ckpt
 from vlrl.train.dist import DistInfo, barrier
 from vlrl.train.logging import MetricsLogger, scalars_of
-from vlrl.train.parallel import load_optimizer_state, model_state, optimizer_state
+from vlrl.train.parallel import (
+    load_optimizer_state,
+    load_sharded,
+    model_state,
+    optimizer_state,
+    save_sharded,
+    trainable_state,
+)
 from vlrl.train.trackers import Trackers
 
 StepFn = Callable[[int, int], tuple[dict[str, Any], list[dict[str, Any]], int]]
@@ -110,12 +122,20 @@ class Schedule:
     eval_every: int
     min_steps: int = 0
     nonfinite_limit: int = 0  # stop after this many steps in a row skipped for a non-finite loss (0: never)
+    checkpoint_format: str = "full"  # how checkpoints are written (`vlrl.train.checkpoint.FORMATS`)
 
 
 def schedule_of(cfg: Any) -> Schedule:
-    """The `Schedule` of a config that has its fields (SFTConfig, RLConfig)."""
+    """The `Schedule` of a config that has its fields (SFTConfig)."""
     return Schedule(cfg.max_steps, cfg.max_seconds, cfg.save_every, cfg.keep_checkpoints, cfg.log_every,
-                    cfg.eval_every, nonfinite_limit=cfg.nonfinite_limit)  # fmt: skip
+                    cfg.eval_every, nonfinite_limit=cfg.nonfinite_limit,
+                    checkpoint_format=format_of(cfg.checkpoint_format, cfg.lora.enabled))  # fmt: skip
+
+
+def format_of(checkpoint_format: str, lora: bool) -> str:
+    """The format a run's checkpoints are written in: LoRA runs save their adapters whole (they are small), so
+    `sharded` writes the full format under LoRA."""
+    return "full" if lora else checkpoint_format
 
 
 def steps_in_budget(max_steps: int, step: int, steps_done: int, seconds_done: float, seconds_left: float) -> int:
@@ -147,23 +167,42 @@ class RunHarness:
         self.rows = MetricsLogger(run_dir / "samples.jsonl", enabled=info.is_main) if row_log else None
         if schedule.nonfinite_limit < 0:
             raise ConfigError(f"nonfinite_limit must be >= 0 (0: never stop), got {schedule.nonfinite_limit}")
+        if schedule.checkpoint_format not in ckpt.FORMATS:
+            raise ConfigError(f"checkpoint_format {schedule.checkpoint_format!r}; valid: {', '.join(ckpt.FORMATS)}")
         self.nonfinite = NonFiniteCount(schedule.nonfinite_limit)
         self.t0 = time.perf_counter()
         self._line_clock = (self.t0, 0)  # (time, step) of the previous progress line, or of the loop's start
         self.start_from: str | None = None
+        self._sharded_from: Path | None = None  # the sharded checkpoint `restore` loads the weights of
+        self.restored_weights = False  # `restore` loaded weights into the model (after whatever used the start's)
 
     def resume_point(self, model: str) -> tuple[str, dict[str, Any] | None]:
-        """The newest complete checkpoint and its trainer state, or (`model`, None) for a fresh run."""
+        """The newest complete checkpoint and its trainer state, or (`model`, None) for a fresh run. A sharded
+        checkpoint comes back as (`model`, its state): the run builds from its start model, and `restore` loads
+        the checkpoint's weights into it once wrapped."""
         last = ckpt.latest_checkpoint(self.run_dir)
         self.start_from = model if last is None else str(last)
-        return (model, None) if last is None else (str(last), ckpt.load_state(last))
+        if last is None:
+            return model, None
+        state = ckpt.load_state(last)
+        if ckpt.is_sharded(state):
+            self._sharded_from = last
+            return model, state
+        return str(last), state
 
     def restore(self, state: dict[str, Any] | None, opt: Any, sched: Any, root: Any = None) -> tuple[int, int]:
         """Load optimizer, scheduler and RNG states; (step, data position) to continue from; start the clock.
-        `root`: the wrapped model (`vlrl.train.parallel`), which an FSDP2 optimizer state is sharded over."""
+        `root`: the wrapped model (`vlrl.train.parallel`), which an FSDP2 optimizer state is sharded over; from a
+        sharded checkpoint it gets the weights too (a collective then: every rank calls it)."""
         step, position, elapsed = 0, 0, 0.0
-        if state is not None:
+        if state is not None and self._sharded_from is not None:
+            if root is None:
+                raise ValueError("restoring a sharded checkpoint needs the wrapped model (root)")
+            load_sharded(root, opt, self._sharded_from / ckpt.SHARDED_STATE)
+            self.restored_weights = True
+        elif state is not None:
             load_optimizer_state(root, opt, state["optimizer"])
+        if state is not None:
             sched.load_state_dict(state["scheduler"])
             ckpt.set_rng_state(state["rng"])
             step, position, elapsed = state["step"], state["position"], state.get("elapsed", 0.0)
@@ -191,16 +230,24 @@ class RunHarness:
              extra: dict[str, Any] | None = None) -> None:
         """Checkpoint `step` (rank 0 writes; every rank waits): weights, optimizer, scheduler, RNG, position, and
         `extra` (more trainer state under its own keys, e.g. SFT's data stream; back in `resume_point`'s state).
-        Under FSDP2 (`root`) every rank first helps gather the whole weights and optimizer state to rank 0, so the
-        checkpoint is the same at any world size and resumes at any other."""
+        Full format: under FSDP2 (`root`) every rank first helps gather the whole weights and optimizer state to
+        rank 0, so the checkpoint is the same at any world size and resumes at any other. Sharded: every rank
+        writes its own part of the weights and optimizer state (`vlrl.train.checkpoint`), which resumes at any
+        world size too."""
         barrier()
-        weights = model_state(root)
-        optimizer = optimizer_state(root, opt)
-        if self.info.is_main:
-            state = {"optimizer": optimizer, "scheduler": sched.state_dict(), "rng": ckpt.rng_state(),
-                     "step": step, "position": position, "elapsed": self.elapsed(),
-                     "nonfinite": self.nonfinite.state_dict(), **(extra or {})}  # fmt: skip
-            ckpt.save_checkpoint(self.run_dir, step, model, processor, state, keep=self.schedule.keep_checkpoints,
+        sharded = self.schedule.checkpoint_format == "sharded"
+        # LoRA (`model` is the peft model): the adapters only; the frozen base stays the start model's
+        weights = None if sharded else trainable_state(root, model) if is_adapters(model) else model_state(root)
+        optimizer = None if sharded else optimizer_state(root, opt)
+        state = {"scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "step": step, "position": position,
+                 "elapsed": self.elapsed(), "nonfinite": self.nonfinite.state_dict(), **(extra or {})}  # fmt: skip
+        keep = self.schedule.keep_checkpoints
+        if sharded:
+            target = root if root is not None else model
+            ckpt.save_sharded_checkpoint(self.run_dir, step, lambda path: save_sharded(target, opt, path), model,
+                                         processor, state, keep, self.info.is_main)
+        elif self.info.is_main:
+            ckpt.save_checkpoint(self.run_dir, step, model, processor, {"optimizer": optimizer, **state}, keep=keep,
                                  weights=weights)
         barrier()
 

@@ -160,6 +160,21 @@ def _nothing(model: nn.Module) -> None:
     return None
 
 
+def trainable_state(root: Any, named: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Under FSDP2 the whole tensors of the trainable parameters only (LoRA's adapters: small, unlike the frozen
+    base they sit in), on rank 0 and on CPU, a collective (every rank calls it); named as `named`, a module holding
+    the same parameters (the peft model around the trained one), names them. None otherwise."""
+    if not is_fsdp(root):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd: dict[str, Any] = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                             ignore_frozen_params=True))
+    name_of = {id(p): n for n, p in named.named_parameters()}  # the same parameter objects as the root's
+    trainable = {n: p for n, p in root.named_parameters() if p.requires_grad}  # the state may keep tied frozen ones
+    return {name_of[id(trainable[k])]: v for k, v in sd.items() if k in trainable}
+
+
 def clip_grads(params: list[nn.Parameter], max_norm: float) -> float:
     """`clip_grad_norm_` of `params` (sharded gradients included: their norm is the whole gradient's)."""
     total = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -245,3 +260,54 @@ def matched_count(n_local: int, root: Any) -> int:
     t = torch.tensor([n_local], dtype=torch.long)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def save_sharded(root: Any, opt: torch.optim.Optimizer, path: Any) -> None:
+    """Write the model and optimizer state of `root` to folder `path` with torch.distributed.checkpoint: each rank
+    writes its own shard file (FSDP2's shards; under DDP or one process the replicated tensors are spread over the
+    ranks once), rank 0 the metadata. A collective: every rank calls it, and it returns once every rank's files
+    are written. One process without a process group writes them all itself."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(root, opt)
+    with _one_process_quiet():
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
+
+
+def load_sharded(root: Any, opt: torch.optim.Optimizer, path: Any) -> None:
+    """Load a `save_sharded` folder into `root` and `opt` at any world size and under any `parallel`: DCP reads the
+    parts of each tensor this rank holds, whichever ranks wrote them. A collective like `save_sharded`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model_sd, optim_sd = get_state_dict(root, opt)  # this rank's tensors, the destinations of the load
+    sd: dict[str, Any] = {"model": model_sd, "optimizer": dict(optim_sd)}
+    # AdamW keeps no state for a parameter that never had a gradient (a vision tower on text-only data), but
+    # get_state_dict gives a fresh optimizer state for all: keep only those the checkpoint has, as it had them
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    has_state = {k.rsplit(".", 1)[0] for k in saved if k.startswith("optimizer.state.")}
+    sd["optimizer"]["state"] = {n: v for n, v in sd["optimizer"]["state"].items()
+                                if f"optimizer.state.{n}" in has_state}
+    with _one_process_quiet():
+        dcp.load(sd, checkpoint_id=path)  # in place: the tensors (and the optimizer's plain values) of `sd`
+    set_model_state_dict(root, sd["model"])
+    # not strict: the parameters left out above get no state, as in the run that saved (AdamW adds it at their
+    # first gradient)
+    set_optimizer_state_dict(root, opt, sd["optimizer"], options=StateDictOptions(strict=False))
+
+
+@contextlib.contextmanager
+def _one_process_quiet() -> Iterator[None]:
+    """DCP warns on every save and load that it assumes one process when there is no process group: that is
+    this case's intent, so the warning is dropped."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield

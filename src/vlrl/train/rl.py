@@ -76,7 +76,7 @@ from vlrl.rewards.registry import RewardSpec
 from vlrl.rewards.runner import RewardRunner
 from vlrl.rollout.base import RolloutEngine, make_engine
 from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
-from vlrl.train.harness import RL_PROGRESS, RunHarness, Schedule
+from vlrl.train.harness import RL_PROGRESS, RunHarness, Schedule, format_of
 from vlrl.train.logprobs import rows_logprobs_nograd
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
 from vlrl.train.parallel import autocast_here, full_weights, wrap
@@ -328,7 +328,8 @@ def schedule(cfg: RLConfig) -> Schedule:
     log = cfg.logging
     return Schedule(max_steps=cfg.max_steps, max_seconds=cfg.max_seconds, save_every=log.save_every,
                     keep_checkpoints=log.keep_checkpoints, log_every=log.log_every, eval_every=cfg.validation.every,
-                    nonfinite_limit=cfg.nonfinite_limit)
+                    nonfinite_limit=cfg.nonfinite_limit,
+                    checkpoint_format=format_of(cfg.checkpoint_format, cfg.lora.enabled))
 
 
 def run_rl(cfg: RLConfig) -> Path:
@@ -357,6 +358,7 @@ def _train(cfg: RLConfig, info: DistInfo) -> int:
     try:
         val = _load_val(cfg)
         step, position = harness.restore(state, run.opt, run.sched, run.root)
+        run.engine_stale = run.engine_stale or harness.restored_weights  # the engine took the start model's
         step = harness.loop(
             step, position, lambda step, position: rl_step(run, step, position),
             desc=f"rl/{cfg.algorithm.loss}", postfix="reward/mean",

@@ -162,6 +162,10 @@ class RLConfig:
     parallel: str = "ddp"  # several ranks (torchrun): ddp (whole model per rank) | fsdp (FSDP2: weights, gradients
     #   and optimizer state sharded; the reference too) | none (one process only); see vlrl.train.parallel
     cpu_offload: bool = False  # fsdp: keep the shards and optimizer state in host memory
+    checkpoint_format: str = "full"  # full: rank 0 writes an HF folder (eval/serve load it) | sharded: each rank
+    #   writes its own part of the weights and optimizer state (torch.distributed.checkpoint; no rank gathers the
+    #   whole model; `vlrl export` makes an HF folder of it); either resumes at any world size. LoRA runs write
+    #   full (their adapters are small). May change on resume (see vlrl.train.checkpoint)
     dist_timeout: float = 1800.0  # seconds a rank waits for the others in a collective (e.g. while rank 0
     #   validates or writes a checkpoint) before the run fails
 
@@ -203,7 +207,7 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
                 raise ValueError(f"{key} must be >= 1, got {getattr(obj, name)}")
     check_ranges(_ranges(cfg))
     check_lora("lora", cfg.lora)
-    check_parallel(cfg.parallel, cfg.lora.enabled, cfg.cpu_offload)
+    check_parallel(cfg.parallel, cfg.cpu_offload)
     if cfg.parallel == "fsdp" and r.engine == "vllm":
         raise ValueError("parallel fsdp with rollout.engine vllm is not supported yet (the weight push reads whole "
                          "tensors); use parallel ddp, or rollout.engine hf")

@@ -40,11 +40,12 @@ LOCK_FILE = ".lock"
 HISTORY_FILE = "config.history.jsonl"
 RESUME_CHANGES = ("refuse", "allow")  # the values of the configs' `resume_changes` key
 
-# keys that only extend or observe a run, or say how it is spread over ranks (checkpoints hold the whole state,
-# whatever the world size and `parallel`): a resume may change them (a dotted prefix covers a whole section)
+# keys that only extend or observe a run, or say how it is spread over ranks or saved (checkpoints of either
+# format resume at any world size and `parallel`, whatever `checkpoint_format` says now): a resume may change
+# them (a dotted prefix covers a whole section)
 SFT_FREE_KEYS = ("out", "max_steps", "max_seconds", "save_every", "keep_checkpoints", "log_every", "report_to",
                  "val_data", "val_limit", "eval_every", "threads", "cache_encoded", "resume_changes",
-                 "nonfinite_limit", "dist_timeout", "parallel", "cpu_offload")  # fmt: skip
+                 "nonfinite_limit", "dist_timeout", "parallel", "cpu_offload", "checkpoint_format")  # fmt: skip
 # The vLLM worker's place, resources and patience may change on resume; what it samples may not. So
 # `rollout.engine` (hf and vllm draw from different random streams: the same seeds give other completions),
 # `rollout.vllm.dtype` (the precision of the logits tokens are drawn from) and `rollout.vllm.max_model_len` (it can
@@ -53,7 +54,7 @@ RL_VLLM_FREE_KEYS = tuple(f"rollout.vllm.{k}" for k in ("url", "python", "gpu_me
                                                         "startup_timeout", "request_timeout", "retries", "token_env"))
 RL_FREE_KEYS = ("out", "max_steps", "max_seconds", "threads", "gradient_checkpointing", "logprob_chunk_tokens",
                 "logging", "validation", "resume_changes", "nonfinite_limit", "dist_timeout", "parallel", "cpu_offload",
-                *RL_VLLM_FREE_KEYS)  # fmt: skip
+                "checkpoint_format", *RL_VLLM_FREE_KEYS)  # fmt: skip
 
 
 class RunLock:

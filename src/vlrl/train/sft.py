@@ -89,6 +89,10 @@ class SFTConfig:
     dtype: str = "float32"  # float32 | bfloat16 (bf16 forwards, fp32 master weights and AdamW state) |
     #   pure_bfloat16 (all bf16: half the memory, but small updates are lost; see vlrl.train.precision)
     save_every: int = 50  # checkpoint every this many steps (and at the end)
+    checkpoint_format: str = "full"  # full: rank 0 writes an HF folder (eval/serve load it) | sharded: each rank
+    #   writes its own part of the weights and optimizer state (torch.distributed.checkpoint; no rank gathers the
+    #   whole model; `vlrl export` makes an HF folder of it); either resumes at any world size. LoRA runs write
+    #   full (their adapters are small). May change on resume (see vlrl.train.checkpoint)
     keep_checkpoints: int = 2  # newest checkpoints kept in out/checkpoints, older ones deleted (0: keep all)
     log_every: int = 10  # a metrics.jsonl line every this many steps (and at the last and validation steps)
     report_to: list[str] = field(default_factory=list)  # experiment trackers that also get the metrics and
@@ -123,7 +127,7 @@ class SFTConfig:
         check_adam_betas("adam_betas", self.adam_betas)
         precision_of(self.dtype)
         check_lora("lora", self.lora)
-        check_parallel(self.parallel, self.lora.enabled, self.cpu_offload)
+        check_parallel(self.parallel, self.cpu_offload)
         if self.lora.enabled and self.stage != "full":
             raise ValueError(f"lora needs stage full (stage {self.stage} trains the merger's own weights)")
         check_run(self.model, self.data, self.out)
@@ -205,11 +209,9 @@ def sft_backward(root: Any, processor: Any, samples: list, indices: list[int], l
     return {"loss": total, "target_tokens": float(n_tok_global)}
 
 
-def check_parallel(mode: str, lora: bool, cpu_offload: bool) -> None:
+def check_parallel(mode: str, cpu_offload: bool) -> None:
     """`parallel` and what goes with it, refused with the key's name before anything loads."""
     check_names([("parallel", mode, PARALLEL)])
-    if mode == "fsdp" and lora:
-        raise ValueError("lora with parallel fsdp is not supported yet; use parallel ddp")
     if cpu_offload and mode != "fsdp":
         raise ValueError(f"cpu_offload needs parallel fsdp (got {mode})")
 
