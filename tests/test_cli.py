@@ -13,30 +13,42 @@ pytestmark = pytest.mark.slow
 
 
 def vlrl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "vlrl.cli", *args], capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
+    return vlrl_all([*args], check=check)[0]
+
+
+def vlrl_all(*commands: list[str], check: bool = True) -> list[subprocess.CompletedProcess]:
+    """Run independent `vlrl` commands side by side (each one mostly pays its imports, on its own core)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "vlrl.cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in commands]
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+        if check:
+            assert proc.returncode == 0, out + err
+    return done
 
 
 def test_init_model_synth_sft_eval_infer(tmp_path: Path):
-    out = vlrl("init-model", "--arch", "qwen2.5-vl", "--size", "tiny", "--out", str(tmp_path / "m")).stdout
-    assert "qwen2.5-vl/tiny" in out and "M parameters" in out
-    vlrl("data", "synth", "--task", "counting", "--n", "24", "--seed", "3", "--out", str(tmp_path / "d"))
-    vlrl("data", "synth", "--task", "counting", "--n", "8", "--seed", "3", "--split", "test", "--out", str(tmp_path / "d"))
+    made, _, _ = vlrl_all(
+        ["init-model", "--arch", "qwen2.5-vl", "--size", "tiny", "--out", str(tmp_path / "m")],
+        ["data", "synth", "--task", "counting", "--n", "24", "--seed", "3", "--out", str(tmp_path / "d")],
+        ["data", "synth", "--task", "counting", "--n", "8", "--seed", "3", "--split", "test",
+         "--out", str(tmp_path / "d")])
+    assert "qwen2.5-vl/tiny" in made.stdout and "M parameters" in made.stdout
     train = tmp_path / "d" / "counting" / "train.jsonl"
     assert len(train.read_text().splitlines()) == 24
     vlrl("sft", "--model", str(tmp_path / "m"), "--data", str(train), "--out", str(tmp_path / "run"),
          "max_steps=2", "batch_size=4", "micro_batch_size=2", "save_every=2")
     ckpt = tmp_path / "run" / "checkpoints" / "step-2"
     assert (ckpt / "model.safetensors").exists()
-    res = vlrl("eval", "--model", str(ckpt), "--data", str(tmp_path / "d" / "counting" / "test.jsonl"),
-               "--out", str(tmp_path / "results.json"), "max_new_tokens=4").stdout
-    summary = json.loads((tmp_path / "results.json").read_text())
-    assert summary["n"] == 8 and "counting" in summary["by_category"] and "accuracy" in res
     image = next((tmp_path / "d" / "counting" / "images").glob("train-*.png"))
-    answer = vlrl("infer", "--model", str(ckpt), "--image", str(image), "--prompt", "How many shapes?",
-                  "--max-new-tokens", "4")
+    res, answer = vlrl_all(
+        ["eval", "--model", str(ckpt), "--data", str(tmp_path / "d" / "counting" / "test.jsonl"),
+         "--out", str(tmp_path / "results.json"), "max_new_tokens=4"],
+        ["infer", "--model", str(ckpt), "--image", str(image), "--prompt", "How many shapes?", "--max-new-tokens", "4"])
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["n"] == 8 and "counting" in summary["by_category"] and "accuracy" in res.stdout
     assert answer.stdout.endswith("\n") and len(answer.stdout.splitlines()) == 1  # one answer line
 
 

@@ -232,17 +232,28 @@ def test_metrics_has_one_line_per_batch(tiny_model_dir, synth_dir, tmp_path):
     assert _lines(out / "metrics.jsonl") == metrics
 
 
-def _vlrl(*args: str, **kw) -> subprocess.CompletedProcess:
+def _vlrl_all(*commands: list[str], torchrun: int = 0) -> list[subprocess.CompletedProcess]:
+    """Independent `vlrl` commands side by side (each mostly pays its imports, on its own core); `torchrun`: launch
+    the last one on that many ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "vlrl.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=env, **kw)
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--standalone"]
+    procs = [subprocess.Popen([*(launch if torchrun and i == len(commands) - 1 else [sys.executable]), "-m",
+                               "vlrl.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, args in enumerate(commands)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
 def test_cli_end_to_end_and_missing_files(tiny_model_dir, synth_dir, tmp_path):
     data = str(synth_dir / "chart" / "train.jsonl")
-    proc = _vlrl("curate", "--model", str(tiny_model_dir), "--data", data, "--out", str(tmp_path / "c"),
-                 "--n", "2", "--band", "0,0.6", "--reward", "accuracy", "--reward", "format", "--rank-by-gap",
-                 "--max-keep", "3", "--parquet", "limit=5", "max_new_tokens=4", "threads=1", "template=fast")
+    missing = tmp_path / "nope.jsonl"
+    proc, nodata, nomodel, badband = _vlrl_all(
+        ["curate", "--model", str(tiny_model_dir), "--data", data, "--out", str(tmp_path / "c"), "--n", "2", "--band",
+         "0,0.6", "--reward", "accuracy", "--reward", "format", "--rank-by-gap", "--max-keep", "3", "--parquet",
+         "limit=5", "max_new_tokens=4", "threads=1", "template=fast"],
+        ["curate", "--model", str(tiny_model_dir), "--data", str(missing), "--out", str(tmp_path / "m1")],
+        ["curate", "--model", str(tmp_path / "no-model"), "--data", data, "--out", str(tmp_path / "m2"), "limit=2"],
+        ["curate", "--model", str(tiny_model_dir), "--data", data, "--out", str(tmp_path / "m3"), "--band", "0.6,0.1"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "pass-rate histogram" in proc.stdout and "items 5" in proc.stdout
     cfg = (tmp_path / "c" / "config.yaml").read_text()
@@ -251,16 +262,10 @@ def test_cli_end_to_end_and_missing_files(tiny_model_dir, synth_dir, tmp_path):
     assert report["n_items"] == 5 and report["band"] == [0.0, 0.6] and report["max_keep"] == 3
     assert sum(report["pass_histogram"].values()) == 5 and set(report["pass_histogram"]) == {"0/2", "1/2", "2/2"}
     assert (tmp_path / "c" / "kept.parquet").exists() and len(_lines(tmp_path / "c" / "samples.jsonl")) == 5
-    missing = tmp_path / "nope.jsonl"
-    proc = _vlrl("curate", "--model", str(tiny_model_dir), "--data", str(missing), "--out", str(tmp_path / "m"))
-    assert proc.returncode == 2 and f"data error: {missing}" in proc.stderr and "no such data file" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    proc = _vlrl("curate", "--model", str(tmp_path / "no-model"), "--data", data, "--out", str(tmp_path / "m"),
-                 "limit=2")
-    assert proc.returncode == 2 and "not a model folder" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _vlrl("curate", "--model", str(tiny_model_dir), "--data", data, "--out", str(tmp_path / "m"),
-                 "--band", "0.6,0.1")
-    assert proc.returncode == 2 and "band" in proc.stderr
+    assert nodata.returncode == 2 and f"data error: {missing}" in nodata.stderr
+    assert "no such data file" in nodata.stderr and "Traceback" not in nodata.stderr
+    assert nomodel.returncode == 2 and "not a model folder" in nomodel.stderr and "Traceback" not in nomodel.stderr
+    assert badband.returncode == 2 and "band" in badband.stderr
 
 
 @pytest.mark.slow
@@ -297,12 +302,8 @@ def test_sigkill_then_rerun_skips_finished_items(tiny_model_dir, synth_dir, tmp_
 def test_torchrun_two_ranks_write_what_one_writes(tiny_model_dir, synth_dir, tmp_path):
     args = ["curate", "--model", str(tiny_model_dir), "--data", str(synth_dir / "compare" / "train.jsonl"),
             "n=3", "limit=10", "batch_size=1", "max_new_tokens=4", "threads=1", "--reward", "format_lenient"]
-    one = _vlrl(*args, "--out", str(tmp_path / "one"))
+    one, two = _vlrl_all([*args, "--out", str(tmp_path / "one")], [*args, "--out", str(tmp_path / "two")], torchrun=2)
     assert one.returncode == 0, one.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          "-m", "vlrl.cli", *args, "--out", str(tmp_path / "two")], env=env, capture_output=True,
-                         text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr
     for name in ("samples.jsonl", "stats.jsonl", "kept.jsonl"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name

@@ -7,14 +7,13 @@ the cheaper of the two; RL's resume from a sharded checkpoint is checked in one 
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from proc_tree import kill_tree
 from safetensors.torch import load_file
 from test_parallel import _close, _finish, _launch, _sft, _weights
 from transformers import AutoModelForImageTextToText
@@ -133,28 +132,6 @@ def test_export_of_a_sharded_checkpoint_loads_with_the_trained_weights(saved, tm
     assert all(v.dtype == torch.bfloat16 for v in load_file(tmp_path / "bf16" / "model.safetensors").values())
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL `pid` and every process below it: torchrun starts each rank in a session of its own, so killing the
-    launcher's process group leaves the ranks running."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended meanwhile
-            continue
-        parent[int(stat.parent.name)] = int(fields[1])
-    tree, grew = {pid}, True
-    while grew:
-        below = {p for p, pp in parent.items() if pp in tree} - tree
-        tree |= below
-        grew = bool(below)
-    for p in sorted(tree, key=lambda p: p == pid):  # the ranks first, so none goes on past the launcher
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.slow
 def test_fsdp_sharded_checkpoint_resumes_at_one_and_four_ranks(tiny_model_dir, synth_dir, tmp_path):
     """An FSDP2 run at 2 ranks writing sharded checkpoints, SIGKILLed after step 2, resumes at 1 rank (writing the
@@ -169,7 +146,7 @@ def test_fsdp_sharded_checkpoint_resumes_at_one_and_four_ranks(tiny_model_dir, s
     while not (run / "checkpoints" / "step-2").exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
         time.sleep(0.05)
-    _kill_tree(proc.pid)
+    kill_tree(proc.pid)
     proc.wait()
     assert not (run / "checkpoints" / "step-4").exists()  # it really died mid-run
     step2 = run / "checkpoints" / "step-2"

@@ -1,6 +1,6 @@
 """RL on the tiny model for real (after a short SFT so that rewards vary): the GSPO, DAPO and Dr.GRPO tiny
-recipes train for 20 steps; a 2-process torchrun step equals the 1-process one; SIGKILL then the same
-command resumes to the same weights as an uninterrupted run."""
+recipes train for 20 steps; torchrun steps of 2 and 4 processes (ddp and fsdp) equal the 1-process ones; SIGKILL
+then the same command resumes to the same weights as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -110,20 +110,24 @@ CROSS_RANK = {"rollout.batch_size": 4, "rollout.dynamic_sampling": "true", "algo
 
 @pytest.fixture(scope="module")
 def one_process_run(sft_model, synth_dir, tmp_path_factory) -> Path:
-    """The 2-step `CROSS_RANK` run of one process that the torchrun runs are compared with."""
+    """The 2-step `CROSS_RANK` run of one process that the torchrun runs are compared with (in this process: no
+    launch to pay for)."""
     out = tmp_path_factory.mktemp("rl-one") / "one"
-    one = _cli(_rl_args("tiny-grpo", sft_model, synth_dir, out, 2, CROSS_RANK))
-    log = one.communicate(timeout=600)[0]
-    assert one.returncode == 0, log
+    over = _overrides(sft_model, synth_dir, out, 2, {"threads": 1, **CROSS_RANK})
+    before = torch.get_num_threads()
+    try:
+        run_rl(load_config(RLConfig, RECIPES / "tiny-grpo.yaml", over))
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_two_processes_match_one(sft_model, synth_dir, tmp_path, parallel, one_process_run):
+@pytest.mark.parametrize(("parallel", "ranks"), [("ddp", 2), ("fsdp", 2), ("ddp", 4), ("fsdp", 4)])
+def test_torchrun_ranks_match_one_process(sft_model, synth_dir, tmp_path, parallel, ranks, one_process_run):
     kw = {**CROSS_RANK, "parallel": parallel}
     (tmp_path / "one").symlink_to(one_process_run, target_is_directory=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone",
                           "-m", "vlrl.cli", *_rl_args("tiny-grpo", sft_model, synth_dir, tmp_path / "two", 2, kw)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr

@@ -1,5 +1,5 @@
-"""SFT on the tiny model for real: parameters move, loss falls, exact resume after SIGKILL, and a
-2-process torchrun run computes the same loss curve as 1 process."""
+"""SFT on the tiny model for real: parameters move, loss falls, exact resume after SIGKILL, and torchrun runs of
+2 and 4 processes (ddp and fsdp) compute the same loss curve and weights as 1 process."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 from killrun import kill_when_exists
 from safetensors.torch import load_file
 
+from vlrl.config import load_config
 from vlrl.train.logging import read_metrics
 from vlrl.train.sft import SFTConfig, run_sft
 
@@ -75,11 +76,12 @@ def _sft_args(model: Path, data: Path, out: Path, steps: int) -> list[str]:
 
 
 def test_sigkill_then_rerun_resumes_exactly(tiny_model_dir, synth_dir, tmp_path):
-    ref = _cli(_sft_args(tiny_model_dir, synth_dir, tmp_path / "ref", 8))
-    assert ref.wait(timeout=300) == 0, ref.stdout.read() if ref.stdout else ""
+    ref = _cli(_sft_args(tiny_model_dir, synth_dir, tmp_path / "ref", 8))  # beside the run to kill
     args = _sft_args(tiny_model_dir, synth_dir, tmp_path / "run", 8)
     proc = _cli(args)
     kill_when_exists(proc, tmp_path / "run" / "checkpoints" / "step-4")
+    ref_out = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, ref_out
     assert not (tmp_path / "run" / "checkpoints" / "step-8").exists()  # it really died mid-run
     again = _cli(args)
     out = again.communicate(timeout=300)[0]
@@ -93,18 +95,23 @@ def test_sigkill_then_rerun_resumes_exactly(tiny_model_dir, synth_dir, tmp_path)
 
 @pytest.fixture(scope="module")
 def one_process_run(tiny_model_dir, synth_dir, tmp_path_factory) -> Path:
-    """The 4-step run of one process that the torchrun runs are compared with."""
+    """The 4-step run of one process that the torchrun runs are compared with (in this process: no launch to pay
+    for)."""
     out = tmp_path_factory.mktemp("sft-one") / "one"
-    one = _cli(_sft_args(tiny_model_dir, synth_dir, out, 4))
-    assert one.wait(timeout=300) == 0, one.stdout.read() if one.stdout else ""
+    cfg = load_config(SFTConfig, None, _sft_args(tiny_model_dir, synth_dir, out, 4)[1:])
+    before = torch.get_num_threads()
+    try:
+        run_sft(cfg)
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_two_processes_match_one(tiny_model_dir, synth_dir, tmp_path, parallel, one_process_run):
+@pytest.mark.parametrize(("parallel", "ranks"), [("ddp", 2), ("fsdp", 2), ("ddp", 4), ("fsdp", 4)])
+def test_torchrun_ranks_match_one_process(tiny_model_dir, synth_dir, tmp_path, parallel, ranks, one_process_run):
     (tmp_path / "one").symlink_to(one_process_run, target_is_directory=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone",
                           "-m", "vlrl.cli", *_sft_args(tiny_model_dir, synth_dir, tmp_path / "two", 4),
                           f"parallel={parallel}"],
                          env=env, capture_output=True, text=True, timeout=600)

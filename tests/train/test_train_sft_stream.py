@@ -113,11 +113,17 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes_exactly_and_two_ranks_match_one(tiny_model_dir, tmp_path):
     data = write_dataset(tmp_path / "ds", 60, 3, row_group_size=7)
+    # the reference, the run to kill and the 2-rank run are independent: side by side, each mostly paying its imports
     ref = _cli(_sft_args(tiny_model_dir, data, tmp_path / "ref", 8))
-    assert ref.wait(timeout=300) == 0, ref.stdout.read() if ref.stdout else ""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                            "-m", "vlrl.cli", *_sft_args(tiny_model_dir, data, tmp_path / "two", 4)],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     args = _sft_args(tiny_model_dir, data, tmp_path / "run", 8)
     proc = _cli(args)
     kill_when_exists(proc, tmp_path / "run" / "checkpoints" / "step-4")
+    ref_out = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, ref_out
     assert not (tmp_path / "run" / "checkpoints" / "step-8").exists()  # it really died mid-run
     state = load_state(tmp_path / "run" / "checkpoints" / "step-4")
     assert state["position"] == 32 and state["stream"]["drawn"] == 32 and len(state["stream"]["buffer"]) == 19
@@ -133,11 +139,8 @@ def test_sigkill_then_rerun_resumes_exactly_and_two_ranks_match_one(tiny_model_d
     assert [m["loss"] for m in m_run] == [m["loss"] for m in m_ref]  # the same batches
 
     # torchrun: both ranks read the stream, each trains its half of every batch: the same losses as 1 process
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          "-m", "vlrl.cli", *_sft_args(tiny_model_dir, data, tmp_path / "two", 4)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stdout + two.stderr
+    two_out = two.communicate(timeout=600)[0]
+    assert two.returncode == 0, two_out
     l2 = [m["loss"] for m in read_metrics(tmp_path / "two" / "metrics.jsonl")]
     assert l2 == pytest.approx([m["loss"] for m in m_ref[:4]], rel=1e-4, abs=1e-5)
 
@@ -179,12 +182,17 @@ print(json.dumps({"base": base, "peak": hwm_mb(), "distinct": len(seen)}))
 """
 
 
-def _data_path_rss(model: Path, data: Path, stream: bool, n: int) -> dict[str, float]:
+def _data_path_rss(model: Path, data: Path, streams: tuple[bool, ...], n: int) -> list[dict[str, float]]:
+    """`_DATA_PATH` once per entry of `streams`, the processes side by side (each measures only itself)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", _DATA_PATH, str(model), str(data), str(stream).lower(), str(n)],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout + run.stderr
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    procs = [subprocess.Popen([sys.executable, "-c", _DATA_PATH, str(model), str(data), str(stream).lower(), str(n)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for stream in streams]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out + err
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
 
 
 @pytest.mark.slow
@@ -194,8 +202,7 @@ def test_streamed_data_path_memory_does_not_grow_with_the_data(tiny_model_dir, t
     n = 50_000
     text = " Think step by step, write your reasoning, then give the number of sides alone in the answer tags." * 4
     data = write_dataset(tmp_path / "ds", n, 5, text=text)  # ~450 characters of text a row, as instruction data
-    streamed = _data_path_rss(tiny_model_dir, data, True, n)
-    whole = _data_path_rss(tiny_model_dir, data, False, n)
+    streamed, whole = _data_path_rss(tiny_model_dir, data, (True, False), n)
     grew_streamed, grew_whole = streamed["peak"] - streamed["base"], whole["peak"] - whole["base"]
     assert grew_whole > 100, whole  # the Samples of 50,000 rows (a few KB each)
     assert grew_streamed < 0.5 * grew_whole, (streamed, whole)
