@@ -122,9 +122,13 @@ def one_process_run(sft_model, synth_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize(("parallel", "ranks"), [("ddp", 2), ("fsdp", 2), ("ddp", 4), ("fsdp", 4)])
-def test_torchrun_ranks_match_one_process(sft_model, synth_dir, tmp_path, parallel, ranks, one_process_run):
-    kw = {**CROSS_RANK, "parallel": parallel}
+@pytest.mark.parametrize(("parallel", "ranks", "checkpointing"),
+                         [("ddp", 2, False), ("fsdp", 2, True), ("ddp", 4, False), ("fsdp", 4, False)])
+def test_torchrun_ranks_match_one_process(sft_model, synth_dir, tmp_path, parallel, ranks, checkpointing,
+                                          one_process_run):
+    """`checkpointing`: activation checkpointing (with the shared prefix, under FSDP2) replays the same forwards,
+    so it is compared with the same 1-process run without it."""
+    kw = {**CROSS_RANK, "parallel": parallel, **({"gradient_checkpointing": True} if checkpointing else {})}
     (tmp_path / "one").symlink_to(one_process_run, target_is_directory=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone",

@@ -2,8 +2,8 @@
 plain [prompt | completion] forward: the same positions, log-probs and gradients (fp32, within 1e-5), for
 prompts of different lengths (left padding), with and without an image, micro-batches that split groups, and
 completions of different lengths (one of a single token). On both model families: Qwen2-VL (M-RoPE from its rope
-index) and InternVL (1-D positions, one vision output per tile); where the shared prefix cannot run (activation
-checkpointing) the update is the plain path's."""
+index) and InternVL (1-D positions, one vision output per tile); with activation checkpointing too (the prompt
+pass once, the completions replayed against the prefix cache), where the update is the plain path's."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from vlrl.models.families import QWEN_VL, family_of_model
 from vlrl.models.inputs import collate, encode_for_generation, encode_prompt
 from vlrl.models.loading import load_model_and_processor
 from vlrl.models.processor import image_token_id, vision_token_ids
-from vlrl.rollout.prefix import prompt_inputs, prompt_positions, text_positions
+from vlrl.rollout.prefix import cache_layers, prompt_inputs, prompt_positions, text_positions
 from vlrl.train.dist import DistInfo
 from vlrl.train.logprobs import build_rows, length_order, row_logprobs, rows_logprobs_nograd
 from vlrl.train.rl_update import LossSpec, UpdateBatch, policy_update
@@ -139,16 +139,20 @@ def test_nograd_logprobs_and_update_match(setup):
     assert max(float((x - y).abs().max()) for x, y in zip(*finals)) < 1e-5
 
 
-def test_activation_checkpointing_falls_back_to_the_plain_layout(setup):
-    """Activation checkpointing drops the KV cache: with the shared prefix requested, the update is the plain
-    layout's (the same parameters after the step as without checkpointing and shared_prefix off)."""
+def test_activation_checkpointing_keeps_the_shared_prefix_and_its_update(setup):
+    """With activation checkpointing the shared prefix still runs: the prompt pass once, unreplayed (it writes the
+    KV cache), the completion pass replayed in the backward against the read-only prefix cache; the update equals
+    the plain layout's without checkpointing (the same parameters after the step)."""
     model, processor, groups = setup
     pad, img = processor.tokenizer.pad_token_id, image_token_id(processor)
-    finals = []
-    for checkpointing, shared_prefix in ((True, True), (False, False)):
+    finals, calls = [], []
+    for checkpointing, shared_prefix in ((True, True), (False, True), (False, False)):
         m = copy.deepcopy(model)
         if checkpointing:
             m.activation_checkpointing_enable()
+        first_attention = cache_layers(m)[0].self_attn  # hooks inside a checkpointed layer run again on replay
+        count = [0]
+        first_attention.register_forward_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
         params = [p for p in m.parameters() if p.requires_grad]
         spec = LossSpec(loss_fn=POLICY_LOSSES.get("ppo_clip"), loss_kwargs={}, agg_mode="token-mean", max_len=6,
                         beta=0.0, kl_estimator="k3", kl_clamp=None, kl_in_loss=False, temperature=1.0,
@@ -159,7 +163,11 @@ def test_activation_checkpointing_falls_back_to_the_plain_layout(setup):
         out = policy_update(m, params, torch.optim.SGD(params, lr=1.0), batch, spec, 3, ONE)
         assert out["updates"] == 1.0 and out["grad_norm"] > 0
         finals.append([p.detach() for p in params])
-    assert max(float((x - y).abs().max()) for x, y in zip(*finals)) < 1e-5
+        calls.append(count[0])
+    # one micro-batch: prompt + completions (+ the completions' replay), against the plain layout's one pass
+    assert calls == [3, 2, 1]
+    for other in finals[1:]:
+        assert max(float((x - y).abs().max()) for x, y in zip(finals[0], other)) < 1e-5
     moved = max(float((x - y.detach()).abs().max()) for x, y in zip(finals[0], model.parameters()))
     assert moved > 1e-3
 

@@ -19,18 +19,30 @@ the prompt continuing 1-D on the three axes; InternVL's plain 1-D positions coun
 Either way every token after the prompt is text, at `next_pos` + its offset. The forward gets only the inputs
 its family takes (`Family.model_inputs`: no `mm_token_type_ids` for InternVL).
 
-The shared prefix needs full-attention dynamic cache layers that the forward keeps: `shared_prefix_unsupported`
-says why a model cannot take it (the training forwards then use the plain [prompt | completion] layout).
+The shared prefix needs full-attention dynamic cache layers: `shared_prefix_unsupported` says why a model cannot
+take it (the training forwards then use the plain [prompt | completion] layout).
+
+With activation checkpointing (transformers' `activation_checkpointing_enable`), which replays each layer in the
+backward, a cache that a layer writes to would be written twice, so transformers drops it in checkpointed layers.
+The training path composes with it instead: the prompt pass runs its cache-writing (text decoder) layers without
+checkpointing (`prompt_pass`: they run at the distinct prompts only, a fraction of the micro-batch's tokens), and
+the completions read a cache whose layers never change (`expand_cache` without capacity: `update` returns the
+prefix with the new states appended and keeps nothing), which a replay reads the same way, so the decoder layers
+keep it under checkpointing (`completion_pass`: transformers' `_can_checkpoint_with_cache`, meant for layers that
+only read the cache).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import inspect
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from vlrl.models.cache_name import cache_of
 from vlrl.models.families import QWEN_VL, Family, family_of_model
@@ -66,8 +78,10 @@ def prefill(model: Any, inputs: dict[str, Tensor]) -> tuple[Tensor, Cache, Tenso
 
 class BufferLayer(DynamicLayer):
     """One layer's KV cache in buffers [b, H, capacity, D] allocated once: `update` writes the new states in place
-    and returns views of the filled part (no per-token concatenation). Without `capacity` it concatenates, like
-    transformers' `DynamicLayer` (the differentiable training path, where in-place writes would break autograd)."""
+    and returns views of the filled part (no per-token concatenation). Without `capacity` (the differentiable
+    training path, where in-place writes would break autograd) it is read-only: `update` returns the prefix with
+    the new states appended and keeps nothing, so one forward of the completions, or its replay under activation
+    checkpointing, sees the same states."""
 
     def __init__(self, keys: Tensor, values: Tensor, capacity: int | None = None) -> None:
         super().__init__()
@@ -89,9 +103,8 @@ class BufferLayer(DynamicLayer):
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         n = key_states.shape[-2]
         if self.capacity is None:
-            self._k = torch.cat([self._k, key_states], dim=-2)
-            self._v = torch.cat([self._v, value_states], dim=-2)
-        elif self.length + n > self.capacity:
+            return torch.cat([self._k, key_states], dim=-2), torch.cat([self._v, value_states], dim=-2)
+        if self.length + n > self.capacity:
             raise ValueError(f"KV buffer full: {self.length} + {n} > {self.capacity}")
         else:
             self._k[:, :, self.length : self.length + n] = key_states
@@ -126,16 +139,56 @@ def continuation_mask(prompt_mask: Tensor, extra: Tensor) -> Tensor:
 
 
 def uses_activation_checkpointing(model: Any) -> bool:
-    """Activation checkpointing makes transformers drop the KV cache in training forwards."""
+    """Whether any layer of `model` is checkpointed (replayed in the backward) in training forwards."""
     return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
+def cache_layers(model: Any) -> list[GradientCheckpointingLayer]:
+    """The checkpointable layers that take the KV cache (the text decoder's; vision blocks take none)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, GradientCheckpointingLayer):
+            params = inspect.signature(type(m).forward).parameters
+            if "cache" in params or "past_key_values" in params:
+                out.append(m)
+    return out
+
+
+@contextlib.contextmanager
+def prompt_pass(model: Any) -> Iterator[None]:
+    """The prompt forward of a training step: its cache-writing layers run without activation checkpointing
+    (a replay would write the cache a second time), and the models around them keep `use_cache` (transformers
+    turns it off in a checkpointed model); the vision blocks stay checkpointed."""
+    vision = {id(m) for m in model.modules() if isinstance(m, GradientCheckpointingLayer)} - {
+        id(m) for m in cache_layers(model)}
+    paused = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+              and id(m) not in vision]
+    for m in paused:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in paused:
+            m.gradient_checkpointing = True
+
+
+@contextlib.contextmanager
+def completion_pass(model: Any) -> Iterator[None]:
+    """The completions' forward against a read-only prefix cache (`expand_cache` without capacity): checkpointed
+    layers keep the cache, which their replay reads unchanged."""
+    layers = [m for m in cache_layers(model) if "_can_checkpoint_with_cache" not in vars(m)]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache  # back to the class's own value
+
+
 def shared_prefix_unsupported(model: Any) -> str | None:
-    """Why the shared-prefix forward cannot run on `model` now (None: it can): activation checkpointing drops the
-    KV cache (in training forwards with grad: the only ones it checkpoints); sliding-window attention layers keep
-    no full cache to expand."""
-    if model.training and torch.is_grad_enabled() and uses_activation_checkpointing(model):
-        return "activation checkpointing drops the KV cache"
+    """Why the shared-prefix forward cannot run on `model` (None: it can): sliding-window attention layers keep no
+    full cache to expand."""
     text = model.config.get_text_config() if hasattr(model, "config") else None
     layer_types = getattr(text, "layer_types", None) or []
     if getattr(text, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):

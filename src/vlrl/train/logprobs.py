@@ -21,9 +21,9 @@ once per distinct group of the batch (images encoded there, once) with a KV cach
 group's rows by a differentiable `index_select`; the completions then run against it (`vlrl.rollout.prefix`).
 The prompt's last position gives each row's first completion logit, so only the first T - 1 completion tokens
 are inputs. Same log-probs and gradients as the plain layout (within float rounding; tested), with the prompt
-tokens computed once per group instead of once per row, forward and backward. It needs the KV cache in
-training forwards, so with activation checkpointing (which drops it), or attention layers without a full cache,
-the plain layout is used instead (`use_shared_prefix`, logged once).
+tokens computed once per group instead of once per row, forward and backward. It composes with activation
+checkpointing (`vlrl.rollout.prefix`: the prompt pass's decoder layers are not checkpointed, the completions'
+are); attention layers without a full cache take the plain layout instead (`use_shared_prefix`, logged once).
 
 Plain layout (`shared_prefix=False`): every row is [prompt | completion] as above. With `share_vision=True`
 (default) the vision tower still runs once per distinct prompt in the batch and its features are handed to every
@@ -52,10 +52,12 @@ from vlrl.algos import entropy_from_logits
 from vlrl.models.cache_name import cache_arg
 from vlrl.models.families import Family, family_of_model, log_fallback
 from vlrl.rollout.prefix import (
+    completion_pass,
     continuation_mask,
     expand_cache,
     prefill,
     prompt_inputs,
+    prompt_pass,
     shared_prefix_unsupported,
     uses_activation_checkpointing,
 )
@@ -191,7 +193,8 @@ def _shared_prefix_states(model: Any, batch: RowBatch, device: torch.device) -> 
     """Prompt forward at the U distinct prompts, KV cache expanded to the b rows, completions against it."""
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
     index = batch.prompt_index.to(device)  # type: ignore[union-attr]  # [b]
-    first, cache, next_pos = prefill(model, inputs)  # [U, V], KV of [U, L], [U]
+    with prompt_pass(model):
+        first, cache, next_pos = prefill(model, inputs)  # [U, V], KV of [U, L], [U]
     logits0 = first.index_select(0, index)  # [b, V]: predicts completion token 0
     t = batch.completion_ids.shape[1]
     if t == 1:
@@ -200,8 +203,9 @@ def _shared_prefix_states(model: Any, batch: RowBatch, device: torch.device) -> 
     attention = continuation_mask(inputs["attention_mask"].index_select(0, index),
                                   batch.mask[:, :-1].to(device))  # [b, L + T - 1]
     positions = family_of_model(model).text_positions(next_pos.index_select(0, index), 0, t - 1)  # [(3,) b, T - 1]
-    out = _base(model)(input_ids=ids, attention_mask=attention, position_ids=positions,
-                       **cache_arg(expand_cache(cache, index)), use_cache=True)
+    with completion_pass(model):
+        out = _base(model)(input_ids=ids, attention_mask=attention, position_ids=positions,
+                           **cache_arg(expand_cache(cache, index)), use_cache=True)
     return CompletionStates(out.last_hidden_state, logits0)  # [b, T - 1, H], [b, V]
 
 
