@@ -5,6 +5,7 @@ tests/train/test_train_sft.py and test_train_rl.py.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -76,7 +77,7 @@ def _launch(args: list[str], ranks: int) -> subprocess.Popen:
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--standalone", "-m",
          "vlrl.cli", *args]  # fmt: skip
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: a kill takes every rank
+                            start_new_session=True)  # torchrun puts each rank in a session of its own: `kill_tree`
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -94,11 +95,24 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+@pytest.fixture(scope="module")
+def text_only_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Text-only SFT data in the layout `_sft` reads (`counting/train.jsonl`): sums to answer."""
+    folder = tmp_path_factory.mktemp("text-only")
+    (folder / "counting").mkdir()
+    rows = [{"id": f"sum-{a}-{b}", "conversations": [{"from": "human", "value": f"What is {a} + {b}?"},
+                                                      {"from": "gpt", "value": f"<answer>{a + b}</answer>"}],
+             "answer": str(a + b), "problem_type": "numerical"} for a in range(1, 7) for b in range(1, 7)]
+    (folder / "counting" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
 @pytest.mark.slow
-def test_fsdp_sigkill_resumes_at_two_ranks_and_at_one(tiny_model_dir, synth_dir, tmp_path):
+def test_fsdp_sigkill_resumes_at_two_ranks_and_at_one(tiny_model_dir, text_only_dir, tmp_path):
     """Checkpoints hold the whole weights and optimizer state, gathered from the shards: a run killed after step 2
     at 2 ranks resumes at 1 to the weights of an uninterrupted run, and a 1-process run resumes as FSDP2 at 2
-    ranks."""
+    ranks. On text-only data: the vision tower never gets a gradient, so it has no AdamW state to load."""
+    synth_dir = text_only_dir
     _finish(_launch(_sft(tiny_model_dir, synth_dir, tmp_path / "ref", 4, "parallel=fsdp"), 2))
     ref = _weights(tmp_path / "ref", 4)
     for first, again in ((2, 1), (1, 2)):  # 2 -> 2: test_two_nodes_on_loopback_run_rl_and_resume_after_sigkill

@@ -218,7 +218,10 @@ def load_optimizer_state(root: Any, opt: torch.optim.Optimizer, state: dict[str,
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(root, opt, _named(root, opt, state), options=StateDictOptions(full_state_dict=True))
+    # not strict: a parameter that never had a gradient (the vision tower on text-only data) has no AdamW state in
+    # the checkpoint, as it had none in the run that saved it (AdamW adds it at its first gradient)
+    set_optimizer_state_dict(root, opt, _named(root, opt, state),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def _named(root: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
