@@ -72,7 +72,7 @@ SFT_BAD = [
     ("shuffle_buffer=0", "shuffle_buffer"), ("max_seconds=0", "max_seconds"), ("max_seconds=nan", "max_seconds"),
     ("data=[]", "data"), ("data=[null]", "data"), ("report_to=[tensorbord]", "report_to"),
     ("seed=-1", "seed"), ("model=", "model"), ("nonfinite_limit=-1", "nonfinite_limit"),
-    ("resume_changes=maybe", "resume_changes"),
+    ("resume_changes=maybe", "resume_changes"), ("checkpoint_format=pickle", "checkpoint_format"),
 ]
 
 
@@ -110,6 +110,7 @@ RL_BAD = [
     ("algorithm.advantage_kwargs={bogus: 1}", "advantage_kwargs"),
     ("algorithm.advantage_kwargs={scale: sideways}", "advantage_kwargs"),
     ("nonfinite_limit=-1", "nonfinite_limit"), ("resume_changes=maybe", "resume_changes"),
+    ("checkpoint_format=pickle", "checkpoint_format"),
 ]
 
 

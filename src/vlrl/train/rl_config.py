@@ -207,7 +207,7 @@ def check_config(cfg: RLConfig) -> dict[str, Any]:
                 raise ValueError(f"{key} must be >= 1, got {getattr(obj, name)}")
     check_ranges(_ranges(cfg))
     check_lora("lora", cfg.lora)
-    check_parallel(cfg.parallel, cfg.cpu_offload)
+    check_parallel(cfg.parallel, cfg.cpu_offload, cfg.checkpoint_format)
     if cfg.parallel == "fsdp" and r.engine == "vllm":
         raise ValueError("parallel fsdp with rollout.engine vllm is not supported yet (the weight push reads whole "
                          "tensors); use parallel ddp, or rollout.engine hf")

@@ -31,6 +31,7 @@ from vlrl.data.templates import TEMPLATES
 from vlrl.models.inputs import IGNORE_INDEX, Encoded, collate, encode_for_sft_cached
 from vlrl.models.lora import LoRAConfig, check_lora
 from vlrl.models.processor import image_token_id
+from vlrl.train.checkpoint import FORMATS
 from vlrl.train.dist import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from vlrl.train.harness import SFT_PROGRESS, RunHarness, schedule_of
 from vlrl.train.optim import make_optimizer, make_scheduler, set_trainable
@@ -127,7 +128,7 @@ class SFTConfig:
         check_adam_betas("adam_betas", self.adam_betas)
         precision_of(self.dtype)
         check_lora("lora", self.lora)
-        check_parallel(self.parallel, self.cpu_offload)
+        check_parallel(self.parallel, self.cpu_offload, self.checkpoint_format)
         if self.lora.enabled and self.stage != "full":
             raise ValueError(f"lora needs stage full (stage {self.stage} trains the merger's own weights)")
         check_run(self.model, self.data, self.out)
@@ -209,9 +210,10 @@ def sft_backward(root: Any, processor: Any, samples: list, indices: list[int], l
     return {"loss": total, "target_tokens": float(n_tok_global)}
 
 
-def check_parallel(mode: str, cpu_offload: bool) -> None:
-    """`parallel` and what goes with it, refused with the key's name before anything loads."""
-    check_names([("parallel", mode, PARALLEL)])
+def check_parallel(mode: str, cpu_offload: bool, checkpoint_format: str) -> None:
+    """`parallel`, what goes with it and how checkpoints are written, refused with the key's name before anything
+    loads."""
+    check_names([("parallel", mode, PARALLEL), ("checkpoint_format", checkpoint_format, FORMATS)])
     if cpu_offload and mode != "fsdp":
         raise ValueError(f"cpu_offload needs parallel fsdp (got {mode})")
 
