@@ -1,7 +1,10 @@
 """`make demo`'s pipeline over several seeds (data and model initialisation), each in its own process, and the
 demo's claims checked per seed (not a test: a run takes ~13 minutes a seed on 2 idle cores).
 
-    .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 --threads 2 --out benchmarks/results/demo_seeds.json
+    .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 --threads 2 --one-thread-seeds 0 \
+        --out benchmarks/results/demo_seeds.json
+
+(`--one-thread-seeds`: those seeds again with one torch thread, whose numerics differ from two threads.)
 
 Writes `{"seeds": [{"seed", "threads", "seconds", "tasks": {TASK: {"chance", "sft", "rl", "sft_more",
 "rl_trained"}}, "claims": {NAME: bool}}], "summary": {TASK: {STAGE: {"mean", "min", "max"}}}}` and prints a
@@ -93,11 +96,13 @@ def run_seed(seed: int, threads: int, work: Path) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--threads", type=int, default=2, help="torch threads of every demo run")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the --seeds runs")
+    p.add_argument("--one-thread-seeds", type=int, nargs="*", default=[], help="seeds run again with 1 thread")
     p.add_argument("--work", default="runs/demo-seeds", help="where the demo runs go")
     p.add_argument("--out", default="benchmarks/results/demo_seeds.json")
     a = p.parse_args()
-    records = [seed_record(s, a.threads, run_seed(s, a.threads, Path(a.work))) for s in a.seeds]
+    runs = [(s, a.threads) for s in a.seeds] + [(s, 1) for s in a.one_thread_seeds]
+    records = [seed_record(s, t, run_seed(s, t, Path(a.work))) for s, t in runs]
     result = {"seeds": records, "summary": spread(records)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))

@@ -1,7 +1,8 @@
 """`make demo`: build the tiny model -> synthetic tasks -> align -> full SFT -> RL -> evaluate held-out splits.
 
-SFT trains on `sft_tasks`; RL starts from the SFT checkpoint and trains on `rl_tasks` (which may include a task
-SFT never demonstrated: the reward carries it); `sft_more` is the control: the SFT checkpoint trained further
+SFT trains on `sft_tasks` (a task in `sft_items_by_task` on only its first N items); RL starts from the SFT
+checkpoint and trains on `rl_tasks` (which may include a task SFT demonstrated little or not at all: the reward
+carries it); `sft_more` is the control: the SFT checkpoint trained further
 on its own data for the same wall time as the RL stage. Each stage calls the same functions as the `vlrl`
 commands, with the recipes shipped in the package (`vlrl.recipes_dir()`, `recipes/` in a checkout); every
 stage's time is printed, and the summary goes to `{out}/summary.json`; `{out}/report.html` (`vlrl.report`, when
@@ -38,11 +39,13 @@ class DemoConfig:
     arch: str = "qwen2-vl"
     size: str = "tiny"
     tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "chart_grey"])  # generated and evaluated
-    sft_tasks: list[str] = field(default_factory=lambda: ["counting", "chart"])  # trained by SFT (a subset)
+    sft_tasks: list[str] = field(default_factory=lambda: ["counting", "chart", "chart_grey"])  # trained by SFT
     rl_tasks: list[str] = field(default_factory=lambda: ["chart", "chart_grey"])  # trained by RL (a subset)
     n_train: int = 2000
     n_train_by_task: dict[str, int] = field(default_factory=lambda: {"counting": 4000})  # overrides n_train per task
-    task_params: dict[str, dict[str, int]] = field(default_factory=lambda: {"counting": {"max_count": 5}})
+    task_params: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {"counting": {"max_count": 5, "min_radius": 8, "max_radius": 10}})
+    sft_items_by_task: dict[str, int] = field(default_factory=lambda: {"chart_grey": 8})  # SFT: the first N only
     n_val: int = 300
     n_test: int = 1000
     seed: int = 0
@@ -84,6 +87,21 @@ def make_data(cfg: DemoConfig, root: Path) -> None:
 
 def split_paths(root: Path, tasks: list[str], split: str) -> list[str]:
     return [str(root / t / f"{split}.jsonl") for t in tasks]
+
+
+def sft_paths(cfg: DemoConfig, root: Path) -> list[str]:
+    """SFT's training files: a task in `sft_items_by_task` is demonstrated by the first N items of its train
+    split only (`{task}/sft.jsonl`, the same images), while RL prompts from the whole split."""
+    paths = []
+    for task in cfg.sft_tasks:
+        train = root / task / "train.jsonl"
+        n = cfg.sft_items_by_task.get(task)
+        if n is not None:
+            lines = train.read_text().splitlines(keepends=True)[:n]
+            train = root / task / "sft.jsonl"
+            train.write_text("".join(lines))
+        paths.append(str(train))
+    return paths
 
 
 def sft_stage(recipe: str, model: Path, data: list[str], out: Path, **over: Any) -> Path:
@@ -151,11 +169,16 @@ def evaluate_tasks(cfg: DemoConfig, model_dir: Path, test: list[str], out: Path)
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    for name, subset in (("sft_tasks", cfg.sft_tasks), ("rl_tasks", cfg.rl_tasks if cfg.rl else []),
-                         ("task_params", list(cfg.task_params))):
-        unknown = sorted(set(subset) - set(cfg.tasks))
+    for name, subset, within in (("sft_tasks", cfg.sft_tasks, cfg.tasks),
+                                 ("rl_tasks", cfg.rl_tasks if cfg.rl else [], cfg.tasks),
+                                 ("task_params", list(cfg.task_params), cfg.tasks),
+                                 ("sft_items_by_task", list(cfg.sft_items_by_task), cfg.sft_tasks)):
+        unknown = sorted(set(subset) - set(within))
         if unknown:
-            raise ValueError(f"{name} {unknown} are not among tasks {cfg.tasks}")
+            raise ValueError(f"{name} {unknown} are not among {'sft_tasks' if within is cfg.sft_tasks else 'tasks'} {within}")
+    for task, n in cfg.sft_items_by_task.items():
+        if n < 1:
+            raise ValueError(f"sft_items_by_task.{task} must be >= 1, got {n}")
     for task, params in cfg.task_params.items():
         get_task(task).params(params)  # an unknown parameter fails here, before anything is built
     out = Path(cfg.out)
@@ -165,7 +188,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     data = out / "data"
     base = st.run("build model", init_model, cfg.arch, cfg.size, out / "model-base", seed=cfg.seed)
     st.run("synthetic data", make_data, cfg, data)
-    train, val = split_paths(data, cfg.sft_tasks, "train"), split_paths(data, cfg.sft_tasks, "val")
+    train, val = sft_paths(cfg, data), split_paths(data, cfg.sft_tasks, "val")
     test = split_paths(data, cfg.tasks, "test")
     acc: dict[str, dict[str, float]] = {}
     acc["base"] = st.run("eval base", evaluate_tasks, cfg, base, test, out / "eval" / "base.json")

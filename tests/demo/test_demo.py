@@ -52,7 +52,26 @@ def test_bad_task_params_fail_before_anything_is_built(tmp_path: Path) -> None:
         run_demo(DemoConfig(out=str(tmp_path / "a"), task_params={"counting": {"max_cnt": 4}}))
     with pytest.raises(ValueError, match=r"task_params \['compare'\] are not among tasks"):
         run_demo(DemoConfig(out=str(tmp_path / "b"), task_params={"compare": {"size": 96}}))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match=r"sft_items_by_task \['chart_grey'\] are not among sft_tasks"):
+        run_demo(DemoConfig(out=str(tmp_path / "c"), sft_tasks=["counting", "chart"],
+                            sft_items_by_task={"chart_grey": 8}))
+    with pytest.raises(ValueError, match=r"sft_items_by_task.chart must be >= 1, got 0"):
+        run_demo(DemoConfig(out=str(tmp_path / "d"), sft_items_by_task={"chart": 0}))
+    assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_sft_paths_demonstrate_the_first_items_and_leave_rl_the_whole_split(tmp_path: Path) -> None:
+    from vlrl.data.synth import write_split
+    from vlrl.demo import sft_paths, split_paths
+
+    for task in ("chart", "chart_grey"):
+        write_split(task, 10, seed=1, out_dir=tmp_path, split="train")
+    cfg = DemoConfig(tasks=["chart", "chart_grey"], sft_tasks=["chart", "chart_grey"], sft_items_by_task={"chart_grey": 3})
+    chart, grey = sft_paths(cfg, tmp_path)
+    assert chart == str(tmp_path / "chart" / "train.jsonl") and grey == str(tmp_path / "chart_grey" / "sft.jsonl")
+    whole = (tmp_path / "chart_grey" / "train.jsonl").read_text().splitlines()
+    assert len(whole) == 10 and Path(grey).read_text().splitlines() == whole[:3]
+    assert split_paths(tmp_path, ["chart_grey"], "train") == [str(tmp_path / "chart_grey" / "train.jsonl")]
 
 
 def test_reward_trend_reads_the_policy_reward_and_the_kept_rows(tmp_path: Path) -> None:
