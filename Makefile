@@ -25,8 +25,10 @@ lint: $(STAMP)
 	$(BIN)/mypy src
 
 # tests/with_vllm needs vLLM's own environment (minutes to build, GBs): `make test-vllm` runs it
+# TEST_WORKERS pytest-xdist workers (worksteal: the few long multi-process tests do not leave a worker idle)
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -q --durations=15 tests --ignore=tests/with_vllm
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests --ignore=tests/with_vllm
 
 # vLLM's environment, beside vlrl's (its CPU build pins an older transformers); rebuilt when its script changes
 VLLM_VENV := .venv-vllm

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ from model_helpers import jitter_text_weights
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers on the 2 cores: one intra-op thread each, so they do not contend
+torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else 2)
 
 
 @pytest.fixture
@@ -69,3 +73,23 @@ def mathv_dir() -> Path:
 @pytest.fixture
 def nlvr_dir() -> Path:
     return _shared("nlvr-dev150")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fuzz cases run per target (`make test` and `make fuzz`), summed from the tests' reports
+    (tests/fuzz/conftest.py puts them there, in this process or in a pytest-xdist worker)."""
+    tr = terminalreporter
+    counts: Counter[str] = Counter()
+    for reports in tr.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) == "call":
+                for name, value in getattr(report, "user_properties", ()):
+                    if name == "fuzz_cases":
+                        counts.update(value)
+    if not counts:
+        return
+    tr.section("fuzz cases" + (" (campaign)" if "VLRL_FUZZ_SCALE" in os.environ else ""))
+    for target, n in sorted(counts.items()):
+        tr.write_line(f"{target:<48} {n:>9,}")
+    failed = len(tr.stats.get("failed", []))
+    tr.write_line(f"{'total':<48} {sum(counts.values()):>9,}   targets {len(counts)}   failed tests {failed}")

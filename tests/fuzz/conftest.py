@@ -1,18 +1,19 @@
-"""Prints the fuzz cases run per target at the end of the session (`make test` and `make fuzz`)."""
+"""Each fuzz test's cases per target travel on its report (`user_properties`), so that tests/conftest.py can print
+the totals whether the tests ran in this process or in pytest-xdist workers."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter
+from collections.abc import Iterator
 
-from fuzzing import CAMPAIGN, COUNTS
+import pytest
+from fuzzing import COUNTS
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not COUNTS:
-        return
-    tr = terminalreporter
-    tr.section("fuzz cases" + (" (campaign)" if CAMPAIGN else ""))
-    for target, n in sorted(COUNTS.items()):
-        tr.write_line(f"{target:<48} {n:>9,}")
-    failed = len(tr.stats.get("failed", []))
-    tr.write_line(f"{'total':<48} {sum(COUNTS.values()):>9,}   targets {len(COUNTS)}   failed tests {failed}")
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    before = Counter(COUNTS)
+    yield
+    ran = {target: n - before[target] for target, n in COUNTS.items() if n > before[target]}
+    if ran:
+        item.user_properties.append(("fuzz_cases", ran))
