@@ -10,6 +10,7 @@ import json
 import re
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,15 +93,29 @@ def wandb_records(path: Path) -> list[Any]:
     return out
 
 
+def finished_records(offline_run: Path, seconds: float = 60.0) -> list[Any]:
+    """The records of an offline run's file once W&B's writer has put its `exit` record there (bounded wait): the
+    writer is W&B's own service process, which can still be flushing a finished run's file when the test reads it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        (path,) = offline_run.glob("run-*.wandb")
+        try:
+            records = wandb_records(path)
+        except Exception:  # a chunk still being written
+            records = []
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def wandb_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
 def wandb_history(offline_run: Path) -> dict[int, dict[str, Any]]:
     """step -> the values logged at it (W&B's own `_step`, `_runtime`, `_timestamp` left out)."""
-    (path,) = offline_run.glob("run-*.wandb")
     rows: dict[int, dict[str, Any]] = {}
-    for rec in wandb_records(path):
+    for rec in finished_records(offline_run):
         if rec.WhichOneof("record_type") == "history":
             items = {it.key or "/".join(it.nested_key): json.loads(it.value_json) for it in rec.history.item}
             rows.setdefault(rec.history.step.num, {}).update({k: v for k, v in items.items() if k[0] != "_"})
@@ -109,8 +124,9 @@ def wandb_history(offline_run: Path) -> dict[int, dict[str, Any]]:
 
 def wandb_run(offline_run: Path) -> Any:
     """The run record of an offline run: its id, config, ..."""
-    (path,) = offline_run.glob("run-*.wandb")
-    return next(r.run for r in wandb_records(path) if r.WhichOneof("record_type") == "run")
+    runs = [r.run for r in finished_records(offline_run) if r.WhichOneof("record_type") == "run"]
+    assert runs, f"no run record in {offline_run}"
+    return runs[0]
 
 
 def wandb_config(offline_run: Path) -> dict[str, Any]:
