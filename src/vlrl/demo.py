@@ -169,13 +169,12 @@ def evaluate_tasks(cfg: DemoConfig, model_dir: Path, test: list[str], out: Path)
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    for name, subset, within in (("sft_tasks", cfg.sft_tasks, cfg.tasks),
-                                 ("rl_tasks", cfg.rl_tasks if cfg.rl else [], cfg.tasks),
-                                 ("task_params", list(cfg.task_params), cfg.tasks),
-                                 ("sft_items_by_task", list(cfg.sft_items_by_task), cfg.sft_tasks)):
-        unknown = sorted(set(subset) - set(within))
+    for name, subset, among in (("sft_tasks", cfg.sft_tasks, "tasks"), ("rl_tasks", cfg.rl_tasks if cfg.rl else [], "tasks"),
+                                ("task_params", list(cfg.task_params), "tasks"),
+                                ("sft_items_by_task", list(cfg.sft_items_by_task), "sft_tasks")):
+        unknown = sorted(set(subset) - set(getattr(cfg, among)))
         if unknown:
-            raise ValueError(f"{name} {unknown} are not among {'sft_tasks' if within is cfg.sft_tasks else 'tasks'} {within}")
+            raise ValueError(f"{name} {unknown} are not among {among} {getattr(cfg, among)}")
     for task, n in cfg.sft_items_by_task.items():
         if n < 1:
             raise ValueError(f"sft_items_by_task.{task} must be >= 1, got {n}")
