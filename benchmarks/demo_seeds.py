@@ -1,5 +1,5 @@
 """`make demo`'s pipeline over several seeds (data and model initialisation), each in its own process, and the
-demo's claims checked per seed (not a test: a run takes ~13 minutes a seed on 2 idle cores).
+demo's claims checked per seed (not a test: each seed is a whole demo run).
 
     .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 --threads 2 --one-thread-seeds 0 \
         --out benchmarks/results/demo_seeds.json

@@ -30,6 +30,7 @@ tensorboard = pytest.importorskip("tensorboard", reason="the dev extra installs 
 wandb = pytest.importorskip("wandb", reason="the dev extra installs wandb")
 mlflow = pytest.importorskip("mlflow", reason="the dev extra installs mlflow-skinny")
 
+from google.protobuf.message import DecodeError  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from wandb.proto import wandb_internal_pb2  # noqa: E402
@@ -101,7 +102,7 @@ def finished_records(offline_run: Path, seconds: float = 60.0) -> list[Any]:
         (path,) = offline_run.glob("run-*.wandb")
         try:
             records = wandb_records(path)
-        except Exception:  # a chunk still being written
+        except DecodeError:  # a record still being written
             records = []
         if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
             return records
