@@ -1,10 +1,9 @@
 """`make demo`: build the tiny model -> synthetic tasks -> align -> full SFT -> RL -> evaluate held-out splits.
 
-SFT trains on `sft_tasks` (a task in `sft_items_by_task` on only its first N items); RL starts from the SFT
-checkpoint and trains on `rl_tasks` (which may include a task SFT demonstrated little or not at all: the reward
-carries it); `sft_more` is the control: the SFT checkpoint trained further
-on its own data for the same wall time as the RL stage. Each stage calls the same functions as the `vlrl`
-commands, with the recipes shipped in the package (`vlrl.recipes_dir()`, `recipes/` in a checkout); every
+SFT trains on `sft_tasks` (a task in `sft_items_by_task` on only N items, balanced over its answers); RL starts
+from the SFT checkpoint and trains on `rl_tasks` (which may include a task SFT demonstrated little or not at all:
+the reward carries it); `sft_more` is the control: the SFT checkpoint trained further on its own data for the
+same wall time as the RL stage. Each stage calls the same functions as the `vlrl` commands, with the recipes shipped in the package (`vlrl.recipes_dir()`, `recipes/` in a checkout); every
 stage's time is printed, and the summary goes to `{out}/summary.json`; `{out}/report.html` (`vlrl.report`, when
 plotly is installed) shows the SFT, RL and sft_more runs' curves side by side, the summary and RL's rollouts.
 """
@@ -45,7 +44,7 @@ class DemoConfig:
     n_train_by_task: dict[str, int] = field(default_factory=lambda: {"counting": 4000})  # overrides n_train per task
     task_params: dict[str, dict[str, int]] = field(
         default_factory=lambda: {"counting": {"max_count": 5, "min_radius": 8, "max_radius": 10}})
-    sft_items_by_task: dict[str, int] = field(default_factory=lambda: {"chart_grey": 8})  # SFT: the first N only
+    sft_items_by_task: dict[str, int] = field(default_factory=lambda: {"chart_grey": 8})  # SFT: N items only
     n_val: int = 300
     n_test: int = 1000
     seed: int = 0
@@ -89,17 +88,31 @@ def split_paths(root: Path, tasks: list[str], split: str) -> list[str]:
     return [str(root / t / f"{split}.jsonl") for t in tasks]
 
 
+def balanced_subset(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """n rows taken round-robin over the answers (in order of first appearance), each answer's rows in file
+    order: a few demonstrations cover every answer instead of whichever the shuffled split put first."""
+    queues: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        queues.setdefault(str(row["answer"]), []).append(row)
+    picked: list[dict[str, Any]] = []
+    depth = 0
+    while len(picked) < n and any(len(q) > depth for q in queues.values()):
+        picked += [q[depth] for q in queues.values() if len(q) > depth][: n - len(picked)]
+        depth += 1
+    return picked
+
+
 def sft_paths(cfg: DemoConfig, root: Path) -> list[str]:
-    """SFT's training files: a task in `sft_items_by_task` is demonstrated by the first N items of its train
-    split only (`{task}/sft.jsonl`, the same images), while RL prompts from the whole split."""
+    """SFT's training files: a task in `sft_items_by_task` is demonstrated by N items of its train split only
+    (`{task}/sft.jsonl`, the same images; `balanced_subset`), while RL prompts from the whole split."""
     paths = []
     for task in cfg.sft_tasks:
         train = root / task / "train.jsonl"
         n = cfg.sft_items_by_task.get(task)
         if n is not None:
-            lines = train.read_text().splitlines(keepends=True)[:n]
+            rows = balanced_subset(read_jsonl(train), n)
             train = root / task / "sft.jsonl"
-            train.write_text("".join(lines))
+            train.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         paths.append(str(train))
     return paths
 

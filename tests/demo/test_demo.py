@@ -60,18 +60,34 @@ def test_bad_task_params_fail_before_anything_is_built(tmp_path: Path) -> None:
     assert not any((tmp_path / name).exists() for name in "abcd")
 
 
-def test_sft_paths_demonstrate_the_first_items_and_leave_rl_the_whole_split(tmp_path: Path) -> None:
+def test_sft_paths_demonstrate_n_items_balanced_over_answers_and_leave_rl_the_whole_split(tmp_path: Path) -> None:
     from vlrl.data.synth import write_split
     from vlrl.demo import sft_paths, split_paths
 
     for task in ("chart", "chart_grey"):
-        write_split(task, 10, seed=1, out_dir=tmp_path, split="train")
-    cfg = DemoConfig(tasks=["chart", "chart_grey"], sft_tasks=["chart", "chart_grey"], sft_items_by_task={"chart_grey": 3})
+        write_split(task, 40, seed=1, out_dir=tmp_path, split="train")
+    cfg = DemoConfig(tasks=["chart", "chart_grey"], sft_tasks=["chart", "chart_grey"], sft_items_by_task={"chart_grey": 6})
     chart, grey = sft_paths(cfg, tmp_path)
     assert chart == str(tmp_path / "chart" / "train.jsonl") and grey == str(tmp_path / "chart_grey" / "sft.jsonl")
-    whole = (tmp_path / "chart_grey" / "train.jsonl").read_text().splitlines()
-    assert len(whole) == 10 and Path(grey).read_text().splitlines() == whole[:3]
+    whole = [json.loads(line) for line in (tmp_path / "chart_grey" / "train.jsonl").read_text().splitlines()]
+    picked = [json.loads(line) for line in Path(grey).read_text().splitlines()]
+    assert len(whole) == 40 and len(picked) == 6
+    # round-robin over the answers in order of first appearance, each answer's items in file order
+    order = list(dict.fromkeys(r["answer"] for r in whole))
+    assert sorted(order) == ["A", "B", "C", "D"]
+    by_answer = {a: [r for r in whole if r["answer"] == a] for a in order}
+    expected = [by_answer[a][0] for a in order] + [by_answer[a][1] for a in order[:2]]
+    assert picked == expected
     assert split_paths(tmp_path, ["chart_grey"], "train") == [str(tmp_path / "chart_grey" / "train.jsonl")]
+
+
+def test_balanced_subset_takes_what_there_is_when_an_answer_runs_out() -> None:
+    from vlrl.demo import balanced_subset
+
+    rows = [{"answer": a} for a in "AAAAB"]
+    assert [r["answer"] for r in balanced_subset(rows, 4)] == ["A", "B", "A", "A"]
+    assert balanced_subset(rows, 10) == rows[:1] + rows[4:] + rows[1:4]  # all 5, no repeats
+    assert balanced_subset([], 3) == []
 
 
 def test_reward_trend_reads_the_policy_reward_and_the_kept_rows(tmp_path: Path) -> None:
