@@ -5,7 +5,8 @@ from the SFT checkpoint and trains on `rl_tasks` (which may include a task SFT d
 the reward carries it); `sft_more` is the control: the SFT checkpoint trained further on its own data for the
 same wall time as the RL stage. Each stage calls the same functions as the `vlrl` commands, with the recipes
 shipped in the package (`vlrl.recipes_dir()`, `recipes/` in a checkout); every stage's time is printed, and the
-summary goes to `{out}/summary.json`; `{out}/report.html` (`vlrl.report`, when plotly is installed) shows the SFT, RL and sft_more runs' curves side by side, the summary and RL's rollouts.
+summary goes to `{out}/summary.json`; `{out}/report.html` (`vlrl.report`, when plotly is installed) shows the
+SFT, RL and sft_more runs' curves side by side, the summary and RL's rollouts.
 """
 
 from __future__ import annotations
